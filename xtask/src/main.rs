@@ -10,6 +10,7 @@
 //!
 //! xtask must build before setup has run, so it never depends on tch.
 
+mod parity;
 mod setup;
 
 use std::path::PathBuf;
@@ -66,11 +67,16 @@ fn demo() -> Result<()> {
 fn parity(which: &[String]) -> Result<()> {
     let all = ["ops", "cache", "models"];
     let chosen: Vec<&str> = if which.is_empty() { all.to_vec() } else { which.iter().map(String::as_str).collect() };
+    let python = setup::venv_python()?;
+    if !python.exists() {
+        setup::setup()?;
+    }
     for w in chosen {
-        if !all.contains(&w) {
-            bail!("unknown parity suite `{w}`: expected one of {}", all.join(", "));
+        match w {
+            "ops" => parity::ops(&python)?,
+            "cache" | "models" => eprintln!("parity {w}: not built yet"),
+            other => bail!("unknown parity suite `{other}`: expected one of {}", all.join(", ")),
         }
-        eprintln!("parity {w}: not built yet");
     }
     Ok(())
 }
@@ -90,7 +96,7 @@ pub fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(project_root());
     c
