@@ -83,6 +83,17 @@ fn count_matrix(groups: &ResolvedGroups, len: i64, device: Device) -> Tensor {
     Tensor::from_slice(&m).view([g, len]).to_device(device)
 }
 
+/// `[G, Σ|g|]` matrix: entry (g, k) is 1 when the k-th flattened position belongs to group g.
+fn membership(groups: &ResolvedGroups, device: Device) -> Tensor {
+    let g = groups.len();
+    let n: usize = groups.sizes().iter().sum();
+    let mut m = vec![0f64; g * n];
+    for (k, gi) in groups.group_ids().into_iter().enumerate() {
+        m[gi * n + k] = 1.0;
+    }
+    Tensor::from_slice(&m).view([g as i64, n as i64]).to_device(device)
+}
+
 /// easyroutine's uniform baseline for each (row group, column group): the mean over rows `i`
 /// of `#{j in cols : j <= i} / (i + 1)`.
 fn baselines(rows: &ResolvedGroups, cols: &ResolvedGroups) -> Vec<f64> {
@@ -162,9 +173,15 @@ pub fn attention_pattern(
 fn block_reduce(p: &Tensor, rows: &ResolvedGroups, cols: &ResolvedGroups, mode: PatternAvg) -> Result<Tensor> {
     let (_, _, sq, sk) = check_pattern(p)?;
     let dev = p.device();
-    let r = count_matrix(rows, sq, dev); // [G1, Sq]
     let c = count_matrix(cols, sk, dev).f_tr()?; // [Sk, G2]
-    let sums = r.f_matmul(&p.f_to_kind(Kind::Double)?.f_matmul(&c)?)?; // [B, H, G1, G2]
+    let n_rows: usize = rows.sizes().iter().sum();
+    let sums = if (n_rows as i64) < sq {
+        // Few rows: read (and widen to float64) only the selected query rows, Tr = Σ|g1|.
+        let picked = p.f_index_select(2, &index_tensor(&rows.flatten(), dev))?.f_to_kind(Kind::Double)?; // [B, H, Tr, Sk]
+        membership(rows, dev).f_matmul(&picked.f_matmul(&c)?)? // [G1, Tr] · [B, H, Tr, G2]
+    } else {
+        count_matrix(rows, sq, dev).f_matmul(&p.f_to_kind(Kind::Double)?.f_matmul(&c)?)? // [G1, Sq] · [B, H, Sq, G2]
+    }; // [B, H, G1, G2]
     let (g1, g2) = (rows.len() as i64, cols.len() as i64);
     let reduced = match mode {
         PatternAvg::Sum => sums,
