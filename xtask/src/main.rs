@@ -74,8 +74,9 @@ fn parity(which: &[String]) -> Result<()> {
     }
     for w in chosen {
         match w {
-            "ops" => parity::ops(&python)?,
-            "cache" | "models" => eprintln!("parity {w}: not built yet"),
+            "ops" => parity::suite(&python, "ops", "hook-ops")?,
+            "cache" => parity::cache(&python)?,
+            "models" => eprintln!("parity {w}: not built yet"),
             other => bail!("unknown parity suite `{other}`: expected one of {}", all.join(", ")),
         }
     }

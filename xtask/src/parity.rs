@@ -9,16 +9,26 @@ use anyhow::{Context, Result};
 
 use crate::{cargo, project_root, run};
 
-/// Function-level parity of hook-ops.
-pub fn ops(python: &Path) -> Result<()> {
+/// One parity suite: `xtask/python/parity_<suite>.py` writes the cases, the example
+/// `parity_<suite>` of `crate_name` checks them and writes its section of docs/parity.md.
+pub fn suite(python: &Path, suite: &str, crate_name: &str) -> Result<()> {
     let root = project_root();
-    let dir = root.join("target/parity/ops");
-    run(Command::new(python).arg(root.join("xtask/python/parity_ops.py")).arg(&dir))
-        .context("generating the easyroutine cases failed")?;
+    let dir = root.join("target/parity").join(suite);
+    run(Command::new(python).arg(root.join(format!("xtask/python/parity_{suite}.py"))).arg(&dir))
+        .with_context(|| format!("generating the easyroutine cases of parity {suite} failed"))?;
     run(cargo()
-        .args(["run", "--quiet", "-p", "hook-ops", "--example", "parity_ops", "--"])
+        .args(["run", "--quiet", "-p", crate_name, "--example", &format!("parity_{suite}"), "--"])
         .arg(&dir)
         .arg("--write")
         .arg(root.join("docs/parity.md")))
-    .context("parity ops failed: a row differs from easyroutine beyond tolerance (see the table above)")
+    .with_context(|| format!("parity {suite} failed: a row differs from easyroutine (see the table above)"))
+}
+
+/// Cache parity, then the Python side: every cache hook-cache saved is read by load_cache.py
+/// and compared with easyroutine's state for the same inputs.
+pub fn cache(python: &Path) -> Result<()> {
+    suite(python, "cache", "hook-cache")?;
+    let root = project_root();
+    run(Command::new(python).arg(root.join("xtask/python/parity_cache.py")).arg("verify").arg(root.join("target/parity/cache")))
+        .context("Python could not read back a cache saved by hook-cache as easyroutine's state")
 }

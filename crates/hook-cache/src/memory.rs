@@ -32,7 +32,8 @@ pub fn format_bytes(n: u64) -> String {
 }
 
 /// One node of a memory tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
 pub enum MemoryNode {
     /// A formatted size, a group summary such as `"1.20 KB (4 items)"`, or `"Unknown type"`.
     Size(String),
@@ -51,6 +52,7 @@ fn node(v: &CacheValue) -> MemoryNode {
         CacheValue::Map(m) => MemoryNode::Map(m.iter().map(|(k, x)| (k.clone(), leaf(x))).collect()),
         CacheValue::List(items) | CacheValue::Tuple(items) => MemoryNode::List(items.iter().map(leaf).collect()),
         CacheValue::Data(serde_json::Value::Object(m)) => MemoryNode::Map(m.keys().map(|k| (k.clone(), MemoryNode::Size(UNKNOWN.into()))).collect()),
+        CacheValue::Data(serde_json::Value::Array(a)) => MemoryNode::List(a.iter().map(|_| MemoryNode::Size(UNKNOWN.into())).collect()),
         CacheValue::Data(_) => MemoryNode::Size(UNKNOWN.into()),
     }
 }

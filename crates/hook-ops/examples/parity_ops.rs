@@ -335,19 +335,4 @@ fn render(rows: &[(String, String, String, f64, String, Option<String>)], pass: 
     s
 }
 
-/// Replaces the `<!-- parity:NAME -->` … `<!-- /parity:NAME -->` section of `path` (creating
-/// the file or the section as needed).
-fn write_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
-    let start = format!("<!-- parity:{name} -->");
-    let end = format!("<!-- /parity:{name} -->");
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Parity with easyroutine 1.1.5\n".to_string());
-    let block = format!("{start}\n## {name}\n\n{body}{end}");
-    let new = match (old.find(&start), old.find(&end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + end.len()..]),
-        _ => format!("{}\n{}\n", old.trim_end(), block),
-    };
-    let tmp = path.with_extension("md.tmp");
-    std::fs::write(&tmp, new)?;
-    std::fs::rename(tmp, path)?;
-    Ok(())
-}
+include!("../../../xtask/parity-report/section.rs");
