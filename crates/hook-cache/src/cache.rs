@@ -362,11 +362,9 @@ impl ActivationCache {
         Ok(out)
     }
 
-    /// Up to three keys closest to `key` (by edit distance).
+    /// Up to three keys closest to `key`.
     fn closest(&self, key: &str) -> Vec<String> {
-        let mut scored: Vec<(usize, &String)> = self.entries.keys().map(|k| (edit_distance(key, k), k)).collect();
-        scored.sort();
-        scored.into_iter().take(3).filter(|(d, k)| *d <= k.len().max(key.len()) / 2 + 1).map(|(_, k)| k.clone()).collect()
+        hook_core::suggest::closest(key, self.entries.keys().map(String::as_str), 3)
     }
 }
 
@@ -382,20 +380,6 @@ impl Add for &ActivationCache {
     fn add(self, other: &ActivationCache) -> ActivationCache {
         self.merged(other)
     }
-}
-
-/// Levenshtein distance, for "closest key" suggestions.
-pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// Serialising `impl Serialize` arguments without making `add_metadata` generic over three

@@ -9,6 +9,7 @@
 //! | [`component`] | [`ComponentPath`]: `model.layers[3].self_attn.o_proj.output` parsed and printed back |
 //! | [`tokens`] | [`TokenGroups`]: ordered groups of positions, resolved against a sequence length |
 //! | [`heads`] | [`HeadSelection`]: `all` or one head |
+//! | [`suggest`] | closest-name suggestions for error messages |
 //! | [`keys`] | cache-key builders (`resid_out_3`, `pattern_L0H1`, …) and their families |
 //! | [`hook`] | the [`Hook`] trait and the [`HookContext`] a hook receives |
 //! | [`error`] | [`CoreError`], the one error type of this crate |
@@ -30,6 +31,7 @@ pub mod error;
 pub mod heads;
 pub mod hook;
 pub mod keys;
+pub mod suggest;
 pub mod tokens;
 pub mod value;
 

@@ -1,0 +1,1 @@
+pub struct ExtractionConfig; pub struct AttnHeads; pub struct LayerHead;

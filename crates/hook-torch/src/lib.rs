@@ -1,0 +1,27 @@
+//! # hook-torch
+//!
+//! Hooks on libtorch TorchScript models, with easyroutine's names and semantics.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`module`] | [`HookedModule`]: load + instrument, sites, user hooks, forward |
+//! | [`site`] | [`SiteInfo`]: one hookable place (`….input`, `….output`, attention patterns) |
+//! | [`description`] | [`ModelDescription`]: the facts and component templates stored by the exporter |
+//! | [`extract`] | [`ExtractionConfig`] and `run_with_cache` |
+//! | [`error`] | [`TorchError`] |
+//! | `ffi` | the C ABI of the shim that rewrites the graphs (`src/shim/hookrs_shim.cpp`) |
+//!
+//! How sites are made: see `docs/architecture.md` ("Attaching hooks").
+
+pub mod description;
+pub mod error;
+pub mod extract;
+mod ffi;
+pub mod module;
+pub mod site;
+
+pub use description::ModelDescription;
+pub use error::{Result, TorchError};
+pub use extract::{AttnHeads, ExtractionConfig, LayerHead};
+pub use module::{BoxedHook, HookHandle, HookedModule};
+pub use site::{SiteInfo, SiteKind};

@@ -1,0 +1,389 @@
+//! [`HookedModule`]: a TorchScript causal LM whose every submodule (and attention pattern)
+//! can be read and edited during a forward pass.
+//!
+//! Loading rewrites the module's graphs once (the C++ shim inserts a `hookrs::point(x, site)`
+//! op at each site) and hands tch the rewritten module, so the forward pass is tch's own.
+//! During a forward, each `hookrs::point` calls back into Rust on the calling thread; a
+//! thread-local points at the dispatcher of the forward running on that thread, so two
+//! modules on two threads never see each other's hooks, and a site with no hook costs one
+//! callback that returns at once.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::{c_int, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Once;
+
+use hook_core::{ComponentPath, Hook, HookContext, HookIo, Value};
+use tch::{Device, IValue, Kind, Tensor};
+
+use crate::description::ModelDescription;
+use crate::error::{Result, TorchError};
+use crate::ffi::{self, AtTensor};
+use crate::site::{SiteInfo, SiteKind};
+
+/// A hook stored on a module.
+pub type BoxedHook = Box<dyn Hook<Tensor> + Send>;
+
+/// Identifies a hook added with [`HookedModule::add_hook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HookHandle(u64);
+
+type Dispatch<'a> = dyn FnMut(usize, Tensor) -> std::result::Result<Option<Tensor>, ()> + 'a;
+
+thread_local! {
+    static ACTIVE: Cell<Option<*mut Dispatch<'static>>> = const { Cell::new(None) };
+    static PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+unsafe extern "C" fn callback(site: i64, x: *mut AtTensor, out: *mut *mut AtTensor) -> c_int {
+    // SAFETY: the shim passes a heap `at::Tensor*` whose ownership moves to us.
+    let t = unsafe { Tensor::from_ptr(x) };
+    unsafe { *out = std::ptr::null_mut() };
+    let Some(f) = ACTIVE.with(Cell::get) else {
+        return 0; // no forward of ours on this thread: the op is a no-op
+    };
+    // SAFETY: the pointer is set by `HookedModule::run` for the duration of its forward.
+    let r = catch_unwind(AssertUnwindSafe(|| unsafe { (*f)(site as usize, t) }));
+    match r {
+        Ok(Ok(None)) => 0,
+        Ok(Ok(Some(mut new))) => {
+            unsafe { *out = new.as_mut_ptr() };
+            std::mem::forget(new);
+            0
+        }
+        Ok(Err(())) => 1,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            PANIC.with(|p| *p.borrow_mut() = Some(format!("{site}\u{0}{msg}")));
+            1
+        }
+    }
+}
+
+fn install_callback() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| unsafe { ffi::hookrs_set_callback(callback) });
+}
+
+/// A TorchScript module instrumented for hooks.
+///
+/// ```no_run
+/// use hook_torch::HookedModule;
+/// use tch::{Device, Kind, Tensor};
+///
+/// let mut m = HookedModule::load("llama.pt", Device::Cpu).unwrap();
+/// let ids = Tensor::from_slice(&[5i64, 6, 7]).view([1, 3]);
+/// let mask = Tensor::ones([1, 3], (Kind::Int64, Device::Cpu));
+/// // zero the output of layer 0's attention
+/// let h = m.add_hook("model.layers[0].self_attn.output", |_: &hook_core::HookContext, io: &hook_core::HookIo<Tensor>| {
+///     Ok(Some(io.main_tensor()?.zeros_like()))
+/// }).unwrap();
+/// let logits = m.forward(&ids, &mask).unwrap();
+/// m.remove_hook(h);
+/// ```
+pub struct HookedModule {
+    module: tch::CModule,
+    sites: Vec<SiteInfo>,
+    by_path: HashMap<ComponentPath, usize>,
+    description: Option<ModelDescription>,
+    hooks: Vec<Vec<(u64, BoxedHook)>>,
+    next_hook: u64,
+    device: Device,
+    params: HashMap<String, Tensor>,
+    /// graph site id -> index into `sites` (usize::MAX: a site not exposed)
+    id_to_index: Vec<usize>,
+}
+
+impl std::fmt::Debug for HookedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookedModule").field("sites", &self.sites.len()).field("description", &self.description).finish()
+    }
+}
+
+impl HookedModule {
+    /// Loads and instruments a TorchScript file on `device`.
+    ///
+    /// A module without a `hookrs.json` description loads too (sites come from its module
+    /// tree), with a warning: extraction by easyroutine's component templates needs it.
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
+        install_callback();
+        let path = path.as_ref();
+        let load_err = |reason: String| TorchError::Load { path: path.to_path_buf(), reason };
+        if !path.is_file() {
+            return Err(load_err("no such file".into()));
+        }
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| load_err("the path contains a NUL byte".into()))?;
+        let (mut bytes, mut len, mut sites, mut desc, mut err) =
+            (std::ptr::null_mut(), 0usize, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+        let status = unsafe { ffi::hookrs_instrument(cpath.as_ptr(), &mut bytes, &mut len, &mut sites, &mut desc, &mut err) };
+        let take = |p: *mut std::ffi::c_char| -> String {
+            if p.is_null() {
+                return String::new();
+            }
+            let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+            unsafe { ffi::hookrs_free(p.cast()) };
+            s
+        };
+        if status != 0 {
+            let reason = take(err);
+            let first = reason.lines().next().unwrap_or("").to_string();
+            return Err(load_err(if first.contains("PytorchStreamReader") || first.contains("zip") {
+                format!("not a TorchScript archive ({first})")
+            } else {
+                first
+            }));
+        }
+        let data = unsafe { std::slice::from_raw_parts(bytes as *const u8, len) }.to_vec();
+        unsafe { ffi::hookrs_free(bytes.cast()) };
+        let sites_json = take(sites);
+        let desc_json = take(desc);
+        let mut module = tch::CModule::load_data_on_device(&mut data.as_slice(), device).map_err(|e| load_err(e.to_string()))?;
+        module.f_set_eval()?;
+        let raw: Vec<serde_json::Value> = serde_json::from_str(&sites_json).map_err(|e| load_err(format!("bad site list: {e}")))?;
+        let mut all: Vec<(usize, SiteInfo)> = Vec::new();
+        let mut max_id = 0;
+        for s in raw {
+            let id = s["id"].as_u64().unwrap_or(0) as usize;
+            max_id = max_id.max(id + 1);
+            if let Some(info) = SiteInfo::new(id, s["module"].as_str().unwrap_or(""), s["kind"].as_str().unwrap_or("")) {
+                all.push((id, info));
+            }
+        }
+        let description = if desc_json.trim().is_empty() {
+            tracing::warn!(path = %path.display(), "no hookrs.json description in the archive: component templates are unknown; export with `cargo xtask export` to get them");
+            None
+        } else {
+            Some(ModelDescription::from_json(&desc_json)?)
+        };
+        let mut by_path = HashMap::new();
+        let mut sites = Vec::new();
+        let mut index_of_id = vec![usize::MAX; max_id];
+        for (id, info) in all {
+            index_of_id[id] = sites.len();
+            by_path.insert(info.path().clone(), sites.len());
+            sites.push(info);
+        }
+        let params = module.named_parameters()?.into_iter().collect();
+        Ok(HookedModule {
+            module,
+            hooks: (0..sites.len()).map(|_| Vec::new()).collect(),
+            sites,
+            by_path,
+            description,
+            next_hook: 0,
+            device,
+            params,
+            id_to_index: index_of_id,
+        })
+    }
+
+    /// Every hookable site, in module order.
+    pub fn sites(&self) -> &[SiteInfo] {
+        &self.sites
+    }
+
+    /// The model facts stored by the exporter, when the archive has them.
+    pub fn description(&self) -> Option<&ModelDescription> {
+        self.description.as_ref()
+    }
+
+    /// The description, or an error saying extraction needs one.
+    pub fn require_description(&self) -> Result<&ModelDescription> {
+        self.description.as_ref().ok_or_else(|| {
+            TorchError::Description("is missing: this archive has no hookrs.json; re-export it with `cargo xtask export` to use easyroutine component names".into())
+        })
+    }
+
+    /// The device the module runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// A parameter by its torch name (`model.layers.0.self_attn.o_proj.weight`).
+    pub fn parameter(&self, name: &str) -> Option<&Tensor> {
+        self.params.get(name)
+    }
+
+    /// The site index of a component, or an error listing the closest names.
+    pub fn site_index(&self, component: &str) -> Result<usize> {
+        let path: ComponentPath = component.parse()?;
+        self.by_path.get(&path).copied().ok_or_else(|| TorchError::UnknownComponent {
+            component: component.to_string(),
+            suggestions: hook_core::suggest::closest(component, self.sites.iter().map(|s| s.component.as_str()), 5),
+        })
+    }
+
+    /// Adds a hook on `component`; it runs on every forward until removed.
+    pub fn add_hook(&mut self, component: &str, hook: impl Hook<Tensor> + Send + 'static) -> Result<HookHandle> {
+        let i = self.site_index(component)?;
+        let id = self.next_hook;
+        self.next_hook += 1;
+        self.hooks[i].push((id, Box::new(hook)));
+        Ok(HookHandle(id))
+    }
+
+    /// Removes a hook; returns whether it was there.
+    pub fn remove_hook(&mut self, handle: HookHandle) -> bool {
+        for list in &mut self.hooks {
+            if let Some(p) = list.iter().position(|(id, _)| *id == handle.0) {
+                list.remove(p);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Removes every hook.
+    pub fn clear_hooks(&mut self) {
+        self.hooks.iter_mut().for_each(Vec::clear);
+    }
+
+    /// Checks token ids and mask: `[batch, seq]` int64 ids below the vocabulary size, and a
+    /// mask of the same shape with 0/1 values. Returns them on the module's device.
+    pub fn check_inputs(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let bad = |m: String| TorchError::Input(m);
+        if input_ids.dim() != 2 {
+            return Err(bad(format!("input_ids has shape {:?}, expected [batch, seq]", input_ids.size())));
+        }
+        if !matches!(input_ids.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+            return Err(bad(format!("input_ids has dtype {:?}, expected an integer dtype (int64)", input_ids.kind())));
+        }
+        if input_ids.numel() == 0 {
+            return Err(bad("input_ids is empty: expected at least one token".into()));
+        }
+        if attention_mask.size() != input_ids.size() {
+            return Err(bad(format!("attention_mask has shape {:?}, expected the shape of input_ids {:?}", attention_mask.size(), input_ids.size())));
+        }
+        let ids = input_ids.f_to_kind(Kind::Int64)?;
+        let lo = ids.f_min()?.int64_value(&[]);
+        let hi = ids.f_max()?.int64_value(&[]);
+        if let Some(d) = &self.description {
+            if lo < 0 || hi >= d.vocab_size as i64 {
+                let v = if lo < 0 { lo } else { hi };
+                return Err(bad(format!("token id {v} is out of the vocabulary: valid ids are 0..{}", d.vocab_size)));
+            }
+        } else if lo < 0 {
+            return Err(bad(format!("token id {lo} is negative")));
+        }
+        let mask = attention_mask.f_to_kind(Kind::Int64)?;
+        let mlo = mask.f_min()?.int64_value(&[]);
+        let mhi = mask.f_max()?.int64_value(&[]);
+        if mlo < 0 || mhi > 1 {
+            return Err(bad(format!("attention_mask holds {}, expected only 0 and 1", if mlo < 0 { mlo } else { mhi })));
+        }
+        Ok((ids.f_to_device(self.device)?, mask.f_to_device(self.device)?))
+    }
+
+    /// A forward pass with the stored hooks; returns the logits `[batch, seq, vocab]`.
+    pub fn forward(&mut self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.run(input_ids, attention_mask, Vec::new())
+    }
+
+    /// A forward pass with the stored hooks plus `scoped` hooks that apply to this call only.
+    pub fn run_with_hooks(&mut self, input_ids: &Tensor, attention_mask: &Tensor, scoped: Vec<(String, BoxedHook)>) -> Result<Tensor> {
+        let scoped = scoped.into_iter().map(|(c, h)| Ok((self.site_index(&c)?, h))).collect::<Result<Vec<_>>>()?;
+        self.run(input_ids, attention_mask, scoped)
+    }
+
+    /// The forward pass: the stored hooks, then `scoped` ones, run at each site in order.
+    pub(crate) fn run(&mut self, input_ids: &Tensor, attention_mask: &Tensor, scoped: Vec<(usize, BoxedHook)>) -> Result<Tensor> {
+        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
+        let mut scoped_by_site: Vec<Vec<BoxedHook>> = (0..self.sites.len()).map(|_| Vec::new()).collect();
+        for (i, h) in scoped {
+            scoped_by_site[i].push(h);
+        }
+        let any_hooks = self.hooks.iter().any(|l| !l.is_empty()) || scoped_by_site.iter().any(|l| !l.is_empty());
+        let HookedModule { module, sites, hooks, id_to_index, .. } = self;
+        let mut error: Option<TorchError> = None;
+        let mut call_index = 0usize;
+        let mut dispatch = |site_id: usize, x: Tensor| -> std::result::Result<Option<Tensor>, ()> {
+            let Some(&i) = id_to_index.get(site_id) else { return Ok(None) };
+            if i == usize::MAX {
+                return Ok(None);
+            }
+            let info = &sites[i];
+            let ctx = HookContext { component: info.path(), layer: info.layer, call_index };
+            call_index += 1;
+            let (stored, extra) = (&mut hooks[i], &mut scoped_by_site[i]);
+            if stored.is_empty() && extra.is_empty() {
+                return Ok(None);
+            }
+            let mut current = x;
+            let mut changed = false;
+            for hook in stored.iter_mut().map(|(_, h)| h).chain(extra.iter_mut()) {
+                let io = match info.kind {
+                    SiteKind::Input => HookIo::before(vec![Value::Tensor(current.shallow_clone())], vec![]),
+                    _ => HookIo::output_tensor(current.shallow_clone()),
+                };
+                match hook.call(&ctx, &io) {
+                    Ok(None) => {}
+                    Ok(Some(new)) => {
+                        if new.size() != current.size() {
+                            error = Some(TorchError::Hook {
+                                component: info.component.clone(),
+                                message: format!("the hook returned a tensor of shape {:?}; the activation has shape {:?}", new.size(), current.size()),
+                            });
+                            return Err(());
+                        }
+                        let new = if new.device() != current.device() || new.kind() != current.kind() {
+                            match new.f_to_device(current.device()).and_then(|t| t.f_to_kind(current.kind())) {
+                                Ok(t) => t,
+                                Err(e) => {
+                                    error = Some(TorchError::Torch(e));
+                                    return Err(());
+                                }
+                            }
+                        } else {
+                            new
+                        };
+                        current = new;
+                        changed = true;
+                    }
+                    Err(e) => {
+                        error = Some(TorchError::Hook { component: info.component.clone(), message: e.to_string() });
+                        return Err(());
+                    }
+                }
+            }
+            Ok(changed.then_some(current))
+        };
+        let out = if any_hooks {
+            let ptr: *mut Dispatch<'_> = &mut dispatch;
+            // SAFETY: the pointer only lives in ACTIVE for the duration of this forward.
+            let ptr: *mut Dispatch<'static> = unsafe { std::mem::transmute(ptr) };
+            let previous = ACTIVE.with(|a| a.replace(Some(ptr)));
+            let out = module.forward_is(&[IValue::Tensor(ids), IValue::Tensor(mask)]);
+            ACTIVE.with(|a| a.set(previous));
+            out
+        } else {
+            let previous = ACTIVE.with(|a| a.replace(None));
+            let out = module.forward_is(&[IValue::Tensor(ids), IValue::Tensor(mask)]);
+            ACTIVE.with(|a| a.set(previous));
+            out
+        };
+        if let Some(p) = PANIC.with(|p| p.borrow_mut().take()) {
+            let (site, msg) = p.split_once('\u{0}').unwrap_or(("?", p.as_str()));
+            let component = site.parse::<usize>().ok().and_then(|s| id_to_index.get(s)).and_then(|&i| sites.get(i)).map(|s| s.component.clone()).unwrap_or_default();
+            return Err(TorchError::HookPanic { component, message: msg.to_string() });
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let out = out?;
+        match out {
+            IValue::Tensor(t) => Ok(t),
+            IValue::Tuple(mut items) if !items.is_empty() => match items.swap_remove(0) {
+                IValue::Tensor(t) => Ok(t),
+                other => Err(TorchError::Input(format!("the module returned {other:?} first, expected the logits tensor"))),
+            },
+            other => Err(TorchError::Input(format!("the module returned {other:?}, expected logits"))),
+        }
+    }
+}
+
