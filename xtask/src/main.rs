@@ -76,7 +76,7 @@ fn parity(which: &[String]) -> Result<()> {
         match w {
             "ops" => parity::suite(&python, "ops", "hook-ops")?,
             "cache" => parity::cache(&python)?,
-            "models" => eprintln!("parity {w}: not built yet"),
+            "models" => parity::suite(&python, "models", "hook-torch")?,
             other => bail!("unknown parity suite `{other}`: expected one of {}", all.join(", ")),
         }
     }

@@ -346,7 +346,11 @@ impl HookedModule {
                         changed = true;
                     }
                     Err(e) => {
-                        error = Some(TorchError::Hook { component: info.component.clone(), message: e.to_string() });
+                        let message = match e {
+                            hook_core::CoreError::Hook { message, .. } => message,
+                            other => other.to_string(),
+                        };
+                        error = Some(TorchError::Hook { component: info.component.clone(), message });
                         return Err(());
                     }
                 }

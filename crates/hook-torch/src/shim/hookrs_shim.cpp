@@ -122,10 +122,22 @@ struct Rewriter {
         m.type()->addAttribute(name, c10::IntType::get());
       }
     };
-    // .input: the first tensor input after self
+    // .input: the module's main input (easyroutine: args[0], else kwargs["hidden_states"]).
+    // Traced graphs lose argument names and may order kwargs first (Gemma3's decoder layer takes
+    // cache_position first), so: the first graph input the module hands to its first child
+    // call (input_layernorm, q_proj, gate_proj, ...); for leaf modules, the first tensor input.
+    Value* main_in = nullptr;
+    for (Node* n : g->nodes()) {
+      if (n->kind() != c10::prim::CallMethod) continue;
+      for (size_t a = 1; a < n->inputs().size() && !main_in; ++a) {
+        Value* v = n->inputs()[a];
+        if (v->node()->kind() == c10::prim::Param && is_tensor(v)) main_in = v;
+      }
+      break;
+    }
     for (size_t i = 1; i < g->inputs().size(); ++i) {
       Value* in = g->inputs()[i];
-      if (is_tensor(in)) {
+      if (main_in ? in == main_in : is_tensor(in)) {
         add_attr("__hookrs_in");
         Node* first = g->block()->nodes().front();
         Value* hooked = insert_point(*g, self, "__hookrs_in", in, first);

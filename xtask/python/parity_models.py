@@ -1,0 +1,208 @@
+"""End-to-end parity: easyroutine's hooks on the eager HF model vs hookrs on the exported one.
+
+For each tiny family, builds the random model, exports it (the very same weights) to
+OUT/<family>.pt, wraps the eager model's attention with easyroutine's ModuleWrapperManager,
+and for each ExtractionConfig case calls easyroutine's own HookedModel.create_hooks and
+set_hooks (on a stand-in `self` holding the model and its ModelConfig) exactly as
+HookedModel.forward does, runs the forward (batch 1), and saves the cache (load_cache format)
+plus logits. The Rust runner does the same with run_with_cache and compares.
+
+Usage: python parity_models.py OUT
+"""
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch
+
+import export
+from load_cache import save_cache
+from easyroutine.logger import logger as er_logger
+from easyroutine.interpretability.activation_cache import ActivationCache
+from easyroutine.interpretability.hooked_model import ExtractionConfig, HookedModel
+from easyroutine.interpretability.models import ModelConfig
+from easyroutine.interpretability.module_wrappers.manager import ModuleWrapperManager
+
+er_logger.setLevel(logging.ERROR)
+
+# easyroutine 1.1.5's hooked_model.py uses projected_key_vectors_head and
+# projected_query_vectors_head without importing them (extract_head_keys_projected /
+# extract_head_queries_projected raise NameError). The harness supplies the missing imports;
+# docs/parity.md lists it.
+import easyroutine.interpretability.hooked_model as _hm
+from easyroutine.interpretability import hooks as _hooks
+for _name in ("projected_key_vectors_head", "projected_query_vectors_head"):
+    if not hasattr(_hm, _name):
+        setattr(_hm, _name, getattr(_hooks, _name))
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3"]
+
+# Each case: (name, config fields, token groups, row positions)
+TOKENS = [[2, 3], [-1]]
+CASES = [
+    ("resid_out", {"extract_resid_out": True}),
+    ("resid_in", {"extract_resid_in": True}),
+    ("resid_mid", {"extract_resid_mid": True}),
+    ("resid_in_post_layernorm", {"extract_resid_in_post_layernorm": True}),
+    ("embed", {"extract_embed": True}),
+    ("attn_in_out_mlp", {"extract_attn_in": True, "extract_attn_out": True, "extract_mlp_out": True}),
+    ("head_qkv", {"extract_head_queries": True, "extract_head_keys": True, "extract_head_values": True}),
+    ("qkv", {"extract_queries": True, "extract_keys": True, "extract_values": True}),
+    ("head_out", {"extract_head_out": True}),
+    ("projected", {"extract_head_values_projected": True, "extract_head_keys_projected": True, "extract_head_queries_projected": True}),
+    ("pattern", {"extract_attn_pattern": True}),
+    ("pattern_heads", {"extract_attn_pattern": True, "attn_heads": [{"layer": 0, "head": 1}, {"layer": 1, "head": 0}]}),
+    ("pattern_mean_rows", {"extract_attn_pattern": True, "attn_pattern_avg": "mean", "attn_pattern_row_positions": [[0, 1], [4]]}),
+    ("pattern_sum_rows", {"extract_attn_pattern": True, "attn_pattern_avg": "sum", "attn_pattern_row_positions": [[5], [2, 3]]}),
+    ("pattern_baseline_rows", {"extract_attn_pattern": True, "attn_pattern_avg": "baseline_ratio", "attn_pattern_row_positions": [[6], [1, 2]]}),
+    ("last_layernorm", {"extract_last_layernorm": True}),
+    ("everything", {k: True for k in ["extract_resid_out", "extract_resid_in", "extract_resid_mid", "extract_attn_pattern",
+                                     "extract_head_queries", "extract_head_keys", "extract_head_values", "extract_attn_out",
+                                     "extract_mlp_out", "extract_head_out", "extract_last_layernorm"]}),
+]
+# every case with avg=True too
+CASES = CASES + [(f"{n}_avg", dict(c, avg=True)) for n, c in CASES]
+# rows that easyroutine computes differently than documented (see parity ops)
+DEVIATIONS = {
+    "qkv_kv_head": "head_keys_/head_values_: easyroutine's query_key_value_hook picks the wrong kv head (see ops).",
+    "head_out_bias": "head_out: easyroutine adds o_proj_bias // num_heads (see ops).",
+    "layernorm_avg": "last_layernorm with avg: easyroutine overwrites the per-group statistics (see ops).",
+}
+
+
+def model_config(desc):
+    t = dict(desc["templates"])
+    t["attn_out_proj_weight"] = "model.layers[{}].self_attn.o_proj.weight"
+    t["attn_out_proj_bias"] = "model.layers[{}].self_attn.o_proj.bias"
+    fields = {k: v for k, v in t.items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**fields, num_hidden_layers=desc["num_hidden_layers"], num_attention_heads=desc["num_attention_heads"],
+                       hidden_size=desc["hidden_size"], num_key_value_heads=desc["num_key_value_heads"],
+                       num_key_value_groups=desc["num_attention_heads"] // desc["num_key_value_heads"], head_dim=desc["head_dim"],
+                       layernorm_type="RMS")
+
+
+def flat(prefix, v, acc):
+    from easyroutine.interpretability.activation_cache import ValueWithInfo
+    if isinstance(v, ValueWithInfo):
+        v = v.value()
+    if isinstance(v, torch.Tensor):
+        acc[prefix] = v
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            flat(f"{prefix}/{i}", x, acc)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            flat(f"{prefix}/{k}", x, acc)
+
+
+def correct(cache, seen, desc, token_indexes, fields):
+    """The cache with easyroutine's known deviations replaced by the documented behaviour, and
+    the reasons; None when nothing in this case is affected."""
+    from easyroutine.interpretability.activation_cache import ValueWithInfo
+    from easyroutine.interpretability.hooks import compute_statistics
+    from easyroutine.interpretability.utils import repeat_kv
+    avg = fields.get("avg", False)
+    nh, nkv, d = desc["num_attention_heads"], desc["num_key_value_heads"], desc["head_dim"]
+    why = set()
+    fixed = dict(cache.cache)
+
+    def select(t):  # t: [B, S, X]
+        if avg:
+            return torch.cat([t[:, list(g)].mean(1, keepdim=True) for g in token_indexes], 1)
+        return t[:, [i for g in token_indexes for i in g]]
+
+    for key in list(fixed):
+        for prefix, src in (("head_keys_", "k_proj"), ("head_values_", "v_proj")):
+            if key.startswith(prefix):
+                l, h = (int(x) for x in key[len(prefix) + 1:].split("H"))
+                x = seen[f"{src}{l}"]
+                heads = repeat_kv(x.view(x.shape[0], x.shape[1], nkv, d).transpose(1, 2), nh // nkv)
+                fixed[key] = ValueWithInfo(select(heads[:, h]), fixed[key].info())
+                why.add("qkv_kv_head")
+    if "last_layernorm" in fixed and avg:
+        x = seen["norm_in"]
+        groups = []
+        for g in token_indexes:
+            m, v, s2 = compute_statistics(x[..., list(g), :])
+            groups.append({"mean": m, "variance": v, "second_moment": s2})
+        fixed["last_layernorm"] = groups
+        why.add("layernorm_avg")
+    return (fixed, sorted(why)) if why else None
+
+
+manifest = {"families": {}, "cases": [], "tokens": TOKENS}
+tensors = {}
+for family in FAMILIES:
+    torch.manual_seed(0)
+    cfg = export.config_for(family, {})
+    cfg.torchscript, cfg.use_cache = True, False
+    cfg._attn_implementation = "eager"
+    model = export.model_for_config(cfg).float().eval()
+    traced = export.trace(model, cfg.vocab_size)
+    desc = export.description(model, family, f"random:{family}:seed=0")
+    torch.jit.save(traced, str(out / f"{family}.pt"), _extra_files={"hookrs.json": json.dumps(desc)})
+    ModuleWrapperManager(model=model).substitute_attention_module(model)
+    me = SimpleNamespace(model_config=model_config(desc), hf_model=model, additional_interventions=None, additional_hooks=[],
+                         intervention_manager=None, first_device="cpu", assert_module_exists=lambda c: None)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, cfg.vocab_size, (1, 8), generator=g)
+    mask = torch.ones_like(ids)
+    tensors[f"{family}/input_ids"] = ids
+    manifest["families"][family] = {"model": f"{family}.pt", "seq": 8}
+    seq = ids.shape[1]
+    token_indexes = [tuple(p if p >= 0 else seq + p for p in grp) for grp in TOKENS]
+    for name, fields in CASES:
+        ec = ExtractionConfig(**fields)
+        cache = ActivationCache()
+        token_dict = {}
+        if fields.get("attn_pattern_row_positions") is not None:
+            token_dict["attn_pattern_row_positions"] = [tuple(p if p >= 0 else seq + p for p in grp) for grp in fields["attn_pattern_row_positions"]]
+        hooks = HookedModel.create_hooks(me, inputs={"input_ids": ids, "attention_mask": mask}, cache=cache, token_indexes=token_indexes,
+                                         token_dict=token_dict, extraction_config=ec, interventions=None, batch_idx=None, external_cache=None)
+        handles = HookedModel.set_hooks(me, hooks)
+        # capture what the documented behaviour needs where easyroutine deviates
+        seen = {}
+        for l, layer in enumerate(model.model.layers):
+            for nm in ("k_proj", "v_proj"):
+                handles.append(getattr(layer.self_attn, nm).register_forward_hook(
+                    lambda mod, a, o, key=f"{nm}{l}": seen.__setitem__(key, o.detach())))
+        handles.append(model.model.norm.register_forward_pre_hook(lambda mod, a: seen.__setitem__("norm_in", a[0].detach())))
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask)[0]
+        for h in handles:
+            h.remove()
+        flatpos = [i for grp in token_indexes for i in grp]
+        cache["logits"] = logits[:, flatpos, :]
+        corrected = correct(cache, seen, desc, token_indexes, fields)
+        entries = {}
+        flat("", cache.cache, entries)
+        entries = {k.lstrip("/"): v for k, v in entries.items()}
+        case_id = f"{family}/{name}"
+        for k, v in entries.items():
+            tensors[f"{case_id}/{k}"] = v.detach().clone().contiguous()
+        record = {"family": family, "name": name, "config": fields, "keys": list(entries), "deviation": None}
+        if corrected is not None:
+            fixed, why = corrected
+            fixed_entries = {}
+            flat("", fixed, fixed_entries)
+            fixed_entries = {k.lstrip("/"): v for k, v in fixed_entries.items()}
+            differs = list(fixed_entries) != list(entries) or any(not torch.equal(fixed_entries[k], entries[k]) for k in entries)
+            if differs:
+                for k, v in fixed_entries.items():
+                    tensors[f"{case_id}/fixed/{k}"] = v.detach().clone().contiguous()
+                record["fixed_keys"] = list(fixed_entries)
+                record["deviation"] = " ".join(DEVIATIONS[w] for w in why)
+        manifest["cases"].append(record)
+    print(f"parity models: {family}: {len(CASES)} cases", file=sys.stderr)
+
+from safetensors.torch import save_file
+save_file(tensors, str(out / "expected.safetensors"))
+(out / "cases.json").write_text(json.dumps(manifest, indent=1))
