@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 /// The one tolerance of model-level parity (float32 activations of a forward pass run by the
 /// TorchScript interpreter vs the eager model).
-const ATOL: f64 = 1e-5;
+const ATOL: f64 = 1e-6;
 
 fn flatten(prefix: &str, v: &CacheValue, out: &mut IndexMap<String, Tensor>) {
     let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}/{k}") };

@@ -1,0 +1,71 @@
+//! run_with_cache: batched left-padded inputs give each example what it gets alone; site
+//! catalogues per family; errors for bad positions.
+
+mod common;
+
+use hook_cache::CacheValue;
+use hook_core::TokenGroups;
+use hook_torch::{ExtractionConfig, HookedModule};
+use tch::{Device, Kind, Tensor};
+
+fn everything() -> ExtractionConfig {
+    ExtractionConfig::default()
+        .with_flags(&[
+            "resid_out", "resid_in", "resid_mid", "attn_pattern", "head_queries", "head_keys", "head_values", "attn_out", "mlp_out",
+            "head_out", "last_layernorm", "embed", "head_values_projected",
+        ])
+        .unwrap()
+}
+
+fn tensors(v: &CacheValue) -> Vec<Tensor> {
+    v.tensors().into_iter().map(|t| t.shallow_clone()).collect()
+}
+
+#[test]
+fn left_padded_batch_equals_each_example_alone() {
+    for family in ["llama", "qwen2", "gemma3"] {
+        let mut m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
+        let (ids, mask) = common::inputs();
+        let groups: TokenGroups = "[(0, 2), (-1,)]".parse().unwrap();
+        for avg in [false, true] {
+            let cfg = ExtractionConfig { avg, ..everything() };
+            let (_, batch) = m.run_with_cache(&ids, &mask, &groups, &cfg).unwrap();
+            for b in 0..2i64 {
+                let pad = 7 - mask.get(b).sum(Kind::Int64).int64_value(&[]);
+                let one_ids = ids.get(b).narrow(0, pad, 7 - pad).unsqueeze(0);
+                let (_, alone) = m.run_with_cache(&one_ids, &one_ids.ones_like(), &groups, &cfg).unwrap();
+                assert_eq!(batch.keys().collect::<Vec<_>>(), alone.keys().collect::<Vec<_>>());
+                for (k, v) in alone.iter() {
+                    for (x, y) in tensors(v).iter().zip(tensors(batch.get(k).unwrap())) {
+                        let y = y.narrow(0, b, 1);
+                        let d = (x - &y).abs().max().double_value(&[]);
+                        assert!(d < 1e-4, "{family} avg={avg} example {b} key {k}: max diff {d}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn site_catalogues() {
+    for family in ["llama", "mistral", "qwen2", "gemma3"] {
+        let m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
+        let listing: Vec<String> = m.sites().iter().map(|s| format!("{:?} {}", s.kind, s.component)).collect();
+        insta::assert_snapshot!(format!("sites_{family}"), listing.join("\n"));
+    }
+}
+
+#[test]
+fn positions_beyond_the_sequence_are_errors() {
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let (ids, mask) = common::inputs();
+    let cfg = ExtractionConfig::default().with_flags(&["resid_out"]).unwrap();
+    let e = m.run_with_cache(&ids, &mask, &"[(6,)]".parse().unwrap(), &cfg).unwrap_err().to_string();
+    assert!(e.contains("example 1 (5 tokens): token position 6 (group 0) is out of range for a sequence of length 5"), "{e}");
+    let cfg = ExtractionConfig { attn_heads: hook_torch::AttnHeads::List(vec![hook_torch::LayerHead { layer: 2, head: 0 }]), ..cfg };
+    let e = m.run_with_cache(&ids, &mask, &"[(0,)]".parse().unwrap(), &cfg).unwrap_err().to_string();
+    assert!(e.contains("attn_heads has layer 2 head 0: the model has layers 0..2 and heads 0..4"), "{e}");
+    // still usable
+    assert!(m.run_with_cache(&ids, &mask, &"[(0,)]".parse().unwrap(), &ExtractionConfig::default()).is_ok());
+}
