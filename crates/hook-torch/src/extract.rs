@@ -170,7 +170,7 @@ impl ExtractionConfig {
 }
 
 /// Left-padding offsets of each example (`seq - sum(mask)`).
-fn pads(mask: &Tensor) -> Result<Vec<i64>> {
+pub(crate) fn pads(mask: &Tensor) -> Result<Vec<i64>> {
     let s = mask.size()[1];
     let sums: Vec<i64> = Vec::<i64>::try_from(mask.f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Int64)?.f_to_device(tch::Device::Cpu)?)?;
     Ok(sums.into_iter().map(|n| s - n).collect())
@@ -315,7 +315,7 @@ impl HookedModule {
             let b = self.parameter(&d.component("attn_out_proj_bias", l)?).map(Tensor::shallow_clone);
             Ok((w.shallow_clone(), b))
         };
-        let mut resid_hook = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize| -> Result<()> {
+        let resid_hook = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize| -> Result<()> {
             let info = avg.then_some(resid::AVG_INFO);
             hooks.push((
                 comp(template, layer)?,

@@ -8,6 +8,7 @@
 //! | [`site`] | [`SiteInfo`]: one hookable place (`….input`, `….output`, attention patterns) |
 //! | [`description`] | [`ModelDescription`]: the facts and component templates stored by the exporter |
 //! | [`extract`] | [`ExtractionConfig`] and `run_with_cache` |
+//! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
 //! | [`error`] | [`TorchError`] |
 //! | `ffi` | the C ABI of the shim that rewrites the graphs (`src/shim/hookrs_shim.cpp`) |
 //!
@@ -17,11 +18,13 @@ pub mod description;
 pub mod error;
 pub mod extract;
 mod ffi;
+pub mod intervention;
 pub mod module;
 pub mod site;
 
 pub use description::ModelDescription;
 pub use error::{Result, TorchError};
 pub use extract::{AttnHeads, ExtractionConfig, LayerHead};
+pub use intervention::{Intervention, PatchValue};
 pub use module::{BoxedHook, HookHandle, HookedModule};
 pub use site::{SiteInfo, SiteKind};

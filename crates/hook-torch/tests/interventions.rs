@@ -1,0 +1,54 @@
+//! Interventions and activation patching on a tiny model.
+
+mod common;
+
+use hook_torch::{HookedModule, Intervention, PatchValue};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn patching_the_last_residual_from_the_clean_run_gives_the_clean_logits() {
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let clean = Tensor::from_slice(&[5i64, 9, 12, 40, 7]).view([1, 5]);
+    let corrupted = Tensor::from_slice(&[5i64, 9, 99, 40, 7]).view([1, 5]);
+    let ones = clean.ones_like();
+    let clean_logits = m.forward(&clean, &ones).unwrap();
+    let corrupted_logits = m.forward(&corrupted, &ones).unwrap();
+    assert!(!clean_logits.allclose(&corrupted_logits, 1e-5, 1e-5, false));
+    let all: Vec<i64> = (0..5).collect();
+    let patched = m
+        .patch_activations((&clean, &ones), (&corrupted, &ones), &[("model.layers[1].output".to_string(), all)])
+        .unwrap();
+    assert!(patched.allclose(&clean_logits, 1e-5, 1e-5, false));
+    // patching only position 1 (before the corruption) changes nothing
+    let patched = m.patch_activations((&clean, &ones), (&corrupted, &ones), &[("model.layers[0].output".to_string(), vec![1])]).unwrap();
+    assert!(patched.allclose(&corrupted_logits, 1e-6, 1e-6, false));
+}
+
+#[test]
+fn ablations_and_their_errors() {
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let (ids, mask) = common::inputs();
+    let base = m.forward(&ids, &mask).unwrap();
+    let zero_heads = Intervention::Heads { layer: 0, heads: vec![0, 1, 2, 3] };
+    let zero_attn = Intervention::Resid { component: "model.layers[0].self_attn.o_proj.input".into(), positions: (0..7).collect(), patch: PatchValue::Ablation };
+    let (one, one_mask) = (ids.narrow(0, 0, 1), mask.narrow(0, 0, 1));
+    let a = m.run_with_interventions(&one, &one_mask, &[zero_heads.clone()]).unwrap();
+    assert!(!a.allclose(&base.narrow(0, 0, 1), 1e-5, 1e-5, false));
+    // a zero pattern in every head == a zero input of o_proj (no bias) at every position
+    let b = m.run_with_interventions(&one, &one_mask, &[zero_attn]).unwrap();
+    assert!(a.allclose(&b, 1e-5, 1e-5, false));
+    // batched: the padded example is ablated too
+    let ab = m.run_with_interventions(&ids, &mask, &[zero_heads]).unwrap();
+    assert!(ab.narrow(0, 0, 1).allclose(&a, 1e-5, 1e-5, false));
+    let multiply_one = Intervention::AttentionMatrix { layer: 1, q_positions: vec![3], k_positions: vec![0, 1], head: 2, multiplication_value: 1.0, patch: PatchValue::Ablation, apply_softmax: false };
+    assert!(m.run_with_interventions(&ids, &mask, &[multiply_one]).unwrap().allclose(&base, 1e-6, 1e-6, false));
+    let bad = Intervention::Resid { component: "model.layers[0].output".into(), positions: vec![1], patch: PatchValue::Values(Tensor::zeros([2, 2, 64], (Kind::Float, Device::Cpu))) };
+    let e = m.run_with_interventions(&ids, &mask, &[bad]).unwrap_err().to_string();
+    assert!(e.contains("patching_values has shape [1, 2, 64], expected [1, 1, 64]") || e.contains("patching_values has shape [2, 2, 64], expected [2, 1, 64]"), "{e}");
+    let e = m
+        .run_with_interventions(&ids, &mask, &[Intervention::QueryKeyValue { component: "model.layers[0].self_attn.k_proj.output".into(), positions: vec![0], head: 5, patch: PatchValue::Ablation }])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("head 5 is out of range: the layer has 2 heads"), "{e}");
+    assert!(m.forward(&ids, &mask).unwrap().equal(&base), "the module is still usable");
+}
