@@ -90,7 +90,8 @@ fn bench(which: &[String]) -> Result<()> {
     for w in chosen {
         match w {
             "ops" => bench::ops(&python)?,
-            "cache" | "models" => eprintln!("bench {w}: not built yet"),
+            "models" => bench::models(&python)?,
+            "cache" => run(cargo().args(["bench", "-p", "hook-cache", "--bench", "aggregation"]))?,
             other => bail!("unknown bench suite `{other}`: expected one of {}", all.join(", ")),
         }
     }

@@ -203,7 +203,7 @@ pub fn query_key_value(
         .iter()
         .zip(src)
         .map(|(&h, s)| {
-            let v = sel.f_select(2, s as i64)?.f_contiguous()?;
+            let v = sel.f_select(2, s as i64)?; // a view of the selection (already a copy)
             Ok(Keyed::with_info(keys::head_key(prefix, layer, h), v, QKV_INFO))
         })
         .collect()

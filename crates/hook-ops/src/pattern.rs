@@ -151,7 +151,8 @@ pub fn attention_pattern(
     let out: Tensor = match (avg, rows) {
         (PatternAvg::None, None) => {
             let rows_r = cols.resolve(sq as usize)?;
-            p.f_index_select(2, &index_tensor(&rows_r.flatten(), dev))?.f_index_select(3, &index_tensor(&cols_r.flatten(), dev))?
+            let picked = crate::select::take(&p, 2, &rows_r.flatten())?;
+            crate::select::take(&picked, 3, &cols_r.flatten())?
         }
         (PatternAvg::None, Some(rows)) => {
             let rows_r = rows.resolve(sq as usize)?;
@@ -165,7 +166,7 @@ pub fn attention_pattern(
     heads
         .iter()
         .enumerate()
-        .map(|(i, &hh)| Ok(Keyed::new(keys::pattern(layer, hh), out.f_select(1, i as i64)?.f_contiguous()?)))
+        .map(|(i, &hh)| Ok(Keyed::new(keys::pattern(layer, hh), out.f_select(1, i as i64)?)))
         .collect()
 }
 
