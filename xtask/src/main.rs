@@ -5,6 +5,7 @@
 //! | `setup` | pinned Python venv (torch 2.13, transformers, easyroutine) + the `.libtorch` link |
 //! | `ci` | setup, then every test of the workspace, then every parity run (the README's test command) |
 //! | `demo` | setup, then the main job on a built-in tiny model (the README's first command) |
+//! | `export …` | export a HF causal LM (or a tiny random one) as TorchScript for hookrs |
 //! | `parity [ops\|cache\|models]` | compare against the real easyroutine, write `docs/parity.md` |
 //! | `bench [ops\|cache\|models]` | side-by-side benchmarks against easyroutine |
 //!
@@ -19,7 +20,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|parity [ops|cache|models]|bench [ops|cache|models]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) --out FILE.pt|parity [ops|cache|models]|bench [ops|cache|models]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +40,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("ci") => ci(),
         Some("demo") => demo(),
         Some("parity") => parity(rest),
+        Some("export") => export(rest),
         Some("bench") => bench(rest),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
@@ -96,6 +98,13 @@ fn bench(which: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cargo xtask export …`: the arguments go to `xtask/python/export.py` unchanged (the
+/// command line is a contract: see that script).
+fn export(args: &[String]) -> Result<()> {
+    let python = setup::setup()?;
+    run(Command::new(python).arg(project_root().join("xtask/python/export.py")).args(args)).context("export failed")
 }
 
 /// The workspace root (xtask's parent).
