@@ -59,11 +59,46 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
-/// The README's first command: setup, then the end-to-end session on a tiny model.
+/// The README's first command: setup, then an end-to-end session on a built-in tiny model:
+/// export, `hookrs sites`, `hookrs extract` on a few prompts, `hookrs patch`, a picture.
 fn demo() -> Result<()> {
-    setup::setup()?;
-    println!("demo: setup is done. The `hookrs` command is not built yet (issue: the `hookrs` command);");
-    println!("demo: until it lands, `cargo xtask ci` runs every test and parity check there is.");
+    let python = setup::setup()?;
+    let root = project_root();
+    let out = root.join("out/demo");
+    std::fs::create_dir_all(&out)?;
+    let model = out.join("llama.pt");
+    eprintln!("demo: exporting a tiny random llama (2 layers, 4 heads / 2 kv heads) with its word-level tokenizer");
+    run(Command::new(&python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--out"]).arg(&model))?;
+    run(cargo().args(["build", "--quiet", "-p", "hookrs-cli"]))?;
+    let hookrs = root.join("target/debug/hookrs");
+    let step = |title: &str, args: &[&str]| -> Result<()> {
+        println!("\n$ hookrs {}", args.join(" "));
+        eprintln!("demo: {title}");
+        run(Command::new(&hookrs).args(args))
+    };
+    let m = model.to_string_lossy().to_string();
+    let o = |f: &str| out.join(f).to_string_lossy().to_string();
+    let prompts = out.join("prompts.txt");
+    std::fs::write(&prompts, "the capital of france is paris\nthe capital of italy is rome\nthe cat sat on the mat\nmary went to the market\n")?;
+    step("the hookable components", &["sites", &m])?;
+    step(
+        "residual stream, attention patterns and per-head queries of the last token",
+        &["extract", "--model", &m, "--prompts", &prompts.to_string_lossy(), "--extract", "resid_out,attn_pattern,head_queries", "--batch-size", "2", "--out", &o("cache.safetensors")],
+    )?;
+    step("every token of one prompt, for a picture", &["extract", "--model", &m, "--text", "when mary and john went to the store", "--extract", "attn_pattern", "--tokens", "all", "--out", &o("pattern.safetensors")])?;
+    step("an attention pattern", &["plot", &o("pattern.safetensors"), "--key", "pattern_L1H0", "--out", &o("pattern_L1H0.png")])?;
+    step(
+        "activation patching: which layer and position carry the answer",
+        &[
+            "patch", "--model", &m, "--clean", "when mary and john went to the store john gave a drink to", "--corrupted",
+            "when mary and john went to the store mary gave a drink to", "--answer", "mary", "--wrong", "john", "--out", &o("patching"),
+        ],
+    )?;
+    println!("\ndemo: outputs in {}:", out.display());
+    for f in ["llama.pt", "cache.safetensors", "pattern.safetensors", "pattern_L1H0.png", "patching.json", "patching.png"] {
+        println!("  {}", out.join(f).display());
+    }
+    println!("from Python: import sys; sys.path.insert(0, \"xtask/python\"); from load_cache import load_cache; load_cache(\"out/demo/cache.safetensors\")");
     Ok(())
 }
 

@@ -1,0 +1,166 @@
+//! `hookrs extract`: prompts in, an easyroutine-style activation cache out.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use hook_cache::{ActivationCache, CacheValue};
+use hook_core::keys::ParsedKey;
+use hook_core::TokenGroups;
+use hook_torch::{ExtractionConfig, HookedModule};
+use indexmap::IndexMap;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::inputs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A TorchScript model exported by `cargo xtask export`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A prompt (repeat for several); needs the model's tokenizer.
+    #[arg(long)]
+    pub text: Vec<String>,
+    /// A file with one prompt per line, or JSONL with a "text" field.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Token ids as JSON, one list per example: '[[1,5,9],[3,4,2]]' (unequal lengths are left-padded).
+    #[arg(long)]
+    pub input_ids: Option<String>,
+    /// An ExtractionConfig JSON file with easyroutine's field names.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// What to extract, short form: resid_out,attn_pattern,… (field names without extract_).
+    #[arg(long, value_delimiter = ',')]
+    pub extract: Vec<String>,
+    /// easyroutine token groups as JSON: '[[0,1],[5]]' (negative positions count from the end).
+    #[arg(long, conflicts_with = "tokens")]
+    pub token_groups: Option<String>,
+    /// Shorthand for the token groups: last (the default) or all.
+    #[arg(long, value_parser = ["last", "all"])]
+    pub tokens: Option<String>,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Process every N-th batch starting at K (K/N), to split a dataset across processes.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Where to write the cache (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (k, n) = s.split_once('/').ok_or_else(|| anyhow::anyhow!("--shard {s:?}: expected K/N, e.g. 0/4"))?;
+    let (k, n): (usize, usize) = (k.trim().parse().context("--shard: K is not a number")?, n.trim().parse().context("--shard: N is not a number")?);
+    if n == 0 || k >= n {
+        bail!("--shard {s}: expected 0 <= K < N");
+    }
+    Ok((k, n))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let device = inputs::device(&a.device)?;
+    let (shard_k, shard_n) = a.shard.as_deref().map(parse_shard).transpose()?.unwrap_or((0, 1));
+    let mut config: ExtractionConfig = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading --config {}", p.display()))?;
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", p.display()))?
+        }
+        None => ExtractionConfig::default(),
+    };
+    let flags: Vec<&str> = a.extract.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
+    config = config.with_flags(&flags)?;
+    let examples = inputs::examples(&a.model, &a.text, a.prompts.as_deref(), a.input_ids.as_deref())?;
+    let groups: Option<TokenGroups> = match (&a.token_groups, a.tokens.as_deref()) {
+        (Some(j), _) => Some(
+            serde_json::from_str(j).map_err(|e| anyhow::anyhow!("--token-groups is not a JSON list of lists of positions: {e} (e.g. '[[0,1],[-1]]')"))?,
+        ),
+        (None, Some("all")) => None,
+        _ => Some(TokenGroups::last()),
+    };
+    let mut model = HookedModule::load(&a.model, device)?;
+    let batches: Vec<(usize, Vec<&inputs::Example>)> = examples
+        .chunks(a.batch_size)
+        .enumerate()
+        .filter(|(i, _)| i % shard_n == shard_k)
+        .map(|(i, c)| (i, c.iter().collect()))
+        .collect();
+    if batches.is_empty() {
+        bail!("shard {shard_k}/{shard_n} gets no batch: {} prompts make {} batches of {}", examples.len(), examples.len().div_ceil(a.batch_size), a.batch_size);
+    }
+    let bar = if batches.len() > 1 { ProgressBar::new(batches.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} batches, {per_sec}, ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let started = Instant::now();
+    let mut all = ActivationCache::new();
+    let mut n_tokens = 0usize;
+    let mut batch_index = Vec::new();
+    let mut string_tokens = Vec::new();
+    for (i, batch) in &batches {
+        let (ids, mask) = inputs::pad(batch, device);
+        let g = match &groups {
+            Some(g) => g.clone(),
+            None => {
+                let len = batch[0].ids.len();
+                if batch.iter().any(|e| e.ids.len() != len) {
+                    bail!("--tokens all needs the prompts of a batch to have one length (batch {i} mixes lengths); use --batch-size 1 or --token-groups");
+                }
+                TokenGroups::all(len)?
+            }
+        };
+        let (_, cache) = model.run_with_cache(&ids, &mask, &g, &config).with_context(|| format!("batch {i}"))?;
+        n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
+        batch_index.push(serde_json::json!([i, batch.len()]));
+        string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));
+        all.cat(cache)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let model_name = model.description().map(|d| d.source.clone()).unwrap_or_else(|| a.model.display().to_string());
+    all.add_metadata(groups.as_ref().map(|g| g.to_string()).unwrap_or_else(|| "all".into()), &model_name, &config, Vec::<String>::new())?;
+    all.insert("hookrs_batches", serde_json::json!({"shard": [shard_k, shard_n], "batches": batch_index, "string_tokens": string_tokens}));
+    all.shrink_to_fit()?;
+    let tmp = a.out.with_extension("safetensors.partial");
+    all.save(&tmp)?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    print!("{}", summary(&all));
+    println!(
+        "{} prompts, {} tokens in {:.2} s: {:.0} tokens/s -> {}",
+        batches.iter().map(|(_, b)| b.len()).sum::<usize>(),
+        n_tokens,
+        secs,
+        n_tokens as f64 / secs.max(1e-9),
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// The summary table: key family, count, shape, dtype, bytes.
+pub fn summary(c: &ActivationCache) -> String {
+    let mut fams: IndexMap<String, (usize, String, String, u64)> = IndexMap::new();
+    for (k, v) in c.iter() {
+        let fam = match ParsedKey::parse(k) {
+            p if p.layer.is_some() => p.family,
+            _ => k.to_string(),
+        };
+        let (shape, dtype) = match v.inner() {
+            CacheValue::Tensor(t) => (format!("{:?}", t.size()), format!("{:?}", t.kind())),
+            other => (other.kind().to_string(), "-".into()),
+        };
+        let e = fams.entry(fam).or_insert((0, shape, dtype, 0));
+        e.0 += 1;
+        e.3 += v.nbytes();
+    }
+    let mut s = format!("{:<28} {:>5}  {:<20} {:<8} {:>12}\n", "key family", "count", "shape", "dtype", "bytes");
+    for (f, (n, shape, dtype, bytes)) in fams {
+        s.push_str(&format!("{f:<28} {n:>5}  {shape:<20} {dtype:<8} {bytes:>12}\n"));
+    }
+    s
+}

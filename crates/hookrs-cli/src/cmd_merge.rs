@@ -1,0 +1,68 @@
+//! `hookrs merge`: shard caches back into one, in dataset order.
+//!
+//! Each shard records its batches (`hookrs_batches`: global batch index and size); tensors
+//! whose first axis is the batch are cut back into batches, ordered by global index and joined
+//! with the cache's aggregation rules.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use hook_cache::{ActivationCache, CacheValue};
+
+fn batches_of(c: &ActivationCache, path: &Path) -> Result<Vec<(usize, i64)>> {
+    let meta = c.get("hookrs_batches").with_context(|| format!("{} has no hookrs_batches record: was it written by `hookrs extract`?", path.display()))?;
+    let CacheValue::Data(d) = meta.inner() else { bail!("{}: hookrs_batches is not data", path.display()) };
+    d["batches"]
+        .as_array()
+        .map(|a| a.iter().map(|x| (x[0].as_u64().unwrap_or(0) as usize, x[1].as_i64().unwrap_or(0))).collect())
+        .with_context(|| format!("{}: hookrs_batches has no batch list", path.display()))
+}
+
+/// One batch's slice of a value: tensors cut on dim 0 at `[offset, offset + n)`.
+fn slice(v: &CacheValue, offset: i64, n: i64, total: i64) -> Result<CacheValue> {
+    Ok(v.map_tensors(&mut |t| {
+        if t.dim() > 0 && t.size()[0] == total {
+            Ok(t.f_narrow(0, offset, n)?)
+        } else {
+            Ok(t.shallow_clone())
+        }
+    })?)
+}
+
+pub fn run(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let mut parts: Vec<(usize, ActivationCache)> = Vec::new();
+    let mut total_batches = 0;
+    for p in inputs {
+        let c = ActivationCache::load(p)?;
+        let batches = batches_of(&c, p)?;
+        let total: i64 = batches.iter().map(|b| b.1).sum();
+        let mut offset = 0;
+        for (gi, n) in batches {
+            let mut one = ActivationCache::new();
+            for (k, v) in c.iter() {
+                if k == "hookrs_batches" || k == "metadata" {
+                    continue;
+                }
+                one.insert(k, slice(v, offset, n, total)?);
+            }
+            parts.push((gi, one));
+            offset += n;
+            total_batches += 1;
+        }
+    }
+    parts.sort_by_key(|(gi, _)| *gi);
+    if let Some(w) = parts.windows(2).find(|w| w[0].0 == w[1].0) {
+        bail!("batch {} appears in two inputs: merge each shard once", w[0].0);
+    }
+    let first = ActivationCache::load(&inputs[0])?;
+    let mut merged = ActivationCache::new();
+    merged.deferred_mode(|m| parts.into_iter().try_for_each(|(_, c)| m.cat(c)))?;
+    if let Some(meta) = first.get("metadata") {
+        merged.insert("metadata", meta.clone());
+    }
+    merged.insert("hookrs_batches", serde_json::json!({"merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "batches": total_batches}));
+    merged.shrink_to_fit()?;
+    merged.save(out)?;
+    println!("merged {} batches from {} files -> {}", total_batches, inputs.len(), out.display());
+    Ok(())
+}

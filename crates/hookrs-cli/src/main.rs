@@ -1,0 +1,104 @@
+//! `hookrs`: extraction, activation patching and pictures from the shell.
+//!
+//! Exit codes: 0 ok, 2 usage (clap), 1 runtime error. Nothing is written under `--out` unless
+//! the command succeeded (writes go to a temporary file renamed at the end).
+
+mod heatmap;
+mod inputs;
+mod cmd_extract;
+mod cmd_inspect;
+mod cmd_merge;
+mod cmd_patch;
+mod cmd_plot;
+mod cmd_sites;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Interpretability hooks for TorchScript transformers: read and edit activations, from the shell.
+#[derive(Parser, Debug)]
+#[command(name = "hookrs", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Every hookable component, grouped by layer, with the model description.
+    Sites {
+        /// A TorchScript model exported by `cargo xtask export`.
+        model: PathBuf,
+        /// Print JSON instead of a listing.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run prompts through a model and save the activations (easyroutine cache keys).
+    Extract(cmd_extract::Args),
+    /// Keys, shapes, dtypes, info strings, metadata and memory of a saved cache.
+    Inspect {
+        /// A cache written by `hookrs extract` or hook-cache.
+        cache: PathBuf,
+    },
+    /// Merge shard caches (from `extract --shard K/N`) in dataset order.
+    Merge {
+        /// The merged cache to write.
+        out: PathBuf,
+        /// The shard caches.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Activation patching sweep with the logit-difference metric (clean = 1, corrupted = 0).
+    Patch(cmd_patch::Args),
+    /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
+    Plot {
+        /// The cache.
+        cache: PathBuf,
+        /// The key to draw, e.g. pattern_L0H1.
+        #[arg(long)]
+        key: String,
+        /// Which example of the batch.
+        #[arg(long, default_value_t = 0)]
+        example: i64,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HOOKRS_LOG").unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let result = match cli.command {
+        Command::Sites { model, json } => cmd_sites::run(&model, json),
+        Command::Extract(a) => cmd_extract::run(a),
+        Command::Inspect { cache } => cmd_inspect::run(&cache),
+        Command::Merge { out, inputs } => cmd_merge::run(&out, &inputs),
+        Command::Patch(a) => cmd_patch::run(a),
+        Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hookrs: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder (atomic rename).
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(())
+}
