@@ -1,0 +1,125 @@
+//! The `hookrs` binary, run as a user would: outputs, exit codes and every error message.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn hookrs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hookrs")).args(args).output().expect("run hookrs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A folder with the tiny llama and its tokenizer.
+fn workdir() -> (tempfile::TempDir, PathBuf) {
+    let model = common::model("llama");
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("llama.pt");
+    std::fs::copy(&model, &m).unwrap();
+    std::fs::copy(model.with_file_name("llama.tokenizer.json"), dir.path().join("llama.tokenizer.json")).unwrap();
+    (dir, m)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn help_texts() {
+    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"]] {
+        let o = hookrs(&cmd);
+        assert!(o.status.success());
+        insta::assert_snapshot!(format!("help_{}", cmd[0].trim_start_matches('-')), stdout(&o));
+    }
+}
+
+#[test]
+fn extract_inspect_plot_and_merge() {
+    let (dir, m) = workdir();
+    let out = dir.path().join("c.safetensors");
+    let o = hookrs(&["extract", "--model", s(&m), "--input-ids", "[[5,9,12,40],[3,4]]", "--extract", "resid_out,attn_pattern", "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table: String = stdout(&o).lines().filter(|l| !l.contains("tokens/s")).collect::<Vec<_>>().join("\n");
+    insta::assert_snapshot!("extract_summary", table);
+    let o = hookrs(&["inspect", s(&out)]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("resid_out_1: Float [2, 1, 64]"), "{}", stdout(&o));
+    // shards 0/2 and 1/2 of 3 one-prompt batches, merged, equal the unsharded run
+    let ids = "[[5,9,12],[3,4,7],[8,8,1]]";
+    let full = dir.path().join("full.safetensors");
+    assert!(hookrs(&["extract", "--model", s(&m), "--input-ids", ids, "--extract", "resid_out", "--batch-size", "1", "--out", s(&full)]).status.success());
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    assert!(hookrs(&["extract", "--model", s(&m), "--input-ids", ids, "--extract", "resid_out", "--batch-size", "1", "--shard", "0/2", "--out", s(&a)]).status.success());
+    assert!(hookrs(&["extract", "--model", s(&m), "--input-ids", ids, "--extract", "resid_out", "--batch-size", "1", "--shard", "1/2", "--out", s(&b)]).status.success());
+    let merged = dir.path().join("m.safetensors");
+    let o = hookrs(&["merge", s(&merged), s(&b), s(&a)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let f = hook_cache::ActivationCache::load(&full).unwrap();
+    let g = hook_cache::ActivationCache::load(&merged).unwrap();
+    assert!(f.tensor("resid_out_0").unwrap().equal(g.tensor("resid_out_0").unwrap()), "merged in dataset order");
+    // a picture with token labels
+    let p = dir.path().join("p.safetensors");
+    assert!(hookrs(&["extract", "--model", s(&m), "--text", "the cat sat on the mat", "--extract", "attn_pattern", "--tokens", "all", "--out", s(&p)]).status.success());
+    let png = dir.path().join("p.png");
+    let o = hookrs(&["plot", s(&p), "--key", "pattern_L0H0", "--out", s(&png)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+}
+
+#[test]
+fn patch_writes_json_and_png() {
+    let (dir, m) = workdir();
+    let out = dir.path().join("r");
+    let o = hookrs(&[
+        "patch", "--model", s(&m), "--clean", "mary gave a drink to john", "--corrupted", "john gave a drink to john", "--answer", "mary", "--wrong",
+        "john", "--out", s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap()).unwrap();
+    let v = j["values"].as_array().unwrap();
+    assert_eq!(v.len(), 2);
+    // patching the last layer's residual stream at the last position restores the clean run
+    let last = v[1].as_array().unwrap().last().unwrap().as_f64().unwrap();
+    assert!((last - 1.0).abs() < 1e-4, "{last}");
+    assert!(out.with_extension("png").exists());
+}
+
+#[test]
+fn errors_say_what_is_wrong_and_exit_1() {
+    let (dir, m) = workdir();
+    let out = dir.path().join("never.safetensors");
+    let tok = dir.path().join("llama.tokenizer.json");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2],[3,]]", "--out", s(&out)], "--input-ids is not a JSON list of lists of token ids: trailing comma at line 1 column 11"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,999]]", "--out", s(&out)], "token id 999 is out of the vocabulary: valid ids are 0..256"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--extract", "resid", "--out", s(&out)], "unknown extraction `resid`; closest: resid_in, resid_mid, resid_out"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--token-groups", "[[0,5]]", "--out", s(&out)], "token position 5 (group 0) is out of range"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--shard", "2/2", "--out", s(&out)], "expected 0 <= K < N"),
+        (vec!["plot", s(&out), "--key", "x", "--out", s(&out)], "never.safetensors: No such file"),
+        (vec!["sites", s(&tok)], "as a TorchScript module"),
+    ];
+    for (args, want) in cases {
+        let o = hookrs(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+        assert!(!out.exists(), "nothing written under --out on failure");
+    }
+    // a model without a tokenizer asked for --text
+    std::fs::remove_file(dir.path().join("llama.tokenizer.json")).unwrap();
+    let o = hookrs(&["extract", "--model", s(&m), "--text", "hello", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--text needs a tokenizer") && stderr(&o).contains("use --input-ids") || stderr(&o).contains("pass token ids with --input-ids"), "{}", stderr(&o));
+    // usage errors exit 2
+    let o = hookrs(&["extract", "--model", s(&m)]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = hookrs(&["patch", "--model", s(&m), "--clean", "a", "--corrupted", "b", "--answer", "a", "--wrong", "b", "--component", "neurons", "--out", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("[possible values: resid_out, attn_out, mlp_out, heads]"), "{}", stderr(&o));
+}

@@ -1,0 +1,45 @@
+//! Test models: exported once per test run into target/test-models by `xtask/python/export.py`.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// The path of the tiny random model of `family`, exported on first use.
+pub fn model(family: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("target/test-models");
+    let path = dir.join(format!("{family}.pt"));
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let python = std::env::var("HOOKRS_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|_| venv_python());
+        let status = Command::new(&python)
+            .arg(root.join("xtask/python/export.py"))
+            .args(["--random", family, "--seed", "0", "--out"])
+            .arg(&path)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {} (run `cargo xtask setup`): {e}", python.display()));
+        assert!(status.success(), "exporting the {family} test model failed");
+    }
+    path
+}
+
+fn venv_python() -> PathBuf {
+    let base = std::env::var_os("HOOKRS_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("hookrs")))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/hookrs"));
+    base.join("venv/bin/python")
+}
+
+/// A batch of two examples, the second left-padded by two tokens.
+pub fn inputs() -> (Tensor, Tensor) {
+    let ids = Tensor::from_slice(&[5i64, 9, 12, 40, 7, 3, 100, 0, 0, 17, 8, 30, 31, 4]).view([2, 7]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]).view([2, 7]);
+    (ids, mask.to_kind(Kind::Int64).to_device(Device::Cpu))
+}
