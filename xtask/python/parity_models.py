@@ -70,6 +70,9 @@ CASES = [
 ]
 # every case with avg=True too
 CASES = CASES + [(f"{n}_avg", dict(c, avg=True)) for n, c in CASES]
+# gradients of one logit w.r.t. the input embeddings (easyroutine's _compute_input_gradients)
+CASES.append(("keep_gradient", {"extract_embed": True, "keep_gradient": True}))
+VOCAB_INDEX = 7
 # rows that easyroutine computes differently than documented (see parity ops)
 DEVIATIONS = {
     "qkv_kv_head": "head_keys_/head_values_: easyroutine's query_key_value_hook picks the wrong kv head (see ops).",
@@ -175,11 +178,18 @@ for family in FAMILIES:
                 handles.append(getattr(layer.self_attn, nm).register_forward_hook(
                     lambda mod, a, o, key=f"{nm}{l}": seen.__setitem__(key, o.detach())))
         handles.append(model.model.norm.register_forward_pre_hook(lambda mod, a: seen.__setitem__("norm_in", a[0].detach())))
-        with torch.no_grad():
+        flatpos = [i for grp in token_indexes for i in grp]
+        if ec.keep_gradient:
             logits = model(ids, attention_mask=mask)[0]
+            cache["token_dict"] = {"groups": flatpos}
+            HookedModel._compute_input_gradients(me, cache, logits, VOCAB_INDEX)
+            del cache.cache["token_dict"]
+            logits = logits.detach()
+        else:
+            with torch.no_grad():
+                logits = model(ids, attention_mask=mask)[0]
         for h in handles:
             h.remove()
-        flatpos = [i for grp in token_indexes for i in grp]
         cache["logits"] = logits[:, flatpos, :]
         corrected = correct(cache, seen, desc, token_indexes, fields)
         entries = {}
@@ -188,7 +198,8 @@ for family in FAMILIES:
         case_id = f"{family}/{name}"
         for k, v in entries.items():
             tensors[f"{case_id}/{k}"] = v.detach().clone().contiguous()
-        record = {"family": family, "name": name, "config": fields, "keys": list(entries), "deviation": None}
+        record = {"family": family, "name": name, "config": fields, "keys": list(entries), "deviation": None,
+                  "vocabulary_index": VOCAB_INDEX if fields.get("keep_gradient") else None}
         if corrected is not None:
             fixed, why = corrected
             fixed_entries = {}

@@ -116,7 +116,8 @@ fn real_main() -> anyhow::Result<bool> {
             .filter_map(|k| k.as_str())
             .map(|k| Ok((k.to_string(), expected.get(&format!("{prefix}/{k}")).with_context(|| format!("missing {prefix}/{k}"))?.shallow_clone())))
             .collect::<anyhow::Result<_>>()?;
-        let verdict = match m.run_with_cache(ids, &mask, &tokens, &config) {
+        let options = hook_torch::RunOptions { vocabulary_index: case["vocabulary_index"].as_i64(), ..Default::default() };
+        let verdict = match m.run_with_cache_options(ids, &mask, &tokens, &config, options) {
             Err(e) => (f64::NAN, format!("FAIL: {e}")),
             Ok((_, cache)) => {
                 let got = flat_cache(&cache);

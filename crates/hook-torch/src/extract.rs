@@ -213,13 +213,25 @@ fn per_example(
 
 type SharedCache = Arc<Mutex<ActivationCache>>;
 
+/// Extra options of [`HookedModule::run_with_cache_options`].
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// For `avg_over_example`: the running average and this batch's index.
+    pub average: Option<(&'a mut RunningPatternAverage, usize)>,
+    /// For `keep_gradient`: the vocabulary entry whose last-position logit is differentiated.
+    pub vocabulary_index: Option<i64>,
+    /// Interventions applied during the extraction.
+    pub interventions: &'a [crate::intervention::Intervention],
+}
+
 fn store(cache: &SharedCache, entries: Vec<Keyed>) {
     let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
     for k in entries {
+        let value = k.value.detach();
         match k.info {
-            Some(info) => c.add_with_info(k.key, k.value, info),
+            Some(info) => c.add_with_info(k.key, value, info),
             None => {
-                c.insert(k.key, k.value);
+                c.insert(k.key, value);
             }
         }
     }
@@ -272,9 +284,25 @@ impl HookedModule {
         config: &ExtractionConfig,
         average: Option<(&mut RunningPatternAverage, usize)>,
     ) -> Result<(Tensor, ActivationCache)> {
-        if config.keep_gradient {
+        self.run_with_cache_options(input_ids, attention_mask, token_groups, config, RunOptions { average, ..RunOptions::default() })
+    }
+
+    /// [`HookedModule::run_with_cache`] with every option: a running average of patterns
+    /// (`avg_over_example`), the vocabulary index whose last-position logit `keep_gradient`
+    /// differentiates, and interventions applied during the extraction (before the
+    /// extraction hooks of a site, as easyroutine registers them first).
+    pub fn run_with_cache_options(
+        &mut self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_groups: &TokenGroups,
+        config: &ExtractionConfig,
+        options: RunOptions<'_>,
+    ) -> Result<(Tensor, ActivationCache)> {
+        let RunOptions { average, vocabulary_index, interventions } = options;
+        if config.keep_gradient && (!config.extract_embed || vocabulary_index.is_none()) {
             return Err(TorchError::Input(
-                "keep_gradient is not supported by run_with_cache yet: register a hook on the embedding output and run forward under autograd instead".into(),
+                "keep_gradient needs extract_embed and a vocabulary index (RunOptions::vocabulary_index): the gradient of that logit at the last position w.r.t. the input embeddings is stored as input_embeddings_gradients".into(),
             ));
         }
         let d = self.require_description()?.clone();
@@ -309,6 +337,9 @@ impl HookedModule {
         let g = token_groups.clone();
         let avg = config.avg;
         let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
+        for iv in interventions {
+            hooks.push((iv.component(self)?, iv.hook(self, pads.clone())?));
+        }
         let comp = |name: &str, l: usize| d.component(name, l);
         let weight = |l: usize| -> Result<(Tensor, Option<Tensor>)> {
             let w = self.parameter(&d.component("attn_out_proj_weight", l)?).ok_or_else(|| TorchError::Description(format!("names no parameter for layer {l}'s o_proj weight")))?;
@@ -342,7 +373,19 @@ impl HookedModule {
         if config.save_input_ids {
             cache.lock().unwrap_or_else(|e| e.into_inner()).insert("input_ids", ids.shallow_clone());
         }
-        if config.extract_embed {
+        let embed_leaf: Arc<Mutex<Option<Tensor>>> = Arc::new(Mutex::new(None));
+        if config.extract_embed && config.keep_gradient {
+            // the embeddings become a leaf that requires grad; the rest of the forward reads it
+            let slot = embed_leaf.clone();
+            hooks.push((
+                comp("embed_tokens", 0)?,
+                Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
+                    let leaf = io.main_tensor()?.detach().set_requires_grad(true);
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(leaf.shallow_clone());
+                    Ok(Some(leaf))
+                }),
+            ));
+        } else if config.extract_embed {
             resid_hook(&mut hooks, "embed_tokens", "input_embeddings".into(), 0)?;
         }
         for (flag, template, prefix) in [
@@ -462,7 +505,29 @@ impl HookedModule {
                 }
             }
         }
-        let logits = tch::no_grad(|| self.run_with_hooks(&ids, &mask, hooks))?;
+        let logits = if config.keep_gradient {
+            self.run_with_hooks(&ids, &mask, hooks)?
+        } else {
+            tch::no_grad(|| self.run_with_hooks(&ids, &mask, hooks))?
+        };
+        if config.keep_gradient {
+            let leaf = embed_leaf.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| TorchError::Hook {
+                component: d.component("embed_tokens", 0).unwrap_or_default(),
+                message: "the embedding site did not fire".into(),
+            })?;
+            let v = vocabulary_index.expect("checked above");
+            if v < 0 || v >= d.vocab_size as i64 {
+                return Err(TorchError::Input(format!("vocabulary_index {v} is out of the vocabulary 0..{}", d.vocab_size)));
+            }
+            // every example's last (real) position; examples do not interact, so one backward
+            let target = logits.f_select(1, -1)?.f_select(1, v)?.f_sum(Kind::Float)?;
+            let grad = Tensor::f_run_backward(&[target], &[&leaf], false, false)?.remove(0);
+            let sel = |t: &Tensor| per_example(t, &pads, &[token_groups], &mut |x, g| Ok(vec![Keyed::new("x", resid::resid(x, &g[0], false)?)]));
+            let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+            c.insert("input_embeddings", sel(&leaf.detach())?.remove(0).value);
+            c.insert("input_embeddings_gradients", sel(&grad)?.remove(0).value);
+        }
+        let logits = logits.detach();
         if let Some((state, _, target)) = average {
             *target = std::mem::take(&mut *state.lock().unwrap_or_else(|e| e.into_inner()));
         }

@@ -24,7 +24,7 @@ pub mod site;
 
 pub use description::ModelDescription;
 pub use error::{Result, TorchError};
-pub use extract::{AttnHeads, ExtractionConfig, LayerHead};
+pub use extract::{AttnHeads, ExtractionConfig, LayerHead, RunOptions};
 pub use intervention::{Intervention, PatchValue};
 pub use module::{BoxedHook, HookHandle, HookedModule};
 pub use site::{SiteInfo, SiteKind};
