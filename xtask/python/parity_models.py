@@ -14,6 +14,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from functools import partial
 from types import SimpleNamespace
 
 warnings.filterwarnings("ignore")
@@ -73,6 +74,39 @@ CASES = CASES + [(f"{n}_avg", dict(c, avg=True)) for n, c in CASES]
 # gradients of one logit w.r.t. the input embeddings (easyroutine's _compute_input_gradients)
 CASES.append(("keep_gradient", {"extract_embed": True, "keep_gradient": True}))
 VOCAB_INDEX = 7
+# interventions (easyroutine's intervention hooks registered before the extraction hooks)
+INTERVENTIONS = [
+    ("ablate_resid", [{"kind": "resid", "component": "model.layers[0].output", "positions": [2, 3]}]),
+    ("ablate_heads", [{"kind": "heads", "layer": 1, "heads": [0, 2]}]),
+    ("ablate_attn_block", [{"kind": "attn", "layer": 0, "q_positions": [5, 6], "k_positions": [1, 2], "head": 1, "multiplication_value": 0.0, "apply_softmax": False}]),
+    ("scale_attn_block_softmax", [{"kind": "attn", "layer": 1, "q_positions": [7], "k_positions": [0], "head": 0, "multiplication_value": 3.0, "apply_softmax": True}]),
+    ("ablate_key_head", [{"kind": "qkv", "component": "model.layers[1].self_attn.k_proj.output", "positions": [3, 4], "head": 0}]),
+    ("ablate_mlp_and_query", [{"kind": "resid", "component": "model.layers[1].mlp.down_proj.output", "positions": [7]},
+                              {"kind": "qkv", "component": "model.layers[0].self_attn.q_proj.output", "positions": [1], "head": 2}]),
+]
+CASES += [(f"intervene_{n}", {"extract_resid_out": True, "extract_attn_pattern": True}) for n, _ in INTERVENTIONS]
+
+
+def intervention_hooks(ivs, desc):
+    import pandas as pd
+    from easyroutine.interpretability import hooks as H
+    out = []
+    for iv in ivs:
+        if iv["kind"] == "resid":
+            out.append({"component": iv["component"], "intervention": partial(H.intervention_resid_hook, token_indexes=iv["positions"], patching_values="ablation")})
+        elif iv["kind"] == "heads":
+            out.append({"component": desc["templates"]["attn_matrix_hook_name"].format(iv["layer"]),
+                        "intervention": partial(H.intervention_heads_hook, ablation_queries=pd.DataFrame({"head": iv["heads"]}))})
+        elif iv["kind"] == "attn":
+            out.append({"component": desc["templates"]["attn_matrix_hook_name"].format(iv["layer"]),
+                        "intervention": partial(H.intervention_attn_mat_hook, q_positions=iv["q_positions"], k_positions=iv["k_positions"], head=iv["head"],
+                                                multiplication_value=iv["multiplication_value"], apply_softmax=iv["apply_softmax"])})
+        elif iv["kind"] == "qkv":
+            nh, nkv = desc["num_attention_heads"], desc["num_key_value_heads"]
+            out.append({"component": iv["component"], "intervention": partial(H.intervention_query_key_value_hook, token_indexes=iv["positions"], head=iv["head"],
+                                                                                 head_dim=desc["head_dim"], num_key_value_groups=nh // nkv, num_attention_heads=nh,
+                                                                                 patching_values="ablation")})
+    return out
 # rows that easyroutine computes differently than documented (see parity ops)
 DEVIATIONS = {
     "qkv_kv_head": "head_keys_/head_values_: easyroutine's query_key_value_hook picks the wrong kv head (see ops).",
@@ -170,6 +204,9 @@ for family in FAMILIES:
             token_dict["attn_pattern_row_positions"] = [tuple(p if p >= 0 else seq + p for p in grp) for grp in fields["attn_pattern_row_positions"]]
         hooks = HookedModel.create_hooks(me, inputs={"input_ids": ids, "attention_mask": mask}, cache=cache, token_indexes=token_indexes,
                                          token_dict=token_dict, extraction_config=ec, interventions=None, batch_idx=None, external_cache=None)
+        ivs = dict(INTERVENTIONS).get(name.removeprefix("intervene_")) if name.startswith("intervene_") else None
+        if ivs:
+            hooks = intervention_hooks(ivs, desc) + hooks
         handles = HookedModel.set_hooks(me, hooks)
         # capture what the documented behaviour needs where easyroutine deviates
         seen = {}
@@ -199,7 +236,7 @@ for family in FAMILIES:
         for k, v in entries.items():
             tensors[f"{case_id}/{k}"] = v.detach().clone().contiguous()
         record = {"family": family, "name": name, "config": fields, "keys": list(entries), "deviation": None,
-                  "vocabulary_index": VOCAB_INDEX if fields.get("keep_gradient") else None}
+                  "vocabulary_index": VOCAB_INDEX if fields.get("keep_gradient") else None, "interventions": ivs or []}
         if corrected is not None:
             fixed, why = corrected
             fixed_entries = {}

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context};
 use hook_cache::{ActivationCache, CacheValue};
 use hook_core::TokenGroups;
-use hook_torch::{ExtractionConfig, HookedModule};
+use hook_torch::{ExtractionConfig, HookedModule, Intervention, PatchValue};
 use indexmap::IndexMap;
 use serde_json::Value as Json;
 use tch::{Device, Kind, Tensor};
@@ -73,6 +73,37 @@ fn compare(got: &IndexMap<String, Tensor>, want: &IndexMap<String, Tensor>) -> (
     (worst, None)
 }
 
+/// The harness's intervention records as hook-torch interventions (ablations).
+fn interventions_of(v: &Json) -> anyhow::Result<Vec<Intervention>> {
+    let ints = |x: &Json| -> Vec<i64> { x.as_array().into_iter().flatten().filter_map(Json::as_i64).collect() };
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|iv| {
+            Ok(match iv["kind"].as_str().unwrap_or_default() {
+                "resid" => Intervention::Resid { component: iv["component"].as_str().unwrap_or_default().into(), positions: ints(&iv["positions"]), patch: PatchValue::Ablation },
+                "heads" => Intervention::Heads { layer: iv["layer"].as_u64().unwrap_or(0) as usize, heads: ints(&iv["heads"]).into_iter().map(|h| h as usize).collect() },
+                "attn" => Intervention::AttentionMatrix {
+                    layer: iv["layer"].as_u64().unwrap_or(0) as usize,
+                    q_positions: ints(&iv["q_positions"]),
+                    k_positions: ints(&iv["k_positions"]),
+                    head: iv["head"].as_u64().unwrap_or(0) as usize,
+                    multiplication_value: iv["multiplication_value"].as_f64().unwrap_or(0.0),
+                    patch: PatchValue::Ablation,
+                    apply_softmax: iv["apply_softmax"].as_bool().unwrap_or(false),
+                },
+                "qkv" => Intervention::QueryKeyValue {
+                    component: iv["component"].as_str().unwrap_or_default().into(),
+                    positions: ints(&iv["positions"]),
+                    head: iv["head"].as_u64().unwrap_or(0) as usize,
+                    patch: PatchValue::Ablation,
+                },
+                other => anyhow::bail!("unknown intervention kind {other}"),
+            })
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(true) => ExitCode::SUCCESS,
@@ -116,7 +147,8 @@ fn real_main() -> anyhow::Result<bool> {
             .filter_map(|k| k.as_str())
             .map(|k| Ok((k.to_string(), expected.get(&format!("{prefix}/{k}")).with_context(|| format!("missing {prefix}/{k}"))?.shallow_clone())))
             .collect::<anyhow::Result<_>>()?;
-        let options = hook_torch::RunOptions { vocabulary_index: case["vocabulary_index"].as_i64(), ..Default::default() };
+        let interventions = interventions_of(&case["interventions"])?;
+        let options = hook_torch::RunOptions { vocabulary_index: case["vocabulary_index"].as_i64(), interventions: &interventions, ..Default::default() };
         let verdict = match m.run_with_cache_options(ids, &mask, &tokens, &config, options) {
             Err(e) => (f64::NAN, format!("FAIL: {e}")),
             Ok((_, cache)) => {
@@ -149,7 +181,10 @@ fn real_main() -> anyhow::Result<bool> {
         } else {
             pass += 1;
         }
-        let opts = case["config"].to_string().replace('"', "").replace("extract_", "");
+        let mut opts = case["config"].to_string().replace('"', "").replace("extract_", "");
+        if !interventions.is_empty() {
+            opts.push_str(&format!(" + {}", case["interventions"].to_string().replace('"', "").replace('|', "/")));
+        }
         rows.push(format!("| {family} | {name} | {opts} | {} | {} |", if verdict.0.is_nan() { "-".into() } else { format!("{:.1e}", verdict.0) }, verdict.1.replace('|', "\\|")));
     }
     reasons.sort();
