@@ -13,3 +13,15 @@ pub fn write_section(path: &std::path::Path, name: &str, body: &str) -> std::io:
     std::fs::write(&tmp, new)?;
     std::fs::rename(tmp, path)
 }
+
+/// The exit code of a parity runner: success when every row passed or is explained.
+pub fn exit_code(name: &str, r: anyhow::Result<bool>) -> std::process::ExitCode {
+    match r {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("parity {name}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -137,14 +137,7 @@ fn tree_json(t: IndexMap<String, MemoryNode>) -> Json {
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("parity cache: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("cache", real_main())
 }
 
 fn real_main() -> anyhow::Result<bool> {

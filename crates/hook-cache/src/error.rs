@@ -28,7 +28,7 @@ pub enum CacheError {
     },
 
     /// A key that is not in the cache.
-    #[error("no key `{key}` in the cache{}", suggest(.suggestions))]
+    #[error("no key `{key}` in the cache{}", hook_core::suggest::closest_suffix("closest keys", .suggestions))]
     NotFound {
         /// The key asked for.
         key: String,
@@ -86,14 +86,6 @@ pub enum CacheError {
     /// libtorch refused an operation.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-}
-
-fn suggest(s: &[String]) -> String {
-    if s.is_empty() {
-        String::new()
-    } else {
-        format!("; closest keys: {}", s.join(", "))
-    }
 }
 
 /// The result type of hook-cache.

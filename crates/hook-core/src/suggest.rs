@@ -35,3 +35,17 @@ pub fn closest<'a>(query: &str, names: impl IntoIterator<Item = &'a str>, n: usi
         .map(|(_, x)| x.to_string())
         .collect()
 }
+
+/// `"; closest: a, b"` for an error message, or nothing when there are no suggestions.
+///
+/// ```
+/// assert_eq!(hook_core::suggest::closest_suffix("closest keys", &["a".to_string()]), "; closest keys: a");
+/// assert_eq!(hook_core::suggest::closest_suffix("closest", &[]), "");
+/// ```
+pub fn closest_suffix(label: &str, names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!("; {label}: {}", names.join(", "))
+    }
+}

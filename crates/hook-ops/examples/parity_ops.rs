@@ -8,7 +8,7 @@
 //! Usage: `parity_ops CASE_DIR [--write docs/parity.md]`
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use hook_core::{HeadSelection, TokenGroups};
@@ -238,14 +238,7 @@ fn compare(got: &Outputs, want: &IndexMap<String, &Tensor>) -> (f64, Option<Stri
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("parity ops: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("ops", real_main())
 }
 
 fn real_main() -> anyhow::Result<bool> {

@@ -105,14 +105,7 @@ fn interventions_of(v: &Json) -> anyhow::Result<Vec<Intervention>> {
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("parity models: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("models", real_main())
 }
 
 fn real_main() -> anyhow::Result<bool> {

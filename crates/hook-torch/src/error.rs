@@ -17,7 +17,7 @@ pub enum TorchError {
     },
 
     /// A component that the module does not have.
-    #[error("no hookable component `{component}`{}", suggest(.suggestions))]
+    #[error("no hookable component `{component}`{}", hook_core::suggest::closest_suffix("closest", .suggestions))]
     UnknownComponent {
         /// The name asked for.
         component: String,
@@ -66,14 +66,6 @@ pub enum TorchError {
     /// libtorch refused an operation.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-}
-
-fn suggest(s: &[String]) -> String {
-    if s.is_empty() {
-        String::new()
-    } else {
-        format!("; closest: {}", s.join(", "))
-    }
 }
 
 /// The result type of hook-torch.

@@ -1,5 +1,6 @@
 //! The `hookrs` binary, run as a user would: outputs, exit codes and every error message.
 
+#[path = "../../hook-torch/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
