@@ -211,7 +211,7 @@ fn per_example(
         .collect()
 }
 
-type SharedCache = Arc<Mutex<ActivationCache>>;
+pub(crate) type SharedCache = Arc<Mutex<ActivationCache>>;
 
 /// Extra options of [`HookedModule::run_with_cache_options`].
 #[derive(Default)]
@@ -239,7 +239,7 @@ fn store(cache: &SharedCache, entries: Vec<Keyed>) {
 
 /// A hook that applies `f` to the main tensor (with the per-example positions) and stores
 /// what it returns.
-fn extractor(
+pub(crate) fn extractor(
     cache: &SharedCache,
     pads: &Arc<Vec<i64>>,
     groups: Vec<TokenGroups>,

@@ -7,6 +7,7 @@
 //! | [`module`] | [`HookedModule`]: load + instrument, sites, user hooks, forward |
 //! | [`site`] | [`SiteInfo`]: one hookable place (`….input`, `….output`, attention patterns) |
 //! | [`description`] | [`ModelDescription`]: the facts and component templates stored by the exporter |
+//! | [`catalogue`] | easyroutine's hook functions as ready hooks writing into a shared cache |
 //! | [`extract`] | [`ExtractionConfig`] and `run_with_cache` |
 //! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
 //! | [`error`] | [`TorchError`] |
@@ -14,6 +15,7 @@
 //!
 //! How sites are made: see `docs/architecture.md` ("Attaching hooks").
 
+pub mod catalogue;
 pub mod description;
 pub mod error;
 pub mod extract;

@@ -221,10 +221,15 @@ impl HookedModule {
 
     /// Adds a hook on `component`; it runs on every forward until removed.
     pub fn add_hook(&mut self, component: &str, hook: impl Hook<Tensor> + Send + 'static) -> Result<HookHandle> {
+        self.add_boxed_hook(component, Box::new(hook))
+    }
+
+    /// [`HookedModule::add_hook`] for a hook already boxed (e.g. from [`crate::catalogue`]).
+    pub fn add_boxed_hook(&mut self, component: &str, hook: BoxedHook) -> Result<HookHandle> {
         let i = self.site_index(component)?;
         let id = self.next_hook;
         self.next_hook += 1;
-        self.hooks[i].push((id, Box::new(hook)));
+        self.hooks[i].push((id, hook));
         Ok(HookHandle(id))
     }
 

@@ -69,3 +69,30 @@ fn positions_beyond_the_sequence_are_errors() {
     // still usable
     assert!(m.run_with_cache(&ids, &mask, &"[(0,)]".parse().unwrap(), &ExtractionConfig::default()).is_ok());
 }
+
+#[test]
+fn catalogue_hooks_give_what_run_with_cache_gives() {
+    use hook_torch::catalogue;
+    use std::sync::{Arc, Mutex};
+    let mut m = HookedModule::load(common::model("qwen2"), Device::Cpu).unwrap();
+    let ids = Tensor::from_slice(&[5i64, 9, 12, 40, 7]).view([1, 5]);
+    let mask = ids.ones_like();
+    let g: TokenGroups = "[(1, 2), (-1,)]".parse().unwrap();
+    let cfg = ExtractionConfig::default().with_flags(&["resid_out", "head_keys", "attn_pattern", "last_layernorm"]).unwrap();
+    let (_, want) = m.run_with_cache(&ids, &mask, &g, &cfg).unwrap();
+    let layout = m.description().unwrap().layout().unwrap();
+    let cache = Arc::new(Mutex::new(hook_cache::ActivationCache::new()));
+    m.add_boxed_hook("model.layers[1].output", catalogue::save_resid_hook(&cache, "resid_out_1", g.clone(), false)).unwrap();
+    m.add_boxed_hook("model.layers[0].self_attn.k_proj.output", catalogue::query_key_value_hook(&cache, "head_keys_", g.clone(), 0, layout, hook_core::HeadSelection::All, false)).unwrap();
+    m.add_boxed_hook("model.layers[1].self_attn.attention_matrix_hook.output", catalogue::attention_pattern_hook(&cache, g.clone(), 1, hook_core::HeadSelection::One(2), hook_ops::PatternAvg::None, None)).unwrap();
+    m.add_boxed_hook("model.norm.input", catalogue::layernorm_hook(&cache, "last_layernorm", g.clone(), false)).unwrap();
+    let _ = m.forward(&ids, &mask).unwrap();
+    let got = cache.lock().unwrap();
+    for k in ["resid_out_1", "head_keys_L0H5", "pattern_L1H2", "last_layernorm"] {
+        let (a, b) = (tensors(got.get(k).unwrap()), tensors(want.get(k).unwrap()));
+        assert_eq!(a.len(), b.len(), "{k}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.equal(y), "{k}");
+        }
+    }
+}
