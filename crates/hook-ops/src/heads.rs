@@ -222,6 +222,38 @@ fn project_heads(x: &Tensor, layout: &HeadLayout, w_o: &Tensor, heads: &[usize],
     Ok(lhs.f_bmm(&w)?.f_reshape([k, bsz, t, d_model])?)
 }
 
+/// The shared body of the W_O projections: checks, split into heads (`expected` of them in
+/// `b`), token selection, then `[heads.len(), batch, tokens, d_model]` plus `bias`.
+#[allow(clippy::too_many_arguments)]
+fn selected_projection(
+    b: &Tensor,
+    expected: (i64, &str),
+    layout: &HeadLayout,
+    w_o: &Tensor,
+    bias: Option<&Tensor>,
+    groups: &TokenGroups,
+    head: HeadSelection,
+    avg: bool,
+) -> Result<(Vec<usize>, Tensor)> {
+    check_w_o(w_o, bias, layout)?;
+    let (x, n) = split_heads(b, layout.head_dim)?;
+    if n != expected.0 {
+        return Err(OpsError::Shape {
+            arg: "activation",
+            got: b.size(),
+            expected: format!("[batch, seq, {} * head_dim = {}]", expected.1, expected.0 * layout.head_dim),
+        });
+    }
+    let heads = head.resolve(layout.num_heads as usize)?;
+    let sel = select_tokens(&x, groups, avg)?;
+    let src = source_heads(n, layout, &heads);
+    let mut proj = project_heads(&sel, layout, w_o, &heads, &src)?;
+    if let Some(bias) = bias {
+        proj = proj.f_add(bias)?;
+    }
+    Ok((heads, proj))
+}
+
 fn check_w_o(w_o: &Tensor, bias: Option<&Tensor>, layout: &HeadLayout) -> Result<()> {
     if w_o.dim() != 2 || w_o.size()[1] != layout.q_width() {
         return Err(OpsError::Shape {
@@ -266,17 +298,8 @@ pub fn head_out(
     head: HeadSelection,
     avg: bool,
 ) -> Result<Vec<Keyed>> {
-    check_w_o(w_o, bias, layout)?;
-    let (x, n) = split_heads(b, layout.head_dim)?;
-    if n != layout.num_heads {
-        return Err(OpsError::Shape { arg: "activation", got: b.size(), expected: format!("[batch, seq, num_heads * head_dim = {}]", layout.q_width()) });
-    }
-    let heads = head.resolve(layout.num_heads as usize)?;
-    let sel = select_tokens(&x, groups, avg)?;
-    let mut proj = project_heads(&sel, layout, w_o, &heads, &heads)?;
-    if let Some(bias) = bias {
-        proj = proj.f_add(&bias.f_div_scalar(layout.num_heads as f64)?)?;
-    }
+    let bias = bias.map(|b| b.f_div_scalar(layout.num_heads as f64)).transpose()?;
+    let (heads, proj) = selected_projection(b, (layout.num_heads, "num_heads"), layout, w_o, bias.as_ref(), groups, head, avg)?;
     Ok(heads.iter().enumerate().map(|(i, &h)| Keyed::with_info(keys::head_key(prefix, layer, h), proj.get(i as i64), HEAD_OUT_INFO)).collect())
 }
 
@@ -327,23 +350,8 @@ pub fn projected_vectors(
     head: HeadSelection,
     avg: bool,
 ) -> Result<Vec<Keyed>> {
-    check_w_o(w_o, bias, layout)?;
-    let (x, n) = split_heads(b, layout.head_dim)?;
-    let expected = if which == Projected::Query { layout.num_heads } else { layout.num_kv_heads };
-    if n != expected {
-        return Err(OpsError::Shape {
-            arg: "activation",
-            got: b.size(),
-            expected: format!("[batch, seq, {} * head_dim = {}]", if which == Projected::Query { "num_heads" } else { "num_kv_heads" }, expected * layout.head_dim),
-        });
-    }
-    let heads = head.resolve(layout.num_heads as usize)?;
-    let sel = select_tokens(&x, groups, avg)?;
-    let src = source_heads(n, layout, &heads);
-    let mut proj = project_heads(&sel, layout, w_o, &heads, &src)?;
-    if let Some(bias) = bias {
-        proj = proj.f_add(bias)?;
-    }
+    let expected = if which == Projected::Query { (layout.num_heads, "num_heads") } else { (layout.num_kv_heads, "num_kv_heads") };
+    let (heads, proj) = selected_projection(b, expected, layout, w_o, bias, groups, head, avg)?;
     Ok(heads.iter().enumerate().map(|(i, &h)| Keyed::new(keys::head_key(which.prefix(), layer, h), proj.get(i as i64))).collect())
 }
 
