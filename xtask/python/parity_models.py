@@ -54,11 +54,11 @@ CASES = [
     ("resid_mid", {"extract_resid_mid": True}),
     ("resid_in_post_layernorm", {"extract_resid_in_post_layernorm": True}),
     ("embed", {"extract_embed": True}),
-    ("attn_in_out_mlp", {"extract_attn_in": True, "extract_attn_out": True, "extract_mlp_out": True}),
-    ("head_qkv", {"extract_head_queries": True, "extract_head_keys": True, "extract_head_values": True}),
-    ("qkv", {"extract_queries": True, "extract_keys": True, "extract_values": True}),
-    ("head_out", {"extract_head_out": True}),
-    ("projected", {"extract_head_values_projected": True, "extract_head_keys_projected": True, "extract_head_queries_projected": True}),
+    # each remaining extract_* flag alone
+    *[(f.removeprefix("extract_"), {f: True}) for f in [
+        "extract_attn_in", "extract_attn_out", "extract_mlp_out", "extract_head_queries", "extract_head_keys", "extract_head_values",
+        "extract_queries", "extract_keys", "extract_values", "extract_head_out", "extract_head_values_projected",
+        "extract_head_keys_projected", "extract_head_queries_projected"]],
     ("pattern", {"extract_attn_pattern": True}),
     ("pattern_heads", {"extract_attn_pattern": True, "attn_heads": [{"layer": 0, "head": 1}, {"layer": 1, "head": 0}]}),
     ("pattern_mean_rows", {"extract_attn_pattern": True, "attn_pattern_avg": "mean", "attn_pattern_row_positions": [[0, 1], [4]]}),

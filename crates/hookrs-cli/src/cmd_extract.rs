@@ -18,8 +18,8 @@ pub struct Args {
     /// A TorchScript model exported by `cargo xtask export`.
     #[arg(long)]
     pub model: PathBuf,
-    /// A prompt (repeat for several); needs the model's tokenizer.
-    #[arg(long)]
+    /// Prompts: --text "a b" "c d" or --text "a b" --text "c d"; needs the model's tokenizer.
+    #[arg(long, num_args = 1..)]
     pub text: Vec<String>,
     /// A file with one prompt per line, or JSONL with a "text" field.
     #[arg(long)]
