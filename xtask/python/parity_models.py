@@ -247,7 +247,7 @@ for family in FAMILIES:
                 for k, v in fixed_entries.items():
                     tensors[f"{case_id}/fixed/{k}"] = v.detach().clone().contiguous()
                 record["fixed_keys"] = list(fixed_entries)
-                record["deviation"] = " ".join(DEVIATIONS[w] for w in why)
+                record["deviation"] = "\n".join(DEVIATIONS[w] for w in why)
         manifest["cases"].append(record)
     print(f"parity models: {family}: {len(CASES)} cases", file=sys.stderr)
 

@@ -151,7 +151,7 @@ fn real_main() -> anyhow::Result<bool> {
                     (d, None) => match deviation {
                         None => (d, "pass".into()),
                         Some(r) => {
-                            reasons.push(r.to_string());
+                            reasons.extend(r.lines().map(String::from));
                             let er: IndexMap<String, Tensor> = case["keys"]
                                 .as_array()
                                 .into_iter()
