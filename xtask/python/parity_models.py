@@ -73,6 +73,7 @@ CASES = [
 CASES = CASES + [(f"{n}_avg", dict(c, avg=True)) for n, c in CASES]
 # gradients of one logit w.r.t. the input embeddings (easyroutine's _compute_input_gradients)
 CASES.append(("keep_gradient", {"extract_embed": True, "keep_gradient": True}))
+CASES.append(("save_input_ids", {"save_input_ids": True, "extract_resid_out": True}))
 VOCAB_INDEX = 7
 # interventions (easyroutine's intervention hooks registered before the extraction hooks)
 INTERVENTIONS = [
@@ -112,6 +113,7 @@ DEVIATIONS = {
     "qkv_kv_head": "head_keys_/head_values_: easyroutine's query_key_value_hook picks the wrong kv head (see ops).",
     "head_out_bias": "head_out: easyroutine adds o_proj_bias // num_heads (see ops).",
     "layernorm_avg": "last_layernorm with avg: easyroutine overwrites the per-group statistics (see ops).",
+    "input_ids": "save_input_ids: easyroutine stores embed_hook's tuple of embedding slices (of the hidden axis) under input_ids; hookrs stores the input ids [batch, seq].",
 }
 
 
@@ -140,7 +142,7 @@ def flat(prefix, v, acc):
             flat(f"{prefix}/{k}", x, acc)
 
 
-def correct(cache, seen, desc, token_indexes, fields):
+def correct(cache, seen, desc, token_indexes, fields, ids):
     """The cache with easyroutine's known deviations replaced by the documented behaviour, and
     the reasons; None when nothing in this case is affected."""
     from easyroutine.interpretability.activation_cache import ValueWithInfo
@@ -164,6 +166,9 @@ def correct(cache, seen, desc, token_indexes, fields):
                 heads = repeat_kv(x.view(x.shape[0], x.shape[1], nkv, d).transpose(1, 2), nh // nkv)
                 fixed[key] = ValueWithInfo(select(heads[:, h]), fixed[key].info())
                 why.add("qkv_kv_head")
+    if fields.get("save_input_ids") and "input_ids" in fixed:
+        fixed["input_ids"] = ids
+        why.add("input_ids")
     if "last_layernorm" in fixed and avg:
         x = seen["norm_in"]
         groups = []
@@ -228,7 +233,7 @@ for family in FAMILIES:
         for h in handles:
             h.remove()
         cache["logits"] = logits[:, flatpos, :]
-        corrected = correct(cache, seen, desc, token_indexes, fields)
+        corrected = correct(cache, seen, desc, token_indexes, fields, ids)
         entries = {}
         flat("", cache.cache, entries)
         entries = {k.lstrip("/"): v for k, v in entries.items()}
