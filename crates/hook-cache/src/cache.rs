@@ -21,20 +21,19 @@ const KNOWN_FAMILIES: &[&str] = &[
     "token_dict", "logits", "metadata", "offset",
 ];
 
-/// One key's value plus the growth buffer of its aggregated tensor.
-#[derive(Clone, Debug)]
+/// One key's value plus the growth buffer of its aggregated tensor (the value is a view of the
+/// buffer's filled front; later batches are copied in behind it).
+#[derive(Debug)]
 struct Slot {
     value: CacheValue,
-    buffer: Option<SharedBuffer>,
+    buffer: Option<Tensor>,
 }
 
-/// A growth buffer; cloning a cache shares nothing mutable (a clone drops the buffer).
-#[derive(Debug)]
-struct SharedBuffer(Tensor);
-
-impl Clone for SharedBuffer {
+impl Clone for Slot {
+    /// The clone shares the values but not the buffer: two caches appending into one buffer
+    /// would overwrite each other's rows. The clone's next `cat` allocates its own.
     fn clone(&self) -> Self {
-        SharedBuffer(self.0.shallow_clone())
+        Slot { value: self.value.clone(), buffer: None }
     }
 }
 
@@ -257,7 +256,7 @@ impl ActivationCache {
 
     /// The strategy for `key`.
     pub fn aggregation_for(&self, key: &str) -> &Aggregation {
-        self.strategies.iter().find(|(p, _)| key.starts_with(p.as_str())).map(|(_, s)| s).unwrap_or(&Aggregation::Default)
+        strategy_for(&self.strategies, key)
     }
 
     /// `cat(other)`: aggregates another batch into this cache.
@@ -275,7 +274,7 @@ impl ActivationCache {
             for (key, slot) in other.entries {
                 let mut buffer = None;
                 let v = self.aggregation_for(&key).clone().apply(&key, None, slot.value, &mut buffer)?;
-                self.entries.insert(key, Slot { value: v, buffer: buffer.map(SharedBuffer) });
+                self.entries.insert(key, Slot { value: v, buffer });
             }
             return Ok(());
         }
@@ -295,13 +294,13 @@ impl ActivationCache {
         let mut other = other.entries;
         for (key, slot) in self.entries.iter_mut() {
             let new = other.shift_remove(key).expect("key sets checked").value;
-            let strategy = self.strategies.iter().find(|(p, _)| key.starts_with(p.as_str())).map(|(_, s)| s).unwrap_or(&Aggregation::Default);
+            let strategy = strategy_for(&self.strategies, key);
             let old = std::mem::replace(&mut slot.value, CacheValue::Data(serde_json::Value::Null));
-            let mut buffer = slot.buffer.take().map(|b| b.0);
+            let mut buffer = slot.buffer.take();
             match strategy.apply(key, Some(old.clone()), new, &mut buffer) {
                 Ok(v) => {
                     slot.value = v;
-                    slot.buffer = buffer.map(SharedBuffer);
+                    slot.buffer = buffer;
                 }
                 Err(e) => {
                     slot.value = old;
@@ -368,6 +367,11 @@ impl ActivationCache {
     }
 }
 
+/// The first registered strategy whose prefix starts `key`, else the default.
+fn strategy_for<'a>(strategies: &'a [(String, Aggregation)], key: &str) -> &'a Aggregation {
+    strategies.iter().find(|(p, _)| key.starts_with(p.as_str())).map(|(_, s)| s).unwrap_or(&Aggregation::Default)
+}
+
 fn copy(t: &Tensor) -> Result<Tensor> {
     let mut y = t.f_empty_like()?;
     y.f_copy_(t)?;
@@ -405,6 +409,23 @@ mod tests {
 
     fn t(rows: i64) -> Tensor {
         Tensor::ones([rows, 2], (Kind::Float, Device::Cpu))
+    }
+
+    #[test]
+    fn a_clone_does_not_share_the_growth_buffer() {
+        let batch = |x: f64| {
+            let mut c = ActivationCache::new();
+            c.insert("k", t(1) * x);
+            c
+        };
+        let mut a = ActivationCache::new();
+        a.cat(batch(1.0)).unwrap();
+        a.cat(batch(2.0)).unwrap();
+        let mut b = a.clone();
+        a.cat(batch(3.0)).unwrap();
+        b.cat(batch(4.0)).unwrap();
+        assert_eq!(a.tensor("k").unwrap().double_value(&[2, 0]), 3.0);
+        assert_eq!(b.tensor("k").unwrap().double_value(&[2, 0]), 4.0);
     }
 
     #[test]
