@@ -506,9 +506,9 @@ impl HookedModule {
             }
         }
         let logits = if config.keep_gradient {
-            self.run_with_hooks(&ids, &mask, hooks)?
+            self.run_checked(ids.shallow_clone(), mask.shallow_clone(), hooks)?
         } else {
-            tch::no_grad(|| self.run_with_hooks(&ids, &mask, hooks))?
+            tch::no_grad(|| self.run_checked(ids.shallow_clone(), mask.shallow_clone(), hooks))?
         };
         if config.keep_gradient {
             let leaf = embed_leaf.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| TorchError::Hook {

@@ -171,10 +171,10 @@ impl Intervention {
 impl HookedModule {
     /// A forward pass with interventions; returns the logits.
     pub fn run_with_interventions(&mut self, input_ids: &Tensor, attention_mask: &Tensor, interventions: &[Intervention]) -> Result<Tensor> {
-        let (_, mask) = self.check_inputs(input_ids, attention_mask)?;
+        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
         let pads = Arc::new(crate::extract::pads(&mask)?);
         let hooks = interventions.iter().map(|i| Ok((i.component(self)?, i.hook(self, pads.clone())?))).collect::<Result<Vec<_>>>()?;
-        tch::no_grad(|| self.run_with_hooks(input_ids, attention_mask, hooks))
+        tch::no_grad(|| self.run_checked(ids, mask, hooks))
     }
 
     /// Activation patching: runs `clean` and records `component` at `positions`, then runs

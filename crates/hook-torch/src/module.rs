@@ -287,18 +287,19 @@ impl HookedModule {
 
     /// A forward pass with the stored hooks; returns the logits `[batch, seq, vocab]`.
     pub fn forward(&mut self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        self.run(input_ids, attention_mask, Vec::new())
+        self.run_with_hooks(input_ids, attention_mask, Vec::new())
     }
 
     /// A forward pass with the stored hooks plus `scoped` hooks that apply to this call only.
     pub fn run_with_hooks(&mut self, input_ids: &Tensor, attention_mask: &Tensor, scoped: Vec<(String, BoxedHook)>) -> Result<Tensor> {
-        let scoped = scoped.into_iter().map(|(c, h)| Ok((self.site_index(&c)?, h))).collect::<Result<Vec<_>>>()?;
-        self.run(input_ids, attention_mask, scoped)
+        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
+        self.run_checked(ids, mask, scoped)
     }
 
-    /// The forward pass: the stored hooks, then `scoped` ones, run at each site in order.
-    pub(crate) fn run(&mut self, input_ids: &Tensor, attention_mask: &Tensor, scoped: Vec<(usize, BoxedHook)>) -> Result<Tensor> {
-        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
+    /// [`HookedModule::run_with_hooks`] on inputs that [`HookedModule::check_inputs`] returned
+    /// (callers that checked them already do not pay for the checks twice).
+    pub(crate) fn run_checked(&mut self, ids: Tensor, mask: Tensor, scoped: Vec<(String, BoxedHook)>) -> Result<Tensor> {
+        let scoped = scoped.into_iter().map(|(c, h)| Ok((self.site_index(&c)?, h))).collect::<Result<Vec<_>>>()?;
         let mut scoped_by_site: Vec<Vec<BoxedHook>> = (0..self.sites.len()).map(|_| Vec::new()).collect();
         for (i, h) in scoped {
             scoped_by_site[i].push(h);
@@ -362,20 +363,17 @@ impl HookedModule {
             }
             Ok(changed.then_some(current))
         };
-        let out = if any_hooks {
+        // Without hooks the dispatcher is not installed, so every site returns at once.
+        let active = if any_hooks {
             let ptr: *mut Dispatch<'_> = &mut dispatch;
             // SAFETY: the pointer only lives in ACTIVE for the duration of this forward.
-            let ptr: *mut Dispatch<'static> = unsafe { std::mem::transmute(ptr) };
-            let previous = ACTIVE.with(|a| a.replace(Some(ptr)));
-            let out = module.forward_is(&[IValue::Tensor(ids), IValue::Tensor(mask)]);
-            ACTIVE.with(|a| a.set(previous));
-            out
+            Some(unsafe { std::mem::transmute::<*mut Dispatch<'_>, *mut Dispatch<'static>>(ptr) })
         } else {
-            let previous = ACTIVE.with(|a| a.replace(None));
-            let out = module.forward_is(&[IValue::Tensor(ids), IValue::Tensor(mask)]);
-            ACTIVE.with(|a| a.set(previous));
-            out
+            None
         };
+        let previous = ACTIVE.with(|a| a.replace(active));
+        let out = module.forward_is(&[IValue::Tensor(ids), IValue::Tensor(mask)]);
+        ACTIVE.with(|a| a.set(previous));
         if let Some(p) = PANIC.with(|p| p.borrow_mut().take()) {
             let (site, msg) = p.split_once('\u{0}').unwrap_or(("?", p.as_str()));
             let component = site.parse::<usize>().ok().and_then(|s| id_to_index.get(s)).and_then(|&i| sites.get(i)).map(|s| s.component.clone()).unwrap_or_default();
