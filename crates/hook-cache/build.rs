@@ -1,9 +1,5 @@
-//! Writes an rpath to libtorch's lib/ into every binary of this crate (tests, benches), so they
-//! run without LD_LIBRARY_PATH. torch-sys (`links = "tch"`) exports the folder as
-//! DEP_TCH_LIBTORCH_LIB.
+//! Links libtorch into every binary of this crate (tests, examples, benches): rpath, and the
+//! CUDA backend with `--no-as-needed` (see the hook-build crate).
 fn main() {
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    }
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    hook_build::link_libtorch();
 }

@@ -1,9 +1,10 @@
-//! Compiles the C++ shim (the `hookrs::point` op and the graph rewrite) against the libtorch
-//! that torch-sys links (DEP_TCH_LIBTORCH_LIB, exported because torch-sys has `links = "tch"`),
-//! and writes an rpath to it so tests, benches and binaries run with no LD_LIBRARY_PATH.
+//! Compiles the C++ shim (the `hookrs::point` op, the graph rewrite and the device retargeting)
+//! against the libtorch that torch-sys links (DEP_TCH_LIBTORCH_LIB, exported because torch-sys
+//! has `links = "tch"`), and links libtorch into every binary of this crate: rpath, and the
+//! CUDA backend with `--no-as-needed` (see the hook-build crate).
 fn main() {
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
-    let root = std::path::Path::new(&lib).parent().expect("lib/ has a parent").to_path_buf();
+    let lib = hook_build::libtorch_lib().expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
+    let root = lib.parent().expect("lib/ has a parent").to_path_buf();
     cc::Build::new()
         .cpp(true)
         .file("src/shim/hookrs_shim.cpp")
@@ -15,10 +16,8 @@ fn main() {
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false)
         .compile("hookrs_shim");
-    println!("cargo:rustc-link-search=native={lib}");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    hook_build::link_libtorch();
     println!("cargo:rerun-if-changed=src/shim/hookrs_shim.cpp");
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
 }

@@ -2,6 +2,10 @@
 
     export.py --random FAMILY [--seed N] [--config FILE] --out FILE.pt
     export.py SOURCE --out FILE.pt          (SOURCE: a save_pretrained directory or a hub name)
+    ... [--device cpu|cuda|cuda:N]          (the device to trace on; default cpu)
+
+An archive runs on any device whatever device it was traced on: hookrs points the graphs'
+device constants at the device it loads the model on.
 
 The model is traced with torchscript=True, use_cache=False, attn_implementation="eager" on
 inputs (input_ids, attention_mask), so the module tree survives (each submodule keeps its own
@@ -107,9 +111,9 @@ def word_tokenizer(path):
     tok.save(str(path))
 
 
-def trace(model, vocab):
+def trace(model, vocab, device="cpu"):
     model.eval()
-    ids = torch.randint(3, vocab, (2, 7))
+    ids = torch.randint(3, vocab, (2, 7)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row, so the mask path is traced
     with torch.no_grad():
@@ -117,7 +121,7 @@ def trace(model, vocab):
         eager = model(ids, attention_mask=mask)[0]
         got = traced(ids, mask)[0]
         diff = (eager - got).abs().max().item()
-        if diff > 1e-5:
+        if diff > (1e-5 if str(device) == "cpu" else 1e-3):
             raise SystemExit(f"export: the traced model differs from the eager one by {diff}")
     return traced
 
@@ -128,8 +132,15 @@ def main():
     ap.add_argument("--random", choices=sorted(TINY), help="build a tiny random model of this family")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", help="a HF config.json setting the random model's sizes")
+    ap.add_argument("--device", default="cpu", help="trace on this device: cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as e:
+        ap.error(f"--device {a.device!r}: {e}; expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: no CUDA device is available here; trace on the cpu (the archive runs on any device)")
     if (a.random is None) == (a.source is None):
         ap.error("give exactly one of --random FAMILY or SOURCE")
     out = Path(a.out)
@@ -152,7 +163,8 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(a.source, torchscript=True, use_cache=False, attn_implementation="eager",
                                                      torch_dtype=torch.float32)
         family, source = cfg.model_type, a.source
-    traced = trace(model, model.config.vocab_size)
+    model = model.to(device)
+    traced = trace(model, model.config.vocab_size, device)
     desc = description(model, family, source)
     tmp = out.with_suffix(".pt.tmp")
     torch.jit.save(traced, str(tmp), _extra_files={"hookrs.json": json.dumps(desc)})

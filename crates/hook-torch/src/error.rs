@@ -16,6 +16,10 @@ pub enum TorchError {
         reason: String,
     },
 
+    /// A device this process cannot use.
+    #[error("device {0}")]
+    Device(String),
+
     /// A component that the module does not have.
     #[error("no hookable component `{component}`{}", hook_core::suggest::closest_suffix("closest", .suggestions))]
     UnknownComponent {

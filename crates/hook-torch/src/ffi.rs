@@ -8,15 +8,24 @@ pub type AtTensor = torch_sys::C_tensor;
 /// The callback the `hookrs::point` op calls: (site, owned input, out replacement) -> status.
 pub type Callback = unsafe extern "C" fn(site: i64, x: *mut AtTensor, out: *mut *mut AtTensor) -> c_int;
 
+/// Called once per parameter by `hookrs_parameters`: (ctx, name, owned tensor).
+pub type ParameterVisitor = unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char, t: *mut AtTensor);
+
 extern "C" {
     pub fn hookrs_set_callback(cb: Callback);
+    pub fn hookrs_set_armed(table: *const u8, len: i64, prev: *mut *const u8, prev_len: *mut i64);
     pub fn hookrs_free(p: *mut c_void);
-    pub fn hookrs_instrument(
+    pub fn hookrs_load(
         path: *const c_char,
-        out_bytes: *mut *mut c_char,
-        out_len: *mut usize,
+        device: *const c_char,
+        constants_device: *const c_char,
+        out_module: *mut *mut c_void,
         out_sites: *mut *mut c_char,
         out_desc: *mut *mut c_char,
         err: *mut *mut c_char,
     ) -> c_int;
+    pub fn hookrs_module_free(m: *mut c_void);
+    pub fn hookrs_forward(m: *mut c_void, ids: *mut AtTensor, mask: *mut AtTensor, out: *mut *mut AtTensor, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_parameters(m: *mut c_void, visit: ParameterVisitor, ctx: *mut c_void, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_device_constants(m: *mut c_void, out_json: *mut *mut c_char, err: *mut *mut c_char) -> c_int;
 }

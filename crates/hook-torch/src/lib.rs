@@ -11,15 +11,19 @@
 //! | [`extract`] | [`ExtractionConfig`] and `run_with_cache` |
 //! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
 //! | [`error`] | [`TorchError`] |
+//! | [`backend`] | which libtorch device backends this process has loaded |
+//! | `script` | the instrumented TorchScript module, owned through the shim (no save/reload) |
 //! | `ffi` | the C ABI of the shim that rewrites the graphs (`src/shim/hookrs_shim.cpp`) |
 //!
 //! How sites are made: see `docs/architecture.md` ("Attaching hooks").
 
+pub mod backend;
 pub mod catalogue;
 pub mod description;
 pub mod error;
 pub mod extract;
 mod ffi;
+mod script;
 pub mod intervention;
 pub mod module;
 pub mod site;

@@ -10,17 +10,18 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::{c_int, CStr, CString};
+use std::ffi::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Once;
 
 use hook_core::{ComponentPath, Hook, HookContext, HookIo, Value};
-use tch::{Device, IValue, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::description::ModelDescription;
 use crate::error::{Result, TorchError};
 use crate::ffi::{self, AtTensor};
+use crate::script::{device_name, Loaded, ScriptModule};
 use crate::site::{SiteInfo, SiteKind};
 
 /// A hook stored on a module.
@@ -71,6 +72,24 @@ fn install_callback() {
     ONCE.call_once(|| unsafe { ffi::hookrs_set_callback(callback) });
 }
 
+/// Refuses a device this process cannot use, saying why.
+fn check_device(device: Device) -> Result<()> {
+    if let Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count();
+        if (n as i64) >= count {
+            let why = if count > 0 {
+                format!("this machine has {count} CUDA device(s): use cuda:0..cuda:{}", count - 1)
+            } else if !crate::backend::cuda_backend_loaded() {
+                "libtorch's CUDA backend (libtorch_cuda.so) is not loaded in this process: this libtorch has none, or the binary was linked without it (see the hook-build crate)".to_string()
+            } else {
+                "libtorch's CUDA backend is loaded but finds no device (no GPU, or no driver): use --device cpu".to_string()
+            };
+            return Err(TorchError::Device(format!("cuda:{n} is not available: {why}")));
+        }
+    }
+    Ok(())
+}
+
 /// A TorchScript module instrumented for hooks.
 ///
 /// ```no_run
@@ -88,7 +107,7 @@ fn install_callback() {
 /// m.remove_hook(h);
 /// ```
 pub struct HookedModule {
-    module: tch::CModule,
+    module: ScriptModule,
     sites: Vec<SiteInfo>,
     by_path: HashMap<ComponentPath, usize>,
     description: Option<ModelDescription>,
@@ -118,33 +137,8 @@ impl HookedModule {
         if !path.is_file() {
             return Err(load_err("no such file".into()));
         }
-        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| load_err("the path contains a NUL byte".into()))?;
-        let (mut bytes, mut len, mut sites, mut desc, mut err) =
-            (std::ptr::null_mut(), 0usize, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
-        let status = unsafe { ffi::hookrs_instrument(cpath.as_ptr(), &mut bytes, &mut len, &mut sites, &mut desc, &mut err) };
-        let take = |p: *mut std::ffi::c_char| -> String {
-            if p.is_null() {
-                return String::new();
-            }
-            let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-            unsafe { ffi::hookrs_free(p.cast()) };
-            s
-        };
-        if status != 0 {
-            let reason = take(err);
-            let first = reason.lines().next().unwrap_or("").to_string();
-            return Err(load_err(if first.contains("PytorchStreamReader") || first.contains("zip") {
-                format!("not a TorchScript archive ({first})")
-            } else {
-                first
-            }));
-        }
-        let data = unsafe { std::slice::from_raw_parts(bytes as *const u8, len) }.to_vec();
-        unsafe { ffi::hookrs_free(bytes.cast()) };
-        let sites_json = take(sites);
-        let desc_json = take(desc);
-        let mut module = tch::CModule::load_data_on_device(&mut data.as_slice(), device).map_err(|e| load_err(e.to_string()))?;
-        module.f_set_eval()?;
+        check_device(device)?;
+        let Loaded { module, sites_json, description_json: desc_json } = ScriptModule::load(path, device, &device_name(device))?;
         let raw: Vec<serde_json::Value> = serde_json::from_str(&sites_json).map_err(|e| load_err(format!("bad site list: {e}")))?;
         let mut all: Vec<(usize, SiteInfo)> = Vec::new();
         let mut max_id = 0;
@@ -169,7 +163,7 @@ impl HookedModule {
             by_path.insert(info.path().clone(), sites.len());
             sites.push(info);
         }
-        let params = module.named_parameters()?.into_iter().collect();
+        let params = module.parameters()?.into_iter().collect();
         Ok(HookedModule {
             module,
             hooks: (0..sites.len()).map(|_| Vec::new()).collect(),
@@ -198,6 +192,13 @@ impl HookedModule {
         self.description.as_ref().ok_or_else(|| {
             TorchError::Description("is missing: this archive has no hookrs.json; re-export it with `cargo xtask export` to use easyroutine component names".into())
         })
+    }
+
+    /// The device named by each device or tensor constant in the module's graphs, one entry
+    /// per constant. After [`HookedModule::load`] every entry is the module's device, whatever
+    /// device the archive was traced on.
+    pub fn graph_device_constants(&self) -> Result<Vec<String>> {
+        self.module.device_constants()
     }
 
     /// The device the module runs on.
@@ -304,7 +305,15 @@ impl HookedModule {
         for (i, h) in scoped {
             scoped_by_site[i].push(h);
         }
-        let any_hooks = self.hooks.iter().any(|l| !l.is_empty()) || scoped_by_site.iter().any(|l| !l.is_empty());
+        // The armed-site table the shim checks before crossing into Rust: idle sites return
+        // their input in C++.
+        let mut armed = vec![0u8; self.id_to_index.len()];
+        for (i, site) in self.sites.iter().enumerate() {
+            if !self.hooks[i].is_empty() || !scoped_by_site[i].is_empty() {
+                armed[site.id] = 1;
+            }
+        }
+        let any_hooks = armed.iter().any(|&a| a != 0);
         let HookedModule { module, sites, hooks, id_to_index, .. } = self;
         let mut error: Option<TorchError> = None;
         let mut call_index = 0usize;
@@ -372,7 +381,12 @@ impl HookedModule {
             None
         };
         let previous = ACTIVE.with(|a| a.replace(active));
-        let out = module.forward_is(&[IValue::Tensor(ids), IValue::Tensor(mask)]);
+        let (mut prev_table, mut prev_len) = (std::ptr::null(), 0i64);
+        let table = if any_hooks { armed.as_ptr() } else { std::ptr::null() };
+        // SAFETY: `armed` outlives the forward; the previous table is restored right after it.
+        unsafe { ffi::hookrs_set_armed(table, armed.len() as i64, &mut prev_table, &mut prev_len) };
+        let out = module.forward(&ids, &mask);
+        unsafe { ffi::hookrs_set_armed(prev_table, prev_len, &mut std::ptr::null(), &mut 0) };
         ACTIVE.with(|a| a.set(previous));
         if let Some(p) = PANIC.with(|p| p.borrow_mut().take()) {
             let (site, msg) = p.split_once('\u{0}').unwrap_or(("?", p.as_str()));
@@ -382,15 +396,7 @@ impl HookedModule {
         if let Some(e) = error {
             return Err(e);
         }
-        let out = out?;
-        match out {
-            IValue::Tensor(t) => Ok(t),
-            IValue::Tuple(mut items) if !items.is_empty() => match items.swap_remove(0) {
-                IValue::Tensor(t) => Ok(t),
-                other => Err(TorchError::Input(format!("the module returned {other:?} first, expected the logits tensor"))),
-            },
-            other => Err(TorchError::Input(format!("the module returned {other:?}, expected logits"))),
-        }
+        out
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod heatmap;
 mod inputs;
+mod cmd_devices;
 mod cmd_extract;
 mod cmd_inspect;
 mod cmd_merge;
@@ -31,6 +32,12 @@ enum Command {
     Sites {
         /// A TorchScript model exported by `cargo xtask export`.
         model: PathBuf,
+        /// Print JSON instead of a listing.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The devices this build can run on (CPU, CUDA backend and GPUs), and why not when it cannot.
+    Devices {
         /// Print JSON instead of a listing.
         #[arg(long)]
         json: bool,
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
         .try_init();
     let result = match cli.command {
         Command::Sites { model, json } => cmd_sites::run(&model, json),
+        Command::Devices { json } => cmd_devices::run(json),
         Command::Extract(a) => cmd_extract::run(a),
         Command::Inspect { cache } => cmd_inspect::run(&cache),
         Command::Merge { out, inputs } => cmd_merge::run(&out, &inputs),

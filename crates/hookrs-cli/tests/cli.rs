@@ -124,3 +124,23 @@ fn errors_say_what_is_wrong_and_exit_1() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("[possible values: resid_out, attn_out, mlp_out, heads]"), "{}", stderr(&o));
 }
+
+#[test]
+fn the_hookrs_binary_links_libtorchs_cuda_backend_and_reports_devices() {
+    let lib = Path::new(env!("HOOKRS_LIBTORCH_LIB"));
+    let needed = hook_torch::backend::needed_libraries(Path::new(env!("CARGO_BIN_EXE_hookrs"))).expect("hookrs is an ELF file");
+    let has_cuda = lib.join("libtorch_cuda.so").exists();
+    assert_eq!(needed.iter().any(|l| l == "libtorch_cuda.so"), has_cuda, "NEEDED: {needed:?}");
+    let o = hookrs(&["devices", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["cuda_backend_linked"], has_cuda);
+    assert_eq!(v["cuda_backend_loaded"], has_cuda);
+    assert_eq!(v["cuda_devices"].as_i64().unwrap(), hook_torch::backend::cuda_device_count());
+    if v["cuda_devices"] == 0 {
+        let (_dir, m) = workdir();
+        let o = hookrs(&["extract", "--model", s(&m), "--input-ids", "[[5,9]]", "--device", "cuda", "--out", "/dev/null"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("cuda:0 is not available"), "{}", stderr(&o));
+    }
+}

@@ -10,7 +10,9 @@
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/ir.h>
 
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <string>
@@ -25,7 +27,16 @@ namespace {
 using Callback = int (*)(int64_t site, at::Tensor* x, at::Tensor** out);
 std::atomic<Callback> g_callback{nullptr};
 
+// The armed-site table of the forward running on this thread: byte `site` is non-zero when a
+// hook waits there. An idle site (no table, or a zero byte) returns its input at once and
+// never crosses into Rust. Rust sets the table for the duration of one forward.
+thread_local const uint8_t* t_armed = nullptr;
+thread_local int64_t t_armed_len = 0;
+
 at::Tensor point_impl(const at::Tensor& x, int64_t site) {
+  if (site < 0 || site >= t_armed_len || t_armed[site] == 0) {
+    return x;
+  }
   Callback cb = g_callback.load(std::memory_order_acquire);
   if (cb == nullptr) {
     return x;
@@ -205,6 +216,92 @@ struct Rewriter {
   }
 };
 
+
+// Every graph function of the module's compilation unit: the methods of every module class
+// and any free function they call.
+std::vector<std::shared_ptr<Graph>> all_graphs(torch::jit::Module& m) {
+  std::vector<std::shared_ptr<Graph>> out;
+  std::set<Graph*> seen;
+  auto add = [&](torch::jit::Function* f) {
+    if (f == nullptr || !f->isGraphFunction()) return;
+    auto g = torch::jit::toGraphFunction(*f).graph();
+    if (seen.insert(g.get()).second) out.push_back(g);
+  };
+  for (auto* f : m._ivalue()->compilation_unit()->get_functions()) add(f);
+  for (const auto& sub : m.modules()) {
+    for (const auto& method : sub.get_methods()) add(&method.function());
+  }
+  return out;
+}
+
+template <typename F>
+void each_node(torch::jit::Block* b, F&& f) {
+  for (Node* n : b->nodes()) {
+    f(n);
+    for (torch::jit::Block* sub : n->blocks()) each_node(sub, f);
+  }
+}
+
+bool is_device_constant(Node* n) {
+  return n->kind() == c10::prim::Constant && n->hasAttribute(c10::attr::value) &&
+         n->output()->type()->kind() == c10::TypeKind::DeviceObjType;
+}
+
+bool is_tensor_constant(Node* n) {
+  return n->kind() == c10::prim::Constant && n->hasAttribute(c10::attr::value) &&
+         n->kindOf(c10::attr::value) == torch::jit::AttributeKind::t;
+}
+
+// Points every device constant of every graph at `target`, and moves tensor constants there.
+// A traced graph holds the device it was traced on (`torch.arange(..., device="cpu")` in the
+// rotary embedding, the causal mask): without this, a model exported on one device fails on
+// another with "Expected all tensors to be on the same device".
+int64_t retarget_devices(torch::jit::Module& m, const c10::Device& target) {
+  int64_t changed = 0;
+  const std::string name = target.str();
+  for (auto& g : all_graphs(m)) {
+    each_node(g->block(), [&](Node* n) {
+      if (is_device_constant(n)) {
+        if (c10::Device(n->s(c10::attr::value)) != target) {
+          n->s_(c10::attr::value, name);
+          ++changed;
+        }
+      } else if (is_tensor_constant(n)) {
+        const at::Tensor& t = n->t(c10::attr::value);
+        if (t.device() != target) {
+          n->t_(c10::attr::value, t.to(target));
+          ++changed;
+        }
+      }
+    });
+  }
+  return changed;
+}
+
+// The devices named by constants in the module's graphs (device constants and tensor
+// constants), one entry per constant, as JSON.
+std::string device_constants_json(torch::jit::Module& m) {
+  std::ostringstream o;
+  o << "[";
+  bool first = true;
+  for (auto& g : all_graphs(m)) {
+    each_node(g->block(), [&](Node* n) {
+      std::string d;
+      if (is_device_constant(n)) {
+        d = c10::Device(n->s(c10::attr::value)).str();
+      } else if (is_tensor_constant(n)) {
+        d = n->t(c10::attr::value).device().str();
+      } else {
+        return;
+      }
+      o << (first ? "" : ",") << "\"" << json_escape(d) << "\"";
+      first = false;
+    });
+  }
+  o << "]";
+  return o.str();
+}
+
 // Sites in execution order would need a run; we list them in module order, inputs first.
 std::string sites_json(const std::vector<Site>& sites) {
   std::ostringstream o;
@@ -227,35 +324,12 @@ TORCH_LIBRARY_IMPL(hookrs, CompositeImplicitAutograd, m) {
   m.impl("point", point_impl);
 }
 
-extern "C" {
-
-void hookrs_set_callback(Callback cb) { g_callback.store(cb, std::memory_order_release); }
-
-void hookrs_free(void* p) { std::free(p); }
-
-// Loads `path`, instruments every submodule, and returns the rewritten module as bytes plus
-// the site list (JSON) and the `hookrs.json` extra file (empty when absent).
-// Returns 0 on success; on failure *err holds a message. Every out string is freed with hookrs_free.
-int hookrs_instrument(const char* path, char** out_bytes, size_t* out_len, char** out_sites, char** out_desc, char** err) {
+// Runs `body` (which returns 0 on success), turning every C++ exception into 1 and *err.
+template <typename F>
+int guard(char** err, F&& body) {
   try {
-    torch::jit::ExtraFilesMap extra{{"hookrs.json", ""}};
-    torch::jit::Module m = torch::jit::load(std::string(path), c10::Device(c10::kCPU), extra);
-    Rewriter rw;
-    for (const auto& item : m.named_modules()) {
-      if (item.name.empty()) continue;  // the root: its input is token ids, its output the logits
-      torch::jit::Module sub = item.value;
-      rw.instrument(sub, item.name);
-    }
-    std::ostringstream buf;
-    m.save(buf, extra);
-    std::string bytes = buf.str();
-    *out_bytes = static_cast<char*>(std::malloc(bytes.size()));
-    std::memcpy(*out_bytes, bytes.data(), bytes.size());
-    *out_len = bytes.size();
-    *out_sites = dup(sites_json(rw.sites));
-    *out_desc = dup(extra["hookrs.json"]);
     *err = nullptr;
-    return 0;
+    return body();
   } catch (const c10::Error& e) {
     *err = dup(e.what_without_backtrace());
   } catch (const std::exception& e) {
@@ -264,6 +338,93 @@ int hookrs_instrument(const char* path, char** out_bytes, size_t* out_len, char*
     *err = dup("unknown C++ exception");
   }
   return 1;
+}
+
+extern "C" {
+
+void hookrs_set_callback(Callback cb) { g_callback.store(cb, std::memory_order_release); }
+
+// Sets this thread's armed-site table (null: no site armed) and returns the previous one
+// through `prev`/`prev_len`, so nested forwards restore it.
+void hookrs_set_armed(const uint8_t* table, int64_t len, const uint8_t** prev, int64_t* prev_len) {
+  *prev = t_armed;
+  *prev_len = t_armed_len;
+  t_armed = table;
+  t_armed_len = table == nullptr ? 0 : len;
+}
+
+void hookrs_free(void* p) { std::free(p); }
+
+// Loads `path` with its tensors on `device` (c10 device string: "cpu", "cuda:0"), points
+// the graphs' device constants at `constants_device` (normally the same device), puts the
+// module in eval mode and instruments every submodule in place: the same module object is
+// handed back (no save and reload, so loading costs what a plain load costs).
+// Returns 0 and an owned torch::jit::Module* in *out_module (free with hookrs_module_free),
+// the site list (JSON), the `hookrs.json` extra file (empty when absent); on failure 1 and *err.
+int hookrs_load(const char* path, const char* device, const char* constants_device, void** out_module, char** out_sites,
+                char** out_desc, char** err) {
+  return guard(err, [&]() -> int {
+    c10::Device dev(device);
+    c10::Device cdev(constants_device);
+    torch::jit::ExtraFilesMap extra{{"hookrs.json", ""}};
+    auto m = std::make_unique<torch::jit::Module>(torch::jit::load(std::string(path), dev, extra));
+    m->eval();
+    retarget_devices(*m, cdev);
+    Rewriter rw;
+    for (const auto& item : m->named_modules()) {
+      if (item.name.empty()) continue;  // the root: its input is token ids, its output the logits
+      torch::jit::Module sub = item.value;
+      rw.instrument(sub, item.name);
+    }
+    *out_sites = dup(sites_json(rw.sites));
+    *out_desc = dup(extra["hookrs.json"]);
+    *out_module = m.release();
+    *err = nullptr;
+    return 0;
+  });
+}
+
+void hookrs_module_free(void* m) { delete static_cast<torch::jit::Module*>(m); }
+
+// forward(input_ids, attention_mask) -> the logits: the returned tensor, or element 0 of a
+// returned tuple. 0 and an owned tensor in *out; 1 and *err otherwise.
+int hookrs_forward(void* module, at::Tensor* ids, at::Tensor* mask, at::Tensor** out, char** err) {
+  return guard(err, [&]() -> int {
+    auto* m = static_cast<torch::jit::Module*>(module);
+    c10::IValue r = m->forward({*ids, *mask});
+    if (r.isTuple() && !r.toTupleRef().elements().empty()) {
+      r = r.toTupleRef().elements()[0];
+    }
+    if (!r.isTensor()) {
+      *err = dup("the module returned " + r.tagKind() + ", expected the logits tensor (or a tuple starting with it)");
+      return 1;
+    }
+    *out = new at::Tensor(r.toTensor());
+    *err = nullptr;
+    return 0;
+  });
+}
+
+// Calls `visit(ctx, name, tensor)` for every parameter (recursively named, `a.b.weight`);
+// the tensor is owned by the callee.
+int hookrs_parameters(void* module, void (*visit)(void* ctx, const char* name, at::Tensor* t), void* ctx, char** err) {
+  return guard(err, [&]() -> int {
+    auto* m = static_cast<torch::jit::Module*>(module);
+    for (const auto& p : m->named_parameters(/*recurse=*/true)) {
+      visit(ctx, p.name.c_str(), new at::Tensor(p.value));
+    }
+    *err = nullptr;
+    return 0;
+  });
+}
+
+// The devices named by the graphs' constants, as a JSON list (one entry per constant).
+int hookrs_device_constants(void* module, char** out_json, char** err) {
+  return guard(err, [&]() -> int {
+    *out_json = dup(device_constants_json(*static_cast<torch::jit::Module*>(module)));
+    *err = nullptr;
+    return 0;
+  });
 }
 
 }  // extern "C"

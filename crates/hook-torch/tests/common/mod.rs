@@ -43,3 +43,33 @@ pub fn inputs() -> (Tensor, Tensor) {
     let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]).view([2, 7]);
     (ids, mask.to_kind(Kind::Int64).to_device(Device::Cpu))
 }
+
+/// A copy of the `family` test model whose graphs name `device` wherever the export named
+/// the cpu (`torch.device("cpu")` in the archive's code), as an export traced on that device
+/// would: the CPU-checkable half of "export on a GPU, run anywhere".
+pub fn model_traced_on(family: &str, device: &str) -> PathBuf {
+    let src = model(family);
+    let dst = src.with_file_name(format!("{family}.traced-on-{}.pt", device.replace(':', "-")));
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !dst.exists() {
+        let python = std::env::var("HOOKRS_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|_| venv_python());
+        let script = r#"
+import sys, zipfile
+src, dst, dev = sys.argv[1:4]
+n = 0
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst + ".tmp", "w", zipfile.ZIP_STORED) as zout:
+    for item in zin.infolist():
+        data = zin.read(item.filename)
+        if item.filename.endswith(".py"):
+            text = data.decode()
+            n += text.count('torch.device("cpu")')
+            data = text.replace('torch.device("cpu")', 'torch.device("%s")' % dev).encode()
+        zout.writestr(item, data)
+assert n > 0, "the export holds no cpu device constant"
+import os; os.replace(dst + ".tmp", dst)
+"#;
+        let status = Command::new(&python).args(["-c", script]).arg(&src).arg(&dst).arg(device).status().expect("python runs");
+        assert!(status.success(), "rewriting {} failed", src.display());
+    }
+    dst
+}

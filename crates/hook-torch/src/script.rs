@@ -1,0 +1,128 @@
+//! [`ScriptModule`]: the instrumented TorchScript module, owned through the shim.
+//!
+//! The shim loads the archive with its tensors on the target device, retargets the graphs'
+//! device constants, instruments every submodule in place and hands back that same module
+//! object: nothing is saved and loaded again, so an instrumented load costs what a plain
+//! `torch::jit::load` costs, in time and in memory.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::Path;
+
+use tch::{Device, Tensor};
+
+use crate::error::{Result, TorchError};
+use crate::ffi::{self, AtTensor};
+
+/// An owned `torch::jit::Module*` made by `hookrs_load`.
+pub(crate) struct ScriptModule {
+    ptr: *mut c_void,
+}
+
+// SAFETY: a torch::jit::Module may be moved between threads; every use goes through `&self`
+// (forward, parameters) or `&mut self` of the owning HookedModule, which is not `Sync`.
+unsafe impl Send for ScriptModule {}
+
+impl Drop for ScriptModule {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from hookrs_load and is freed once, here.
+        unsafe { ffi::hookrs_module_free(self.ptr) }
+    }
+}
+
+/// The c10 name of a tch device (`cpu`, `cuda:0`, `mps`).
+pub(crate) fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+    }
+}
+
+/// Takes a string the shim allocated (null: empty).
+fn take(p: *mut c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the shim returns NUL-terminated strings from malloc, freed once here.
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    unsafe { ffi::hookrs_free(p.cast()) };
+    s
+}
+
+/// The first line of a libtorch message (the rest is a C++ backtrace).
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// What `hookrs_load` returns.
+pub(crate) struct Loaded {
+    pub module: ScriptModule,
+    pub sites_json: String,
+    pub description_json: String,
+}
+
+impl ScriptModule {
+    /// Loads `path` with its tensors on `device`, device constants pointed at
+    /// `constants_device`, in eval mode, every submodule instrumented.
+    pub(crate) fn load(path: &Path, device: Device, constants_device: &str) -> Result<Loaded> {
+        let load_err = |reason: String| TorchError::Load { path: path.to_path_buf(), reason };
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| load_err("the path contains a NUL byte".into()))?;
+        let cdev = CString::new(device_name(device)).expect("device names have no NUL");
+        let cconst = CString::new(constants_device).map_err(|_| load_err("the device name contains a NUL byte".into()))?;
+        let (mut module, mut sites, mut desc, mut err) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: every pointer is valid; the shim catches every C++ exception.
+        let status = unsafe { ffi::hookrs_load(cpath.as_ptr(), cdev.as_ptr(), cconst.as_ptr(), &mut module, &mut sites, &mut desc, &mut err) };
+        if status != 0 {
+            let first = first_line(&take(err));
+            return Err(load_err(if first.contains("PytorchStreamReader") || first.contains("zip") {
+                format!("not a TorchScript archive ({first})")
+            } else {
+                first
+            }));
+        }
+        Ok(Loaded { module: ScriptModule { ptr: module }, sites_json: take(sites), description_json: take(desc) })
+    }
+
+    /// `forward(input_ids, attention_mask)`: the logits (the returned tensor, or element 0 of
+    /// a returned tuple).
+    pub(crate) fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (mut out, mut err) = (std::ptr::null_mut::<AtTensor>(), std::ptr::null_mut());
+        // SAFETY: the tensors outlive the call; the shim only reads them and catches every exception.
+        let status = unsafe { ffi::hookrs_forward(self.ptr, ids.as_ptr() as *mut AtTensor, mask.as_ptr() as *mut AtTensor, &mut out, &mut err) };
+        if status != 0 {
+            return Err(TorchError::Torch(tch::TchError::Torch(first_line(&take(err)))));
+        }
+        // SAFETY: on success `out` is a heap at::Tensor* whose ownership moves to us.
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
+    /// Every parameter by its torch name (`model.layers.0.self_attn.o_proj.weight`).
+    pub(crate) fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        unsafe extern "C" fn visit(ctx: *mut c_void, name: *const c_char, t: *mut AtTensor) {
+            // SAFETY: ctx is the Vec below; name is NUL-terminated; t is owned by us.
+            let list = unsafe { &mut *(ctx as *mut Vec<(String, Tensor)>) };
+            let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+            list.push((name, unsafe { Tensor::from_ptr(t) }));
+        }
+        let mut list: Vec<(String, Tensor)> = Vec::new();
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `visit` does not unwind (it only pushes), ctx lives for the call.
+        let status = unsafe { ffi::hookrs_parameters(self.ptr, visit, (&mut list as *mut Vec<(String, Tensor)>).cast(), &mut err) };
+        if status != 0 {
+            return Err(TorchError::Torch(tch::TchError::Torch(first_line(&take(err)))));
+        }
+        Ok(list)
+    }
+
+    /// The device of each device or tensor constant in the module's graphs.
+    pub(crate) fn device_constants(&self) -> Result<Vec<String>> {
+        let (mut json, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: valid pointers; the shim catches every exception.
+        let status = unsafe { ffi::hookrs_device_constants(self.ptr, &mut json, &mut err) };
+        if status != 0 {
+            return Err(TorchError::Torch(tch::TchError::Torch(first_line(&take(err)))));
+        }
+        serde_json::from_str(&take(json)).map_err(|e| TorchError::Torch(tch::TchError::Torch(format!("bad device list from the shim: {e}"))))
+    }
+}
