@@ -2,7 +2,7 @@
 ../shared/anchors/easyroutine_full_extraction.py on the same random llama the Rust side loads):
 plain eager forward, and easyroutine's full extraction (resid in/mid/out of every layer,
 all-head attention patterns, head q/k/v) on the eager model, B=4, S=128, 2 threads.
-Prints one JSON line. Usage: python bench_models.py CONFIG.json SEED
+Prints one JSON line. Usage: python bench_models.py CONFIG.json SEED [BATCH SEQ DEVICE]
 """
 import json, sys, time, warnings
 from functools import partial
@@ -20,18 +20,26 @@ torch.manual_seed(int(sys.argv[2]))
 cfg = export.config_for("llama", json.loads(Path(sys.argv[1]).read_text()))
 cfg.torchscript, cfg.use_cache = True, False
 cfg._attn_implementation = "eager"
-m = export.model_for_config(cfg).float().eval()
+B = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+S = int(sys.argv[4]) if len(sys.argv) > 4 else 128
+dev = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
+m = export.model_for_config(cfg).float().eval().to(dev)
 L, H, KV = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
 D = cfg.hidden_size // H
 g = torch.Generator().manual_seed(0)
-ids = torch.randint(0, cfg.vocab_size, (4, 128), generator=g)
+ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(dev)
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timeit(f, n=8):
-    f()
+    f(); sync()
     ts = []
     for _ in range(n):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter(); f(); sync(); ts.append(time.perf_counter() - t)
     ts.sort()
     return ts[len(ts) // 2]
 
@@ -44,7 +52,7 @@ with torch.no_grad():
     base = timeit(lambda: m(ids))
     ModuleWrapperManager(model=m).substitute_attention_module(m)
     cache = ActivationCache()
-    tok = [tuple(range(128))]
+    tok = [tuple(range(S))]
     for i in range(L):
         lay = m.model.layers[i]
         lay.register_forward_hook(partial(save_resid_hook, cache=cache, cache_key=f"resid_out_{i}", token_indexes=tok), with_kwargs=True)

@@ -56,46 +56,123 @@ fn fields(line: &str) -> Result<(String, String, f64)> {
     Ok((g, mode, ms))
 }
 
-/// Plain / instrumented / full extraction forward against easyroutine on the same model.
-pub fn models(python: &Path) -> Result<()> {
+/// Options of `cargo xtask bench models`.
+pub struct ModelsOptions {
+    /// `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    pub batch: usize,
+    pub seq: usize,
+    /// `bench` (8 layers, d 512), `large` (16 layers, d 2048, 3.5 GB) or a config.json.
+    pub config: String,
+    /// Fresh processes per load mode (plain, instrumented), alternating.
+    pub loads: usize,
+    /// Skip easyroutine's side (for a GPU run without it, or a quick look).
+    pub easyroutine: bool,
+}
+
+impl ModelsOptions {
+    pub const USAGE: &'static str = "cargo xtask bench models [--device cpu|cuda|cuda:N] [--batch B] [--seq S] [--config bench|large|FILE.json] [--loads N] [--no-easyroutine]";
+
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut o = ModelsOptions { device: "cpu".into(), batch: 4, seq: 128, config: "bench".into(), loads: 3, easyroutine: true };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut v = || it.next().with_context(|| format!("{a} needs a value: {}", Self::USAGE));
+            match a.as_str() {
+                "--device" => o.device = v()?.clone(),
+                "--batch" => o.batch = v()?.parse().context("--batch: a number")?,
+                "--seq" => o.seq = v()?.parse().context("--seq: a number")?,
+                "--config" => o.config = v()?.clone(),
+                "--loads" => o.loads = v()?.parse().context("--loads: a number")?,
+                "--no-easyroutine" => o.easyroutine = false,
+                other => bail!("unknown option {other}: {}", Self::USAGE),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// `VmRSS`/`VmHWM` fields and times from one `bench_models --load` line.
+fn json_num(line: &str, k: &str) -> Result<f64> {
+    let i = line.find(&format!("\"{k}\":")).with_context(|| format!("no {k} in {line}"))? + k.len() + 3;
+    let rest = line[i..].trim_start();
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Ok(rest[..end].trim().parse()?)
+}
+
+/// Plain / instrumented / full extraction forward against easyroutine on the same model, and
+/// plain against instrumented load (time and peak resident memory, fresh processes).
+pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
     let root = project_root();
     let dir = root.join("target/bench/models");
     std::fs::create_dir_all(&dir)?;
-    let model = dir.join("llama8.pt");
-    let config = root.join("xtask/python/configs/bench_llama.json");
+    let (name, config) = match o.config.as_str() {
+        "bench" => ("llama8".to_string(), root.join("xtask/python/configs/bench_llama.json")),
+        "large" => ("llama16-d2048".to_string(), root.join("xtask/python/configs/large_llama.json")),
+        file => {
+            let p = Path::new(file).to_path_buf();
+            (format!("custom-{}", p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()), p)
+        }
+    };
+    if !config.is_file() {
+        bail!("--config {}: no such file (bench, large or a config.json)", o.config);
+    }
+    let model = dir.join(format!("{name}.pt"));
     if !model.exists() {
+        eprintln!("bench models: exporting {} (random llama from {})...", model.display(), config.display());
         run(Command::new(python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--config"]).arg(&config).arg("--out").arg(&model))?;
     }
     run(cargo().args(["build", "--quiet", "--release", "-p", "hook-torch", "--example", "bench_models"]))?;
+    let exe = root.join("target/release/examples/bench_models");
+    let size_mb = std::fs::metadata(&model)?.len() as f64 / 1e6;
+
+    eprintln!("bench models: loading plain and instrumented, {} fresh processes each, alternating...", o.loads);
+    let (mut plain_ms, mut hooked_ms, mut plain_mb, mut hooked_mb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..o.loads {
+        for (mode, ms, mb) in [("plain", &mut plain_ms, &mut plain_mb), ("hooked", &mut hooked_ms, &mut hooked_mb)] {
+            let out = Command::new(&exe).arg(&model).args(["--load", mode, "--device", &o.device]).output()?;
+            if !out.status.success() {
+                bail!("bench_models --load {mode} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            }
+            let line = String::from_utf8(out.stdout)?;
+            ms.push(json_num(&line, "load_ms")?);
+            mb.push((json_num(&line, "peak_rss_kb")? - json_num(&line, "rss_before_kb")?) / 1e3);
+        }
+    }
+    let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+
     eprintln!("bench models: timing hookrs (plain TorchScript, instrumented idle, full extraction)...");
-    let ours = Command::new(root.join("target/release/examples/bench_models")).arg(&model).output()?;
+    let (b, s) = (o.batch.to_string(), o.seq.to_string());
+    let ours = Command::new(&exe).arg(&model).args(["--device", &o.device, "--batch", &b, "--seq", &s]).output()?;
     if !ours.status.success() {
         bail!("bench_models failed:\n{}", String::from_utf8_lossy(&ours.stderr));
     }
-    eprintln!("bench models: timing easyroutine (eager plain, full extraction)...");
-    let py = Command::new(python).arg(root.join("xtask/python/bench_models.py")).arg(&config).arg("0").output()?;
-    if !py.status.success() {
-        bail!("bench_models.py failed:\n{}", String::from_utf8_lossy(&py.stderr));
-    }
     let ours = String::from_utf8(ours.stdout)?;
-    let theirs = String::from_utf8(py.stdout)?;
-    let num = |line: &str, k: &str| -> Result<f64> {
-        let i = line.find(&format!("\"{k}\":")).with_context(|| format!("no {k} in {line}"))? + k.len() + 3;
-        let rest = line[i..].trim_start();
-        let end = rest.find([',', '}']).unwrap_or(rest.len());
-        Ok(rest[..end].trim().parse()?)
-    };
-    let (plain, idle, full) = (num(&ours, "plain_ms")?, num(&ours, "idle_ms")?, num(&ours, "full_ms")?);
-    let (eager, er_full) = (num(&theirs, "eager_plain_ms")?, num(&theirs, "easyroutine_full_ms")?);
-    println!("llama 8 layers, d_model 512, 8 heads / 2 kv heads, B=4, S=128, 2 threads ({} cache entries each side: hookrs {}, easyroutine {})",
-        "", num(&ours, "keys")?, num(&theirs, "easyroutine_keys")?);
+    let (plain, idle, full) = (json_num(&ours, "plain_ms")?, json_num(&ours, "idle_ms")?, json_num(&ours, "full_ms")?);
+
+    println!("{name} ({}), B={}, S={}, device {}, 2 threads, model file {size_mb:.0} MB", config.display(), o.batch, o.seq, o.device);
+    println!();
+    println!("| load | ms (best of {n}) | ratio | peak RSS growth, MB (best of {n}) | / model file |", n = o.loads);
+    println!("|---|---|---|---|---|");
+    println!("| plain `CModule::load` | {:.0} | 1.00 | {:.0} | {:.2} |", min(&plain_ms), min(&plain_mb), min(&plain_mb) / size_mb);
+    println!("| `HookedModule::load` (instrumented) | {:.0} | {:.2}x plain | {:.0} | {:.2} |", min(&hooked_ms), min(&hooked_ms) / min(&plain_ms), min(&hooked_mb), min(&hooked_mb) / size_mb);
+    println!();
     println!("| run | ms | ratio |");
     println!("|---|---|---|");
     println!("| hookrs: plain TorchScript forward | {plain:.1} | 1.00 |");
     println!("| hookrs: instrumented, no hooks | {idle:.1} | {:.3}x plain |", idle / plain);
-    println!("| hookrs: full extraction | {full:.1} | {:.3}x plain |", full / plain);
-    println!("| easyroutine: eager forward | {eager:.1} | 1.00 |");
-    println!("| easyroutine: full extraction | {er_full:.1} | {:.3}x eager |", er_full / eager);
-    println!("| full extraction, easyroutine / hookrs | | {:.2}x faster |", er_full / full);
+    println!("| hookrs: full extraction ({} entries) | {full:.1} | {:.3}x plain |", json_num(&ours, "keys")?, full / plain);
+    if o.easyroutine {
+        eprintln!("bench models: timing easyroutine (eager plain, full extraction)...");
+        let py = Command::new(python).arg(root.join("xtask/python/bench_models.py")).arg(&config).arg("0").args([&b, &s, &o.device]).output()?;
+        if !py.status.success() {
+            bail!("bench_models.py failed:\n{}", String::from_utf8_lossy(&py.stderr));
+        }
+        let theirs = String::from_utf8(py.stdout)?;
+        let (eager, er_full) = (json_num(&theirs, "eager_plain_ms")?, json_num(&theirs, "easyroutine_full_ms")?);
+        println!("| easyroutine: eager forward | {eager:.1} | 1.00 |");
+        println!("| easyroutine: full extraction ({} entries) | {er_full:.1} | {:.3}x eager |", json_num(&theirs, "easyroutine_keys")?, er_full / eager);
+        println!("| full extraction, easyroutine / hookrs | | {:.2}x faster |", er_full / full);
+    }
     Ok(())
 }

@@ -37,6 +37,24 @@ impl Clone for Slot {
     }
 }
 
+/// A cache whose copies to host memory may still be running: see
+/// [`ActivationCache::to_host_async`].
+#[must_use = "the copies are only complete after wait()"]
+pub struct PendingHostCopy {
+    cache: ActivationCache,
+    devices: Vec<usize>,
+}
+
+impl PendingHostCopy {
+    /// Waits for the copies (one synchronisation per device involved) and returns the host cache.
+    pub fn wait(self) -> ActivationCache {
+        for d in &self.devices {
+            tch::Cuda::synchronize(*d as i64);
+        }
+        self.cache
+    }
+}
+
 /// easyroutine's `ActivationCache`.
 ///
 /// ```
@@ -213,6 +231,42 @@ impl ActivationCache {
     /// `cache.cpu()`.
     pub fn cpu(&mut self) -> Result<()> {
         self.to(Device::Cpu)
+    }
+
+    /// Starts copying every tensor that lives on a GPU into pinned host memory, without
+    /// waiting: the copies are queued behind the work already on the device, so the caller can
+    /// queue the next forward pass while they run. Read the result only through
+    /// [`PendingHostCopy::wait`], which synchronises once for the whole cache. Tensors already
+    /// on the CPU are shared as they are.
+    ///
+    /// ```
+    /// use hook_cache::ActivationCache;
+    /// use tch::{Device, Kind, Tensor};
+    /// let mut c = ActivationCache::new();
+    /// c.insert("resid_out_0", Tensor::ones([1, 2], (Kind::Float, Device::Cpu)));
+    /// let host = c.to_host_async().unwrap().wait();
+    /// assert!(host.tensor("resid_out_0").unwrap().equal(c.tensor("resid_out_0").unwrap()));
+    /// ```
+    pub fn to_host_async(&self) -> Result<PendingHostCopy> {
+        let mut devices = Vec::new();
+        let mut copy_one = |t: &Tensor| -> Result<Tensor> {
+            match t.device() {
+                Device::Cuda(i) => {
+                    if !devices.contains(&i) {
+                        devices.push(i);
+                    }
+                    let host = Tensor::f_empty(t.size(), (t.kind(), Device::Cpu))?.f_pin_memory(t.device())?;
+                    // `_copy_from(src, dst, non_blocking)`: a copy queued on the current stream
+                    Ok(t.f_internal_copy_from(&host, true)?)
+                }
+                _ => Ok(t.shallow_clone()),
+            }
+        };
+        let mut out = self.clone();
+        for slot in out.entries.values_mut() {
+            slot.value = slot.value.map_tensors(&mut copy_one)?;
+        }
+        Ok(PendingHostCopy { cache: out, devices })
     }
 
     /// Drops the slack of aggregation buffers (each aggregated tensor becomes a compact copy).

@@ -32,6 +32,6 @@ pub mod memory;
 pub mod value;
 
 pub use aggregate::Aggregation;
-pub use cache::ActivationCache;
+pub use cache::{ActivationCache, PendingHostCopy};
 pub use error::{CacheError, Result};
 pub use value::CacheValue;

@@ -45,6 +45,10 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Where the cache is gathered: cpu (the default; with --device cuda each batch is copied to
+    /// pinned host memory while the next batch runs) or the model's device (keeps it on the GPU).
+    #[arg(long, value_parser = ["cpu", "model"], default_value = "cpu")]
+    pub cache_device: String,
     /// Process every N-th batch starting at K (K/N), to split a dataset across processes.
     #[arg(long)]
     pub shard: Option<String>,
@@ -102,6 +106,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut n_tokens = 0usize;
     let mut batch_index = Vec::new();
     let mut string_tokens = Vec::new();
+    // GPU runs: batch k's cache is copied to host while batch k+1 runs; waited for after it
+    let to_host = device != tch::Device::Cpu && a.cache_device == "cpu";
+    let mut pending: Option<hook_cache::PendingHostCopy> = None;
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
         let g = match &groups {
@@ -118,8 +125,17 @@ pub fn run(a: Args) -> Result<()> {
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         batch_index.push(serde_json::json!([i, batch.len()]));
         string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));
-        all.cat(cache)?;
+        if to_host {
+            if let Some(previous) = pending.replace(cache.to_host_async()?) {
+                all.cat(previous.wait())?;
+            }
+        } else {
+            all.cat(cache)?;
+        }
         bar.inc(1);
+    }
+    if let Some(last) = pending.take() {
+        all.cat(last.wait())?;
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
