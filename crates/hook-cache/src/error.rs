@@ -84,6 +84,15 @@ pub enum CacheError {
     },
 
     /// libtorch refused an operation.
+    /// A chunk directory that cannot be read, resumed or written.
+    #[error("{}: {reason}", .dir.display())]
+    Chunks {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong, and what would be right.
+        reason: String,
+    },
+
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -182,6 +182,11 @@ impl ActivationCache {
     /// ```
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        write_atomic(path, &self.to_bytes(path)?)
+    }
+
+    /// The bytes [`ActivationCache::save`] writes (`path` only names the file in errors).
+    pub(crate) fn to_bytes(&self, path: &Path) -> Result<Vec<u8>> {
         let mut w = Writer { tensors: Vec::new(), names: HashSet::new() };
         let entries = self.iter().map(|(k, v)| Ok((k.to_string(), w.node(k, k, v)?))).collect::<Result<Vec<_>>>()?;
         let aggregations = self
@@ -198,9 +203,8 @@ impl ActivationCache {
         let manifest = Manifest { format: FORMAT_NAME.into(), version: FORMAT_VERSION, entries, aggregations };
         let meta = HashMap::from([(MANIFEST_KEY.to_string(), serde_json::to_string(&manifest).expect("manifest serialises"))]);
         let views: Vec<(&str, &Bytes)> = w.tensors.iter().map(|(n, b)| (n.as_str(), b)).collect();
-        let bytes = safetensors::tensor::serialize(views, &Some(meta))
-            .map_err(|e| CacheError::Format { path: path.to_path_buf(), reason: format!("serialising failed: {e:?}") })?;
-        write_atomic(path, &bytes)
+        safetensors::tensor::serialize(views, &Some(meta))
+            .map_err(|e| CacheError::Format { path: path.to_path_buf(), reason: format!("serialising failed: {e:?}") })
     }
 
     /// Reads a cache written by [`ActivationCache::save`] (or by `load_cache.py`'s `save_cache`).
@@ -209,10 +213,18 @@ impl ActivationCache {
     /// the tensors, and files of a newer format version are errors that say which.
     pub fn load(path: impl AsRef<Path>) -> Result<ActivationCache> {
         let path = path.as_ref();
+        if path.is_dir() {
+            return crate::chunks::ChunkDir::open(path)?.load_all();
+        }
         let bytes = std::fs::read(path).map_err(|source| CacheError::Io { path: path.to_path_buf(), source })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses the bytes of a cache file (`path` only names the file in errors).
+    pub(crate) fn from_bytes(bytes: &[u8], path: &Path) -> Result<ActivationCache> {
         let bad = |reason: String| CacheError::Format { path: path.to_path_buf(), reason };
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a readable safetensors file ({e:?}); is it truncated or corrupted?")))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("unreadable header ({e:?})")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a readable safetensors file ({e:?}); is it truncated or corrupted?")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("unreadable header ({e:?})")))?;
         let text = meta
             .metadata()
             .as_ref()
@@ -287,7 +299,9 @@ impl Reader<'_, '_> {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`.
+/// Writes `bytes` to a temporary file beside `path`, syncs it, renames it over `path`, and
+/// syncs the folder so the rename itself survives a crash. A failure removes the temporary
+/// file: nothing half-written is left behind, and whatever `path` held before is untouched.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| CacheError::Io { path: path.to_path_buf(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -297,7 +311,11 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all(); // durability of the rename; not every filesystem supports it
+        }
+        Ok(())
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);

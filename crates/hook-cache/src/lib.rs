@@ -11,6 +11,7 @@
 //! | [`aggregate`] | [`Aggregation`]: how batches are joined, amortised tensor concatenation |
 //! | [`memory`] | `memory_size`, `memory_tree` |
 //! | [`io`] | save / load (safetensors + JSON manifest, atomic writes) |
+//! | [`chunks`] | chunk directories: a cache streamed to disk in checksummed chunks, resumable after a crash |
 //! | [`error`] | [`CacheError`] |
 //!
 //! ```
@@ -26,12 +27,14 @@
 
 pub mod aggregate;
 pub mod cache;
+pub mod chunks;
 pub mod error;
 pub mod io;
 pub mod memory;
 pub mod value;
 
 pub use aggregate::Aggregation;
+pub use chunks::{ChunkDir, ChunkEntry, ChunkManifest, ChunkWriter};
 pub use cache::{ActivationCache, PendingHostCopy};
 pub use error::{CacheError, Result};
 pub use value::CacheValue;

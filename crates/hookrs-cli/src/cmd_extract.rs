@@ -21,9 +21,16 @@ pub struct Args {
     /// Prompts: --text "a b" "c d" or --text "a b" --text "c d"; needs the model's tokenizer.
     #[arg(long, num_args = 1..)]
     pub text: Vec<String>,
-    /// A file with one prompt per line, or JSONL with a "text" field.
+    /// A file with one prompt per line, or JSONL whose --column field holds a text or a list of
+    /// token ids (pre-tokenized). Read as a stream, tokenized on its own thread.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// The JSONL field holding each prompt.
+    #[arg(long, default_value = "text")]
+    pub column: String,
+    /// A line of --prompts that cannot be read: stop with its file:line, or skip it.
+    #[arg(long, value_enum, default_value = "stop")]
+    pub on_bad_line: inputs::BadLine,
     /// Token ids as JSON, one list per example: '[[1,5,9],[3,4,2]]' (unequal lengths are left-padded).
     #[arg(long)]
     pub input_ids: Option<String>,
@@ -52,9 +59,67 @@ pub struct Args {
     /// Process every N-th batch starting at K (K/N), to split a dataset across processes.
     #[arg(long)]
     pub shard: Option<String>,
-    /// Where to write the cache (safetensors).
+    /// Where to write the cache: FILE.safetensors (one file, written at the end) or a
+    /// directory (chunks written as they are computed; rerun the same command to resume).
     #[arg(long)]
     pub out: PathBuf,
+    /// Chunk size with a directory --out: N examples, or a size such as 256MiB (the default).
+    #[arg(long, default_value = "256MiB")]
+    pub chunk_size: String,
+    /// With a directory --out that holds another extraction: delete it and start over.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `--chunk-size`: examples, or bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkSize {
+    Examples(u64),
+    Bytes(u64),
+}
+
+pub fn parse_chunk_size(s: &str) -> Result<ChunkSize> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--chunk-size {s:?}: expected a number of examples (e.g. 1000) or a size (e.g. 256MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" => return if n == 0 { bail!("--chunk-size must be at least 1 example") } else { Ok(ChunkSize::Examples(n)) },
+        "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => bail!("--chunk-size {s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"),
+    };
+    let bytes = n.checked_mul(mult).filter(|&b| b > 0).ok_or_else(|| anyhow::anyhow!("--chunk-size {s:?}: must be between 1 byte and 2^64"))?;
+    Ok(ChunkSize::Bytes(bytes))
+}
+
+/// Whether `--out` names one file (today's behaviour) rather than a chunk directory.
+fn is_single_file(out: &std::path::Path) -> bool {
+    out.extension().is_some_and(|e| e == "safetensors") && !out.is_dir()
+}
+
+/// SHA-256 of what identifies a model file cheaply: its size, its description, and its first
+/// and last MiB (a multi-GB archive is not hashed whole on every resume).
+pub fn model_fingerprint(path: &std::path::Path, model: &HookedModule) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = Sha256::new();
+    h.update(len.to_le_bytes());
+    h.update(serde_json::to_vec(&model.description())?);
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    f.read_exact(&mut buf)?;
+    h.update(&buf);
+    f.seek(SeekFrom::End(-(buf.len() as i64)))?;
+    f.read_exact(&mut buf)?;
+    h.update(&buf);
+    Ok(format!("sha256:{:x} ({}, {len} bytes)", h.finalize(), path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
 }
 
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -64,6 +129,21 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
         bail!("--shard {s}: expected 0 <= K < N");
     }
     Ok((k, n))
+}
+
+/// The token groups of one batch: the given ones, or every position (`--tokens all`, which
+/// needs one length per batch).
+pub fn batch_groups(groups: Option<&TokenGroups>, batch: &[&inputs::Example], i: usize) -> Result<TokenGroups> {
+    match groups {
+        Some(g) => Ok(g.clone()),
+        None => {
+            let len = batch[0].ids.len();
+            if batch.iter().any(|e| e.ids.len() != len) {
+                bail!("--tokens all needs the prompts of a batch to have one length (batch {i} mixes lengths); use --batch-size 1 or --token-groups");
+            }
+            Ok(TokenGroups::all(len)?)
+        }
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -81,7 +161,8 @@ pub fn run(a: Args) -> Result<()> {
     };
     let flags: Vec<&str> = a.extract.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
     config = config.with_flags(&flags)?;
-    let examples = inputs::examples(&a.model, &a.text, a.prompts.as_deref(), a.input_ids.as_deref())?;
+    let source = inputs::Source::from_flags(&a.text, a.prompts.as_deref(), a.input_ids.as_deref(), &a.column, a.on_bad_line)?;
+    let chunk_size = parse_chunk_size(&a.chunk_size)?;
     let groups: Option<TokenGroups> = match (&a.token_groups, a.tokens.as_deref()) {
         (Some(j), _) => Some(
             serde_json::from_str(j).map_err(|e| anyhow::anyhow!("--token-groups is not a JSON list of lists of positions: {e} (e.g. '[[0,1],[-1]]')"))?,
@@ -90,6 +171,13 @@ pub fn run(a: Args) -> Result<()> {
         _ => Some(TokenGroups::last()),
     };
     let mut model = HookedModule::load(&a.model, device)?;
+    if !is_single_file(&a.out) {
+        if a.shard.is_some() {
+            bail!("--shard writes one file per shard for now: give --out a .safetensors name (chunk directories are not sharded yet)");
+        }
+        return crate::cmd_extract_chunks::run(&a, &mut model, source, &config, groups.as_ref(), chunk_size, device);
+    }
+    let examples = inputs::examples(&a.model, source)?;
     let batches: Vec<(usize, Vec<&inputs::Example>)> = examples
         .chunks(a.batch_size)
         .enumerate()
@@ -111,16 +199,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut pending: Option<hook_cache::PendingHostCopy> = None;
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
-        let g = match &groups {
-            Some(g) => g.clone(),
-            None => {
-                let len = batch[0].ids.len();
-                if batch.iter().any(|e| e.ids.len() != len) {
-                    bail!("--tokens all needs the prompts of a batch to have one length (batch {i} mixes lengths); use --batch-size 1 or --token-groups");
-                }
-                TokenGroups::all(len)?
-            }
-        };
+        let g = batch_groups(groups.as_ref(), batch, *i)?;
         let (_, cache) = model.run_with_cache(&ids, &mask, &g, &config).with_context(|| format!("batch {i}"))?;
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         batch_index.push(serde_json::json!([i, batch.len()]));
@@ -143,9 +222,7 @@ pub fn run(a: Args) -> Result<()> {
     all.add_metadata(groups.as_ref().map(|g| g.to_string()).unwrap_or_else(|| "all".into()), &model_name, &config, Vec::<String>::new())?;
     all.insert("hookrs_batches", serde_json::json!({"shard": [shard_k, shard_n], "batches": batch_index, "string_tokens": string_tokens}));
     all.shrink_to_fit()?;
-    let tmp = a.out.with_extension("safetensors.partial");
-    all.save(&tmp)?;
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    all.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?; // atomic: no partial file is left
     print!("{}", summary(&all));
     println!(
         "{} prompts, {} tokens in {:.2} s: {:.0} tokens/s -> {}",

@@ -1,4 +1,5 @@
-//! `hookrs merge`: shard caches back into one, in dataset order.
+//! `hookrs merge`: shard caches back into one, in dataset order; or chunk directories, one
+//! after another, into one file.
 //!
 //! Each shard records its batches (`hookrs_batches`: global batch index and size); tensors
 //! whose first axis is the batch are cut back into batches, ordered by global index and joined
@@ -29,7 +30,44 @@ fn slice(v: &CacheValue, offset: i64, n: i64, total: i64) -> Result<CacheValue> 
     })?)
 }
 
+/// Chunk directories, joined in the order given (each is already in dataset order).
+fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let mut merged = ActivationCache::new();
+    let mut meta = None;
+    let mut examples = 0;
+    for p in inputs {
+        let dir = hook_cache::ChunkDir::open(p)?;
+        if !dir.manifest().complete {
+            bail!("{} is incomplete (its extraction did not finish): rerun that extraction to complete it first", p.display());
+        }
+        examples += dir.manifest().examples();
+        for c in dir.iter() {
+            let mut c = c?;
+            c.remove("hookrs_batches");
+            if let Some(m) = c.remove("metadata") {
+                meta.get_or_insert(m);
+            }
+            merged.cat(c)?;
+        }
+    }
+    if let Some(m) = meta {
+        merged.insert("metadata", m);
+    }
+    merged.insert("hookrs_batches", serde_json::json!({"merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "examples": examples}));
+    merged.shrink_to_fit()?;
+    merged.save(out)?;
+    println!("merged {examples} examples from {} chunk directories -> {}", inputs.len(), out.display());
+    Ok(())
+}
+
 pub fn run(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let dirs = inputs.iter().filter(|p| p.is_dir()).count();
+    if dirs == inputs.len() {
+        return merge_dirs(out, inputs);
+    }
+    if dirs > 0 {
+        bail!("merge takes shard files (from --shard K/N) or chunk directories, not both");
+    }
     let mut parts: Vec<(usize, ActivationCache)> = Vec::new();
     let mut total_batches = 0;
     for p in inputs {

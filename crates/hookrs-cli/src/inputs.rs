@@ -46,49 +46,185 @@ pub fn encode(tok: &Tokenizer, text: &str) -> Result<Example> {
     Ok(Example { ids: enc.get_ids().iter().map(|&i| i as i64).collect(), tokens: Some(enc.get_tokens().to_vec()) })
 }
 
-/// Examples from exactly one of the three sources.
-pub fn examples(model: &Path, text: &[String], prompts: Option<&Path>, input_ids: Option<&str>) -> Result<Vec<Example>> {
-    let given = usize::from(!text.is_empty()) + usize::from(prompts.is_some()) + usize::from(input_ids.is_some());
-    if given != 1 {
-        bail!("give exactly one of --text, --prompts or --input-ids (got {given})");
-    }
-    if let Some(json) = input_ids {
-        let ids: Vec<Vec<i64>> = serde_json::from_str(json).map_err(|e| {
-            anyhow::anyhow!("--input-ids is not a JSON list of lists of token ids: {e} (e.g. '[[1,5,9],[3,4]]')")
-        })?;
-        if ids.is_empty() || ids.iter().any(Vec::is_empty) {
-            bail!("--input-ids needs at least one example, each with at least one token");
+/// Where prompts come from: exactly one of `--text`, `--prompts`, `--input-ids`.
+pub enum Source {
+    /// `--input-ids`: token ids, one list per example.
+    Ids(Vec<Vec<i64>>),
+    /// `--text`: prompts given on the command line.
+    Texts(Vec<String>),
+    /// `--prompts FILE`: a text file (one prompt per line) or JSONL, read as a stream.
+    File { path: PathBuf, column: String, on_bad_line: BadLine },
+}
+
+/// What to do with a line of a prompt file that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BadLine {
+    /// Stop with an error naming the file and line (the default).
+    Stop,
+    /// Skip it with a warning.
+    Skip,
+}
+
+impl Source {
+    /// The source named by the flags; exactly one must be given.
+    pub fn from_flags(text: &[String], prompts: Option<&Path>, input_ids: Option<&str>, column: &str, on_bad_line: BadLine) -> Result<Source> {
+        let given = usize::from(!text.is_empty()) + usize::from(prompts.is_some()) + usize::from(input_ids.is_some());
+        if given != 1 {
+            bail!("give exactly one of --text, --prompts or --input-ids (got {given})");
         }
-        return Ok(ids.into_iter().map(|ids| Example { ids, tokens: None }).collect());
-    }
-    if !text.is_empty() {
-        let tok = require_tokenizer(model, "--text")?;
-        return text.iter().map(|t| encode(&tok, t)).collect();
-    }
-    let path = prompts.expect("counted");
-    let tok = require_tokenizer(model, "--prompts")?;
-    let body = std::fs::read_to_string(path).with_context(|| format!("reading --prompts {}", path.display()))?;
-    let mut out = Vec::new();
-    for (n, line) in body.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
+        if let Some(json) = input_ids {
+            let ids: Vec<Vec<i64>> = serde_json::from_str(json).map_err(|e| {
+                anyhow::anyhow!("--input-ids is not a JSON list of lists of token ids: {e} (e.g. '[[1,5,9],[3,4]]')")
+            })?;
+            if ids.is_empty() || ids.iter().any(Vec::is_empty) {
+                bail!("--input-ids needs at least one example, each with at least one token");
+            }
+            return Ok(Source::Ids(ids));
         }
-        let text = if line.starts_with('{') {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: not JSON: {e}", path.display(), n + 1))?;
-            v.get("text")
-                .and_then(|t| t.as_str())
-                .ok_or_else(|| anyhow::anyhow!("{}:{}: a JSONL line needs a string field \"text\"", path.display(), n + 1))?
-                .to_string()
-        } else {
-            line.to_string()
+        if !text.is_empty() {
+            return Ok(Source::Texts(text.to_vec()));
+        }
+        let path = prompts.expect("counted").to_path_buf();
+        if !path.is_file() {
+            bail!("--prompts {}: no such file", path.display());
+        }
+        Ok(Source::File { path, column: column.to_string(), on_bad_line })
+    }
+
+    /// SHA-256 of what the examples are made from (the file's bytes, streamed; the ids; the
+    /// texts): a resumed extraction must read the same input.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        match self {
+            Source::Ids(ids) => h.update(serde_json::to_vec(ids)?),
+            Source::Texts(t) => h.update(serde_json::to_vec(t)?),
+            Source::File { path, column, .. } => {
+                let mut f = std::fs::File::open(path).with_context(|| format!("reading --prompts {}", path.display()))?;
+                std::io::copy(&mut f, &mut h).with_context(|| format!("reading --prompts {}", path.display()))?;
+                h.update(column.as_bytes());
+            }
+        }
+        let what = match self {
+            Source::Ids(ids) => format!("{} examples of --input-ids", ids.len()),
+            Source::Texts(t) => format!("{} --text prompts", t.len()),
+            Source::File { path, column, .. } => format!("{}, column {column}", path.display()),
         };
-        out.push(encode(&tok, &text)?);
+        Ok(format!("sha256:{:x} ({what})", h.finalize()))
     }
-    if out.is_empty() {
-        bail!("{} holds no prompts", path.display());
+
+    /// The examples in dataset order, after the first `skip`, produced by a reader thread that
+    /// reads and tokenizes ahead of the caller (a bounded queue: memory does not grow with the
+    /// file). Errors arrive in the stream, in order.
+    pub fn stream(self, model: &Path, skip: u64) -> Result<std::sync::mpsc::Receiver<Result<Example>>> {
+        let needs_tokenizer = !matches!(self, Source::Ids(_));
+        let tok = if needs_tokenizer {
+            Some(require_tokenizer(model, if matches!(self, Source::Texts(_)) { "--text" } else { "--prompts" })?)
+        } else {
+            None
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Example>>(4096);
+        std::thread::spawn(move || {
+            let send = |e: Result<Example>| tx.send(e).is_ok();
+            match self {
+                Source::Ids(ids) => {
+                    for ids in ids.into_iter().skip(skip as usize) {
+                        if !send(Ok(Example { ids, tokens: None })) {
+                            return;
+                        }
+                    }
+                }
+                Source::Texts(texts) => {
+                    for t in texts.iter().skip(skip as usize) {
+                        if !send(encode(tok.as_ref().expect("tokenizer"), t)) {
+                            return;
+                        }
+                    }
+                }
+                Source::File { path, column, on_bad_line } => {
+                    use std::io::BufRead;
+                    let file = match std::fs::File::open(&path) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            send(Err(anyhow::anyhow!("reading --prompts {}: {e}", path.display())));
+                            return;
+                        }
+                    };
+                    let mut seen = 0u64;
+                    let mut any = false;
+                    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+                        let at = format!("{}:{}", path.display(), n + 1);
+                        let example = line
+                            .map_err(|e| anyhow::anyhow!("{at}: cannot read the line: {e}"))
+                            .and_then(|l| parse_line(l.trim(), &column).map_err(|e| anyhow::anyhow!("{at}: {e}")));
+                        let example = match example {
+                            Ok(None) => continue, // blank line
+                            Ok(Some(x)) => x,
+                            Err(e) if on_bad_line == BadLine::Skip => {
+                                tracing::warn!("skipping {e:#}");
+                                eprintln!("hookrs: warning: skipping {e:#}");
+                                continue;
+                            }
+                            Err(e) => {
+                                send(Err(e.context("use --on-bad-line skip to skip such lines")));
+                                return;
+                            }
+                        };
+                        any = true;
+                        seen += 1;
+                        if seen <= skip {
+                            continue;
+                        }
+                        let made = match example {
+                            Line::Ids(ids) => Ok(Example { ids, tokens: None }),
+                            Line::Text(t) => encode(tok.as_ref().expect("tokenizer"), &t).map_err(|e| anyhow::anyhow!("{at}: {e:#}")),
+                        };
+                        if !send(made) {
+                            return;
+                        }
+                    }
+                    if !any {
+                        send(Err(anyhow::anyhow!("{} holds no prompts", path.display())));
+                    }
+                }
+            }
+        });
+        Ok(rx)
     }
-    Ok(out)
+}
+
+/// One line of a prompt file: a text, or pre-tokenized ids.
+enum Line {
+    Text(String),
+    Ids(Vec<i64>),
+}
+
+/// A JSONL line (an object whose `column` is a string, or a list of token ids) or a plain
+/// text line. `None` for a blank line.
+fn parse_line(line: &str, column: &str) -> Result<Option<Line>> {
+    if line.is_empty() {
+        return Ok(None);
+    }
+    if !line.starts_with('{') {
+        return Ok(Some(Line::Text(line.to_string())));
+    }
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON: {e}"))?;
+    match v.get(column) {
+        Some(serde_json::Value::String(t)) => Ok(Some(Line::Text(t.clone()))),
+        Some(serde_json::Value::Array(a)) => {
+            let ids: Option<Vec<i64>> = a.iter().map(|x| x.as_i64()).collect();
+            match ids {
+                Some(ids) if !ids.is_empty() => Ok(Some(Line::Ids(ids))),
+                _ => bail!("field {column:?} is a list but not a non-empty list of token ids"),
+            }
+        }
+        _ => bail!("a JSONL line needs a field {column:?} holding a string or a list of token ids (set the field with --column)"),
+    }
+}
+
+/// Every example of `source`, in memory (the single-file output path).
+pub fn examples(model: &Path, source: Source) -> Result<Vec<Example>> {
+    source.stream(model, 0)?.into_iter().collect()
 }
 
 /// Left-padded `(ids, mask)` for a batch of examples (pad id 0, mask 0).

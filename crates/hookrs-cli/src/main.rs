@@ -7,6 +7,7 @@ mod heatmap;
 mod inputs;
 mod cmd_devices;
 mod cmd_extract;
+mod cmd_extract_chunks;
 mod cmd_inspect;
 mod cmd_merge;
 mod cmd_patch;
@@ -46,14 +47,15 @@ enum Command {
     Extract(cmd_extract::Args),
     /// Keys, shapes, dtypes, info strings, metadata and memory of a saved cache.
     Inspect {
-        /// A cache written by `hookrs extract` or hook-cache.
+        /// A cache file or chunk directory written by `hookrs extract` or hook-cache.
         cache: PathBuf,
     },
-    /// Merge shard caches (from `extract --shard K/N`) in dataset order.
+    /// Merge shard caches (from `extract --shard K/N`) in dataset order, or chunk directories
+    /// (from `extract --out DIR`) one after another, into one file.
     Merge {
         /// The merged cache to write.
         out: PathBuf,
-        /// The shard caches.
+        /// The shard caches, or chunk directories.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
@@ -61,7 +63,7 @@ enum Command {
     Patch(cmd_patch::Args),
     /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
     Plot {
-        /// The cache.
+        /// The cache file or chunk directory.
         cache: PathBuf,
         /// The key to draw, e.g. pattern_L0H1.
         #[arg(long)]

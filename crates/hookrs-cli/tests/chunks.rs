@@ -1,0 +1,180 @@
+//! `hookrs extract --out DIR`: chunk directories that survive being killed at any moment,
+//! refuse to mix extractions, and never trust a chunk without its checksum.
+
+#[path = "../../hook-torch/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn hookrs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hookrs")).args(args).output().expect("run hookrs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The tiny llama with its tokenizer and `n` prompts of mixed length, in a temp folder.
+fn setup(n: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let model = common::model("llama");
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("llama.pt");
+    std::fs::copy(&model, &m).unwrap();
+    std::fs::copy(model.with_file_name("llama.tokenizer.json"), dir.path().join("llama.tokenizer.json")).unwrap();
+    let words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a", "big", "red", "ball", "and", "then"];
+    let mut x: u64 = 12345;
+    let mut lines = Vec::new();
+    for _ in 0..n {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let len = 2 + (x >> 33) as usize % 20;
+        lines.push((0..len).map(|i| words[(x as usize >> (i % 16)) % words.len()]).collect::<Vec<_>>().join(" "));
+    }
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, lines.join("\n") + "\n").unwrap();
+    (dir, m, prompts)
+}
+
+fn extract_args<'a>(m: &'a Path, prompts: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec!["extract", "--model", s(m), "--prompts", s(prompts), "--extract", "resid_out,attn_pattern", "--batch-size", "4", "--chunk-size", "8", "--out", s(out)]
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn killed_at_any_moment_the_same_command_resumes_to_a_bitwise_identical_result() {
+    let (dir, m, prompts) = setup(200);
+    let reference = dir.path().join("reference");
+    let o = hookrs(&extract_args(&m, &prompts, &reference));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = files(&reference);
+    assert_eq!(want.iter().filter(|(n, _)| n.starts_with("chunk-")).count(), 25);
+
+    let out = dir.path().join("out");
+    // faults injected inside a chunk write, between a chunk's rename and the manifest update,
+    // and inside a manifest update: each run dies by abort, leaving what a SIGKILL leaves
+    for fault in ["chunk-write:2", "chunk-renamed:5", "manifest-write:9"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_hookrs")).args(extract_args(&m, &prompts, &out)).env("HOOKRS_FAULT", fault).output().unwrap();
+        assert!(!o.status.success(), "{fault}: the run should have died");
+    }
+    // SIGKILL at seeded random moments
+    let mut x: u64 = 7;
+    for _ in 0..3 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hookrs")).args(extract_args(&m, &prompts, &out)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(150 + (x >> 33) % 400));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+    }
+    let o = hookrs(&extract_args(&m, &prompts, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(files(&out), want, "the resumed directory differs from the uninterrupted one");
+    // a complete directory is left alone
+    let o = hookrs(&extract_args(&m, &prompts, &out));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("already complete"));
+    // and reads back as one cache equal to a single-file extraction
+    let single = dir.path().join("single.safetensors");
+    let mut args = extract_args(&m, &prompts, &single);
+    args.truncate(args.len() - 4);
+    args.extend(["--out", s(&single)]);
+    assert!(hookrs(&args).status.success());
+    let a = hook_cache::ActivationCache::load(&out).unwrap();
+    let b = hook_cache::ActivationCache::load(&single).unwrap();
+    for (k, v) in b.iter() {
+        if let Some(t) = v.tensor() {
+            assert!(t.equal(a.tensor(k).unwrap()), "{k}");
+        }
+    }
+    let merged = dir.path().join("merged.safetensors");
+    let o = hookrs(&["merge", s(&merged), s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(hook_cache::ActivationCache::load(&merged).unwrap().tensor("resid_out_1").unwrap().equal(b.tensor("resid_out_1").unwrap()));
+}
+
+#[test]
+fn another_model_config_or_input_is_refused_and_overwrite_starts_over() {
+    let (dir, m, prompts) = setup(20);
+    let out = dir.path().join("out");
+    assert!(hookrs(&extract_args(&m, &prompts, &out)).status.success());
+    let mut other = extract_args(&m, &prompts, &out);
+    other[6] = "resid_in";
+    let o = hookrs(&other);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("extract_resid_in: none there, true now"), "{}", stderr(&o));
+    let prompts2 = dir.path().join("other.txt");
+    std::fs::write(&prompts2, "the cat\nthe dog\n").unwrap();
+    let o = hookrs(&extract_args(&m, &prompts2, &out));
+    assert!(stderr(&o).contains("another input"), "{}", stderr(&o));
+    other.push("--overwrite");
+    let o = hookrs(&other);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(hook_cache::ActivationCache::load(&out).unwrap().get("resid_in_0").is_some());
+}
+
+#[test]
+fn corrupted_truncated_or_edited_chunks_are_never_trusted() {
+    let (dir, m, prompts) = setup(20);
+    let out = dir.path().join("out");
+    assert!(hookrs(&extract_args(&m, &prompts, &out)).status.success());
+    let chunk = out.join("chunk-000001.safetensors");
+    let good = std::fs::read(&chunk).unwrap();
+    let mut bad = good.clone();
+    let i = bad.len() - 10;
+    bad[i] ^= 0xff;
+    std::fs::write(&chunk, &bad).unwrap();
+    let o = hookrs(&["inspect", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("chunk-000001.safetensors does not match its SHA-256"), "{}", stderr(&o));
+    // resuming over it is refused too
+    let o = hookrs(&extract_args(&m, &prompts, &out));
+    assert!(stderr(&o).contains("SHA-256"), "{}", stderr(&o));
+    std::fs::write(&chunk, &good[..good.len() / 2]).unwrap();
+    let o = hookrs(&["inspect", s(&out)]);
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    std::fs::write(&chunk, &good).unwrap();
+    let manifest = out.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replacen("\"first_example\": 8", "\"first_example\": 9", 1)).unwrap();
+    let o = hookrs(&["inspect", s(&out)]);
+    assert!(stderr(&o).contains("chunk 1 covers examples 9..17, expected a non-empty range starting at 8"), "{}", stderr(&o));
+    std::fs::write(&manifest, "{not json").unwrap();
+    let o = hookrs(&["inspect", s(&out)]);
+    assert!(stderr(&o).contains("not valid JSON"), "{}", stderr(&o));
+    // a directory with other files and no manifest is not touched
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let o = hookrs(&extract_args(&m, &prompts, &foreign));
+    assert!(stderr(&o).contains("is not empty and has no manifest.json"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(foreign.join("notes.txt")).unwrap(), "mine");
+}
+
+#[test]
+fn bad_prompt_lines_name_file_and_line_and_can_be_skipped() {
+    let (dir, m, _) = setup(1);
+    let p = dir.path().join("p.jsonl");
+    std::fs::write(&p, "{\"text\": \"the cat\"}\n{\"text\": 5}\n{\"ids\": [3, 4]}\n{\"text\": \"a dog\"}\n").unwrap();
+    let out = dir.path().join("out");
+    let o = hookrs(&["extract", "--model", s(&m), "--prompts", s(&p), "--extract", "resid_out", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&format!("{}:2:", p.display())), "{}", stderr(&o));
+    let o = hookrs(&["extract", "--model", s(&m), "--prompts", s(&p), "--extract", "resid_out", "--on-bad-line", "skip", "--overwrite", "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(hook_cache::ActivationCache::load(&out).unwrap().tensor("resid_out_0").unwrap().size()[0], 2);
+    // pre-tokenized: a column of id lists
+    let p = dir.path().join("ids.jsonl");
+    std::fs::write(&p, "{\"ids\": [3, 4, 5]}\n{\"ids\": [7]}\n").unwrap();
+    let out = dir.path().join("ids");
+    let o = hookrs(&["extract", "--model", s(&m), "--prompts", s(&p), "--column", "ids", "--extract", "resid_out", "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
