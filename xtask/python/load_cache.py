@@ -9,6 +9,15 @@ manifest of the structure (see crates/hook-cache/src/io.rs):
     er = load_cache("cache.safetensors", easyroutine=True)  # an easyroutine ActivationCache (needs easyroutine)
 
 save_cache(dict, path) writes the same format (infos: pass InfoValue(value, info)).
+
+A chunk directory (`hookrs extract --out DIR`) opens lazily, so a cache larger than memory
+opens on a laptop: nothing is read until a key is asked for; then each chunk is checked
+against the SHA-256 in manifest.json once, memory-mapped with safe_open, and the key's
+tensors of all chunks are joined along the batch axis:
+
+    cache = load_cache("out/")          # a ChunkedCache: cache["resid_out_3"], cache.keys(), len(cache)
+    for chunk in cache.chunks():         # one chunk at a time, as plain dicts
+        ...
 """
 import json
 import os
@@ -49,7 +58,114 @@ def _build(node, tensors, info, er_wrap):
     raise ValueError(f"unknown manifest node {kind!r}")
 
 
+CHUNKS_FORMAT = "hookrs-chunks"
+CHUNKS_VERSION = 1
+
+
+class ChunkedCache:
+    """A chunk directory opened lazily (see the module docstring). Read-only mapping."""
+
+    def __init__(self, path):
+        import hashlib
+        self._hashlib = hashlib
+        self.path = path
+        mpath = os.path.join(path, "manifest.json")
+        try:
+            with open(mpath) as f:
+                self.manifest = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{path} has no manifest.json: it is not a chunk directory written by hookrs extract --out DIR") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{mpath} is not valid JSON ({e}): was it edited by hand?") from None
+        if self.manifest.get("format") != CHUNKS_FORMAT:
+            raise ValueError(f"{mpath} has format {self.manifest.get('format')!r}, expected {CHUNKS_FORMAT!r}")
+        if self.manifest.get("version", 0) > CHUNKS_VERSION:
+            raise ValueError(f"{path} has chunk format version {self.manifest['version']}; this reader knows {CHUNKS_VERSION}")
+        self._verified = set()
+        self._keys = None
+
+    def _chunk_path(self, i):
+        c = self.manifest["chunks"][i]
+        p = os.path.join(self.path, c["file"])
+        if i not in self._verified:
+            h = self._hashlib.sha256()
+            n = 0
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+                    n += len(block)
+            if n != c["bytes"]:
+                raise ValueError(f"{p} has {n} bytes, the manifest says {c['bytes']}: it is truncated or was replaced")
+            if h.hexdigest() != c["sha256"]:
+                raise ValueError(f"{p} does not match its SHA-256 in the manifest: it is corrupted")
+            self._verified.add(i)
+        return p
+
+    def __len__(self):
+        return len(self.keys())
+
+    def keys(self):
+        if self._keys is None:
+            if not self.manifest["chunks"]:
+                self._keys = []
+            else:
+                with safe_open(self._chunk_path(0), "pt") as f:
+                    m = json.loads(f.metadata()[MANIFEST_KEY])
+                self._keys = [k for k, _ in m["entries"] if k != "hookrs_batches"]
+        return list(self._keys)
+
+    def __contains__(self, key):
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def items(self):
+        return ((k, self[k]) for k in self.keys())
+
+    @property
+    def examples(self):
+        return sum(c["examples"] for c in self.manifest["chunks"])
+
+    def chunks(self):
+        """Each chunk as a plain dict (load_cache of its file), in dataset order."""
+        for i in range(len(self.manifest["chunks"])):
+            yield load_cache(self._chunk_path(i))
+
+    def __getitem__(self, key):
+        if key not in self.keys():
+            raise KeyError(key)
+        parts = []
+        for i in range(len(self.manifest["chunks"])):
+            with safe_open(self._chunk_path(i), "pt") as f:
+                m = json.loads(f.metadata()[MANIFEST_KEY])
+                node = dict(m["entries"])[key]
+                names = []
+                _tensor_names(node, names)
+                tensors = {n: f.get_tensor(n) for n in names}
+            parts.append(_build(node, tensors, False, None))
+            if not isinstance(parts[0], torch.Tensor):
+                return parts[0]  # plain data (mapping_index, metadata): the first chunk's
+        return torch.cat(parts, 0)
+
+
+def _tensor_names(node, out):
+    (kind, body), = node.items()
+    if kind == "tensor":
+        out.append(body["name"])
+    elif kind in ("list", "tuple"):
+        for x in body:
+            _tensor_names(x, out)
+    elif kind == "map":
+        for _, x in body:
+            _tensor_names(x, out)
+    elif kind == "info":
+        _tensor_names(body["value"], out)
+
+
 def load_cache(path, info=False, easyroutine=False):
+    if os.path.isdir(path):
+        return ChunkedCache(path)
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
         if MANIFEST_KEY not in meta:

@@ -95,6 +95,14 @@ fn killed_at_any_moment_the_same_command_resumes_to_a_bitwise_identical_result()
             assert!(t.equal(a.tensor(k).unwrap()), "{k}");
         }
     }
+    // Python opens the directory lazily and gets the same tensors
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../xtask/python");
+    let script = "import sys, torch; sys.path.insert(0, sys.argv[1]); from load_cache import load_cache\n\
+c = load_cache(sys.argv[2]); s = load_cache(sys.argv[3])\n\
+assert c.examples == 200 and 'resid_out_1' in c\n\
+assert all(torch.equal(c[k], s[k]) for k in s if isinstance(s[k], torch.Tensor)), 'python differs'\n";
+    let o = Command::new(common::python()).args(["-c", script]).arg(&root).arg(&out).arg(&single).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     let merged = dir.path().join("merged.safetensors");
     let o = hookrs(&["merge", s(&merged), s(&out)]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -29,6 +29,11 @@ pub fn model(family: &str) -> PathBuf {
     path
 }
 
+/// The project venv's Python (`HOOKRS_PYTHON_VENV` overrides it).
+pub fn python() -> PathBuf {
+    std::env::var("HOOKRS_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|_| venv_python())
+}
+
 fn venv_python() -> PathBuf {
     let base = std::env::var_os("HOOKRS_HOME")
         .map(PathBuf::from)
