@@ -59,7 +59,7 @@ pub fn run(
         ("input".to_string(), source.fingerprint()?),
         ("extraction".to_string(), config_fingerprint(a, config, groups)?),
     ]);
-    let mut w = ChunkWriter::open(&a.out, fingerprints, a.overwrite)?;
+    let w = ChunkWriter::open(&a.out, fingerprints, a.overwrite)?;
     let done = w.examples_done();
     if w.manifest().complete && done > 0 {
         println!("{} is already complete: {} examples in {} chunks (--overwrite starts over)", a.out.display(), done, w.manifest().chunks.len());
@@ -69,7 +69,7 @@ pub fn run(
         eprintln!("hookrs: resuming {} after {} examples in {} complete chunks", a.out.display(), done, w.manifest().chunks.len());
     }
     let batch_size = a.batch_size as u64;
-    let mut per_chunk: Option<u64> = match chunk_size {
+    let per_chunk: Option<u64> = match chunk_size {
         ChunkSize::Examples(n) => Some(n),
         ChunkSize::Bytes(_) => w.setting("examples_per_chunk").and_then(|v| v.as_u64()),
     };
@@ -80,11 +80,15 @@ pub fn run(
     let started = Instant::now();
     let (mut n_tokens, mut n_examples) = (0usize, 0u64);
     let mut next = done; // dataset index of the next example
-    let mut pending = Pending::new();
+    let mut state = State { w, pending: Pending::new(), per_chunk, chunk_size, batch_size, groups, model_name, config };
+    // GPU runs: batch k's copy to host runs while batch k+1 is queued; waited for after that
+    let to_host = device != Device::Cpu && a.cache_device == "cpu";
+    let mut in_flight: Option<(hook_cache::PendingHostCopy, BatchRecord)> = None;
     let mut stream = rx.into_iter();
     loop {
         // the next batch, cut at the chunk boundary
-        let room = per_chunk.map(|n| n - pending.examples).unwrap_or(batch_size).min(batch_size);
+        let counted = state.pending.examples + in_flight.as_ref().map_or(0, |f| f.1.examples);
+        let room = state.per_chunk.map(|n| n - counted).unwrap_or(batch_size).min(batch_size);
         let mut batch: Vec<Example> = Vec::with_capacity(room as usize);
         for e in stream.by_ref() {
             batch.push(e?);
@@ -99,28 +103,26 @@ pub fn run(
         let (ids, mask) = inputs::pad(&refs, device);
         let g = batch_groups(groups, &refs, (next / batch_size) as usize)?;
         let (_, cache) = model.run_with_cache(&ids, &mask, &g, config).with_context(|| format!("examples {next}..{}", next + batch.len() as u64))?;
-        let cache = if device != Device::Cpu && a.cache_device == "cpu" { cache.to_host_async()?.wait() } else { cache };
-        pending.cache.cat(cache)?;
-        pending.batches.push(serde_json::json!([next, batch.len()]));
-        pending.string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));
-        pending.examples += batch.len() as u64;
+        let record = BatchRecord { first: next, examples: batch.len() as u64, string_tokens: batch.iter().map(|e| serde_json::json!(e.tokens)).collect() };
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         n_examples += batch.len() as u64;
         next += batch.len() as u64;
         bar.inc(batch.len() as u64);
-        if per_chunk.is_none() {
-            // bytes: fix the examples per chunk from the first batch, a multiple of the batch size
-            let ChunkSize::Bytes(budget) = chunk_size else { unreachable!("examples are known") };
-            let per_example = (pending.cache.iter().map(|(_, v)| v.nbytes()).sum::<u64>() / pending.examples).max(1);
-            let n = ((budget / per_example) / batch_size).max(1) * batch_size;
-            per_chunk = Some(n);
-            w.set_setting("examples_per_chunk", serde_json::json!(n));
+        if to_host && state.per_chunk.is_some() {
+            if let Some((copy, rec)) = in_flight.replace((cache.to_host_async()?, record)) {
+                state.absorb(copy.wait(), rec)?;
+            }
+        } else if to_host {
+            state.absorb(cache.to_host_async()?.wait(), record)?; // the first batch fixes the chunk size
+        } else {
+            state.absorb(cache, record)?;
         }
-        if Some(pending.examples) == per_chunk {
-            flush(&mut w, std::mem::replace(&mut pending, Pending::new()), groups, &model_name, config)?;
-            bar.set_message(format!("{} chunks", w.manifest().chunks.len()));
-        }
+        bar.set_message(format!("{} chunks", state.w.manifest().chunks.len()));
     }
+    if let Some((copy, rec)) = in_flight.take() {
+        state.absorb(copy.wait(), rec)?;
+    }
+    let State { mut w, pending, model_name, .. } = state;
     if pending.examples > 0 {
         flush(&mut w, pending, groups, &model_name, config)?;
     }
@@ -141,6 +143,48 @@ pub fn run(
         w.manifest().chunks.len()
     );
     Ok(())
+}
+
+/// One batch's bookkeeping.
+struct BatchRecord {
+    first: u64,
+    examples: u64,
+    string_tokens: Vec<serde_json::Value>,
+}
+
+/// The chunk being filled and where it goes.
+struct State<'a> {
+    w: ChunkWriter,
+    pending: Pending,
+    per_chunk: Option<u64>,
+    chunk_size: ChunkSize,
+    batch_size: u64,
+    groups: Option<&'a TokenGroups>,
+    model_name: String,
+    config: &'a ExtractionConfig,
+}
+
+impl State<'_> {
+    /// Adds a batch's (host) cache to the chunk; writes the chunk when it is full.
+    fn absorb(&mut self, cache: ActivationCache, r: BatchRecord) -> Result<()> {
+        let p = &mut self.pending;
+        p.cache.cat(cache)?;
+        p.batches.push(serde_json::json!([r.first, r.examples]));
+        p.string_tokens.extend(r.string_tokens);
+        p.examples += r.examples;
+        if self.per_chunk.is_none() {
+            // bytes: fix the examples per chunk from the first batch, a multiple of the batch size
+            let ChunkSize::Bytes(budget) = self.chunk_size else { unreachable!("examples are known") };
+            let per_example = (p.cache.iter().map(|(_, v)| v.nbytes()).sum::<u64>() / p.examples).max(1);
+            let n = ((budget / per_example) / self.batch_size).max(1) * self.batch_size;
+            self.per_chunk = Some(n);
+            self.w.set_setting("examples_per_chunk", serde_json::json!(n));
+        }
+        if Some(self.pending.examples) == self.per_chunk {
+            flush(&mut self.w, std::mem::replace(&mut self.pending, Pending::new()), self.groups, &self.model_name, self.config)?;
+        }
+        Ok(())
+    }
 }
 
 fn flush(w: &mut ChunkWriter, mut p: Pending, groups: Option<&TokenGroups>, model_name: &str, config: &ExtractionConfig) -> Result<()> {
