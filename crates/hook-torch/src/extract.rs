@@ -222,6 +222,11 @@ pub struct RunOptions<'a> {
     pub vocabulary_index: Option<i64>,
     /// Interventions applied during the extraction.
     pub interventions: &'a [crate::intervention::Intervention],
+    /// Stop the forward pass as soon as every hooked site (extraction, interventions, stored
+    /// hooks) has fired, instead of running the rest of the model and the LM head. Needs
+    /// `save_logits` and `keep_gradient` off (they need the end of the forward); the returned
+    /// logits are then an empty tensor (shape `[0]`).
+    pub stop_early: bool,
 }
 
 fn store(cache: &SharedCache, entries: Vec<Keyed>) {
@@ -299,7 +304,12 @@ impl HookedModule {
         config: &ExtractionConfig,
         options: RunOptions<'_>,
     ) -> Result<(Tensor, ActivationCache)> {
-        let RunOptions { average, vocabulary_index, interventions } = options;
+        let RunOptions { average, vocabulary_index, interventions, stop_early } = options;
+        if stop_early && (config.save_logits || config.keep_gradient) {
+            return Err(TorchError::Input(
+                "stop_early needs save_logits and keep_gradient off: the logits (and their gradient) come from the end of the forward pass".into(),
+            ));
+        }
         if config.keep_gradient && (!config.extract_embed || vocabulary_index.is_none()) {
             return Err(TorchError::Input(
                 "keep_gradient needs extract_embed and a vocabulary index (RunOptions::vocabulary_index): the gradient of that logit at the last position w.r.t. the input embeddings is stored as input_embeddings_gradients".into(),
@@ -508,7 +518,8 @@ impl HookedModule {
         let logits = if config.keep_gradient {
             self.run_checked(ids.shallow_clone(), mask.shallow_clone(), hooks)?
         } else {
-            tch::no_grad(|| self.run_checked(ids.shallow_clone(), mask.shallow_clone(), hooks))?
+            tch::no_grad(|| self.run_checked_until(ids.shallow_clone(), mask.shallow_clone(), hooks, stop_early))?
+                .unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, ids.device())))
         };
         if config.keep_gradient {
             let leaf = embed_leaf.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| TorchError::Hook {

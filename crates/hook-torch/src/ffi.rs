@@ -15,6 +15,7 @@ extern "C" {
     pub fn hookrs_set_callback(cb: Callback);
     pub fn hookrs_set_armed(table: *const u8, len: i64, prev: *mut *const u8, prev_len: *mut i64);
     pub fn hookrs_free(p: *mut c_void);
+    pub fn hookrs_point_calls() -> u64;
     pub fn hookrs_load(
         path: *const c_char,
         device: *const c_char,

@@ -72,6 +72,19 @@ fn install_callback() {
     ONCE.call_once(|| unsafe { ffi::hookrs_set_callback(callback) });
 }
 
+/// How many hook sites (armed or idle) have run on this thread since it started: a
+/// diagnostic that shows how much of a forward ran (e.g. with `RunOptions::stop_early`).
+///
+/// ```no_run
+/// let before = hook_torch::module::site_calls_on_this_thread();
+/// // ... a forward pass ...
+/// let ran = hook_torch::module::site_calls_on_this_thread() - before;
+/// ```
+pub fn site_calls_on_this_thread() -> u64 {
+    // SAFETY: reads a thread-local counter.
+    unsafe { ffi::hookrs_point_calls() }
+}
+
 /// Refuses a device this process cannot use, saying why.
 fn check_device(device: Device) -> Result<()> {
     if let Device::Cuda(n) = device {
@@ -300,6 +313,14 @@ impl HookedModule {
     /// [`HookedModule::run_with_hooks`] on inputs that [`HookedModule::check_inputs`] returned
     /// (callers that checked them already do not pay for the checks twice).
     pub(crate) fn run_checked(&mut self, ids: Tensor, mask: Tensor, scoped: Vec<(String, BoxedHook)>) -> Result<Tensor> {
+        Ok(self.run_checked_until(ids, mask, scoped, false)?.expect("runs to the end"))
+    }
+
+    /// [`HookedModule::run_checked`] that, with `stop_when_done`, stops the forward pass as
+    /// soon as every site with a hook has fired once: the TorchScript forward unwinds (the op
+    /// throws), nothing after the last hooked site runs, and `None` comes back instead of the
+    /// logits. The module stays usable.
+    pub(crate) fn run_checked_until(&mut self, ids: Tensor, mask: Tensor, scoped: Vec<(String, BoxedHook)>, stop_when_done: bool) -> Result<Option<Tensor>> {
         let scoped = scoped.into_iter().map(|(c, h)| Ok((self.site_index(&c)?, h))).collect::<Result<Vec<_>>>()?;
         let mut scoped_by_site: Vec<Vec<BoxedHook>> = (0..self.sites.len()).map(|_| Vec::new()).collect();
         for (i, h) in scoped {
@@ -314,6 +335,10 @@ impl HookedModule {
             }
         }
         let any_hooks = armed.iter().any(|&a| a != 0);
+        // early stop: the hooked sites that have not fired yet
+        let mut waiting = if stop_when_done { armed.iter().filter(|&&a| a != 0).count() } else { usize::MAX };
+        let mut fired = vec![false; armed.len()];
+        let mut stopped = false;
         let HookedModule { module, sites, hooks, id_to_index, .. } = self;
         let mut error: Option<TorchError> = None;
         let mut call_index = 0usize;
@@ -370,6 +395,13 @@ impl HookedModule {
                     }
                 }
             }
+            if stop_when_done && !std::mem::replace(&mut fired[site_id], true) {
+                waiting -= 1;
+                if waiting == 0 {
+                    stopped = true;
+                    return Err(()); // the op throws; the forward unwinds
+                }
+            }
             Ok(changed.then_some(current))
         };
         // Without hooks the dispatcher is not installed, so every site returns at once.
@@ -396,7 +428,10 @@ impl HookedModule {
         if let Some(e) = error {
             return Err(e);
         }
-        out
+        if stopped {
+            return Ok(None);
+        }
+        out.map(Some)
     }
 }
 

@@ -122,3 +122,35 @@ fn running_average_of_patterns_over_batches() {
     let want = (&singles[0] + &singles[1]) / 2.0;
     assert!(avg.entries()["avg_pattern_L1H2"].allclose(&want, 1e-6, 1e-6, false));
 }
+
+#[test]
+fn stop_early_runs_only_up_to_the_last_hooked_site_and_gives_the_same_values() {
+    use hook_torch::module::site_calls_on_this_thread;
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let (ids, mask) = common::inputs();
+    let g: hook_core::TokenGroups = "[(-1,)]".parse().unwrap();
+    let cfg = hook_torch::ExtractionConfig { save_logits: false, ..Default::default() };
+    let cfg = hook_torch::ExtractionConfig { attn_heads: hook_torch::AttnHeads::List(vec![hook_torch::LayerHead { layer: 0, head: 1 }]), ..cfg }
+        .with_flags(&["resid_in", "attn_pattern"])
+        .unwrap();
+    let before = site_calls_on_this_thread();
+    let (logits, full) = m.run_with_cache(&ids, &mask, &g, &cfg).unwrap();
+    let full_calls = site_calls_on_this_thread() - before;
+    let before = site_calls_on_this_thread();
+    let opts = hook_torch::RunOptions { stop_early: true, ..Default::default() };
+    let (none, early) = m.run_with_cache_options(&ids, &mask, &g, &cfg, opts).unwrap();
+    let early_calls = site_calls_on_this_thread() - before;
+    assert_eq!(none.numel(), 0);
+    assert!(early.same_as(&full), "stopping early changed the values");
+    // resid_in of layer 1 is the last requested site: layer 1's inside, the final norm and the
+    // LM head never ran
+    assert!(early_calls < full_calls, "{early_calls} sites ran with stop_early, {full_calls} without");
+    // the module is usable, with the same results
+    assert!(m.forward(&ids, &mask).unwrap().equal(&logits));
+    let (_, again) = m.run_with_cache(&ids, &mask, &g, &cfg).unwrap();
+    assert!(again.same_as(&full));
+    // logits need the end of the forward
+    let with_logits = hook_torch::ExtractionConfig { save_logits: true, ..cfg.clone() };
+    let opts = hook_torch::RunOptions { stop_early: true, ..Default::default() };
+    assert!(m.run_with_cache_options(&ids, &mask, &g, &with_logits, opts).unwrap_err().to_string().contains("stop_early needs save_logits"));
+}

@@ -146,21 +146,33 @@ pub fn batch_groups(groups: Option<&TokenGroups>, batch: &[&inputs::Example], i:
     }
 }
 
+/// One batch through `run_with_cache`, stopping the forward early when the logits are not
+/// needed (nothing after the last requested site runs).
+pub fn run_batch(model: &mut HookedModule, ids: &tch::Tensor, mask: &tch::Tensor, g: &TokenGroups, config: &ExtractionConfig) -> Result<(tch::Tensor, hook_cache::ActivationCache)> {
+    let stop_early = !config.save_logits && !config.keep_gradient;
+    Ok(model.run_with_cache_options(ids, mask, g, config, hook_torch::RunOptions { stop_early, ..Default::default() })?)
+}
+
 pub fn run(a: Args) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     let device = inputs::device(&a.device)?;
     let (shard_k, shard_n) = a.shard.as_deref().map(parse_shard).transpose()?.unwrap_or((0, 1));
-    let mut config: ExtractionConfig = match &a.config {
+    // Logits are saved only when asked for (`--extract logits`, or "save_logits": true in
+    // --config): without them the forward stops after the last requested site.
+    let (mut config, logits_asked): (ExtractionConfig, bool) = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading --config {}", p.display()))?;
-            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", p.display()))?
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", p.display()))?;
+            let asked = v.get("save_logits") == Some(&serde_json::Value::Bool(true));
+            (serde_json::from_value(v).map_err(|e| anyhow::anyhow!("--config {}: {e}", p.display()))?, asked)
         }
-        None => ExtractionConfig::default(),
+        None => (ExtractionConfig::default(), false),
     };
     let flags: Vec<&str> = a.extract.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
-    config = config.with_flags(&flags)?;
+    let logits_asked = logits_asked || flags.iter().any(|f| *f == "logits" || *f == "save_logits");
+    config = ExtractionConfig { save_logits: logits_asked, ..config }.with_flags(&flags)?;
     let source = inputs::Source::from_flags(&a.text, a.prompts.as_deref(), a.input_ids.as_deref(), &a.column, a.on_bad_line)?;
     let chunk_size = parse_chunk_size(&a.chunk_size)?;
     let groups: Option<TokenGroups> = match (&a.token_groups, a.tokens.as_deref()) {
@@ -200,7 +212,7 @@ pub fn run(a: Args) -> Result<()> {
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
         let g = batch_groups(groups.as_ref(), batch, *i)?;
-        let (_, cache) = model.run_with_cache(&ids, &mask, &g, &config).with_context(|| format!("batch {i}"))?;
+        let (_, cache) = run_batch(&mut model, &ids, &mask, &g, &config).with_context(|| format!("batch {i}"))?;
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         batch_index.push(serde_json::json!([i, batch.len()]));
         string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));

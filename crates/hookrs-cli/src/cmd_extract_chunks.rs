@@ -102,7 +102,7 @@ pub fn run(
         let refs: Vec<&Example> = batch.iter().collect();
         let (ids, mask) = inputs::pad(&refs, device);
         let g = batch_groups(groups, &refs, (next / batch_size) as usize)?;
-        let (_, cache) = model.run_with_cache(&ids, &mask, &g, config).with_context(|| format!("examples {next}..{}", next + batch.len() as u64))?;
+        let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config).with_context(|| format!("examples {next}..{}", next + batch.len() as u64))?;
         let record = BatchRecord { first: next, examples: batch.len() as u64, string_tokens: batch.iter().map(|e| serde_json::json!(e.tokens)).collect() };
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         n_examples += batch.len() as u64;

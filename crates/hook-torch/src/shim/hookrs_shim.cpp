@@ -32,8 +32,11 @@ std::atomic<Callback> g_callback{nullptr};
 // never crosses into Rust. Rust sets the table for the duration of one forward.
 thread_local const uint8_t* t_armed = nullptr;
 thread_local int64_t t_armed_len = 0;
+// How many sites ran on this thread (armed or idle): diagnostics and tests.
+thread_local uint64_t t_point_calls = 0;
 
 at::Tensor point_impl(const at::Tensor& x, int64_t site) {
+  ++t_point_calls;
   if (site < 0 || site >= t_armed_len || t_armed[site] == 0) {
     return x;
   }
@@ -354,6 +357,8 @@ void hookrs_set_armed(const uint8_t* table, int64_t len, const uint8_t** prev, i
 }
 
 void hookrs_free(void* p) { std::free(p); }
+
+uint64_t hookrs_point_calls() { return t_point_calls; }
 
 // Loads `path` with its tensors on `device` (c10 device string: "cpu", "cuda:0"), points
 // the graphs' device constants at `constants_device` (normally the same device), puts the
