@@ -46,9 +46,17 @@ pub struct Args {
     /// Shorthand for the token groups: last (the default) or all.
     #[arg(long, value_parser = ["last", "all"])]
     pub tokens: Option<String>,
-    /// Prompts per forward pass.
+    /// Prompts per forward pass (at most, with --max-batch-tokens).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// With a directory --out: cut batches at this many padded tokens (examples x the longest)
+    /// instead of at --batch-size examples.
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// With a directory --out: batch prompts in file order instead of grouping them by length
+    /// (the output is in dataset order either way).
+    #[arg(long)]
+    pub no_sort: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -78,49 +78,59 @@ pub fn run(
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {pos} examples, {per_sec}, {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
     let started = Instant::now();
-    let (mut n_tokens, mut n_examples) = (0usize, 0u64);
+    let (mut n_tokens, mut n_examples, mut n_computed) = (0usize, 0u64, 0usize);
     let mut next = done; // dataset index of the next example
-    let mut state = State { w, pending: Pending::new(), per_chunk, chunk_size, batch_size, groups, model_name, config };
-    // GPU runs: batch k's copy to host runs while batch k+1 is queued; waited for after that
+    let mut state = State { w, pending: Pending::new(), per_chunk, chunk_size, groups, model_name, config };
+    // GPU runs: each batch's copy to host is queued behind it and waited for once per window
     let to_host = device != Device::Cpu && a.cache_device == "cpu";
-    let mut in_flight: Option<(hook_cache::PendingHostCopy, BatchRecord)> = None;
     let mut stream = rx.into_iter();
     loop {
-        // the next batch, cut at the chunk boundary
-        let counted = state.pending.examples + in_flight.as_ref().map_or(0, |f| f.1.examples);
-        let room = state.per_chunk.map(|n| n - counted).unwrap_or(batch_size).min(batch_size);
-        let mut batch: Vec<Example> = Vec::with_capacity(room as usize);
+        // the next window: the rest of the current chunk (the first batch alone while a byte
+        // budget has not been turned into examples yet)
+        let room = state.per_chunk.map(|n| n - state.pending.examples).unwrap_or(batch_size);
+        let mut window: Vec<Example> = Vec::with_capacity(room.min(1 << 16) as usize);
         for e in stream.by_ref() {
-            batch.push(e?);
-            if batch.len() as u64 == room {
+            window.push(e?);
+            if window.len() as u64 == room {
                 break;
             }
         }
-        if batch.is_empty() {
+        if window.is_empty() {
             break;
         }
-        let refs: Vec<&Example> = batch.iter().collect();
-        let (ids, mask) = inputs::pad(&refs, device);
-        let g = batch_groups(groups, &refs, (next / batch_size) as usize)?;
-        let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config).with_context(|| format!("examples {next}..{}", next + batch.len() as u64))?;
-        let record = BatchRecord { first: next, examples: batch.len() as u64, string_tokens: batch.iter().map(|e| serde_json::json!(e.tokens)).collect() };
-        n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
-        n_examples += batch.len() as u64;
-        next += batch.len() as u64;
-        bar.inc(batch.len() as u64);
-        if to_host && state.per_chunk.is_some() {
-            if let Some((copy, rec)) = in_flight.replace((cache.to_host_async()?, record)) {
-                state.absorb(copy.wait(), rec)?;
-            }
-        } else if to_host {
-            state.absorb(cache.to_host_async()?.wait(), record)?; // the first batch fixes the chunk size
-        } else {
-            state.absorb(cache, record)?;
+        let lengths: Vec<usize> = window.iter().map(|e| e.ids.len()).collect();
+        let plan = plan_batches(&lengths, a.batch_size, a.max_batch_tokens, !a.no_sort);
+        let mut parts = Vec::with_capacity(plan.len());
+        for idxs in &plan {
+            let refs: Vec<&Example> = idxs.iter().map(|&i| &window[i]).collect();
+            let (ids, mask) = inputs::pad(&refs, device);
+            n_computed += refs.len() * ids.size()[1] as usize;
+            let first = next + idxs[0] as u64;
+            let g = batch_groups(groups, &refs, (first / batch_size) as usize)?;
+            let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config)
+                .with_context(|| format!("examples {:?}", idxs.iter().map(|&i| next + i as u64).collect::<Vec<_>>()))?;
+            parts.push(if to_host { Part::Copying(cache.to_host_async()?) } else { Part::Ready(cache) });
         }
+        let mut joined = ActivationCache::new();
+        for p in parts {
+            joined.cat(match p {
+                Part::Ready(c) => c,
+                Part::Copying(c) => c.wait(),
+            })?;
+        }
+        let order: Vec<usize> = plan.iter().flatten().copied().collect();
+        let joined = dataset_order(joined, &order)?;
+        let record = WindowRecord {
+            first: next,
+            batches: plan.iter().map(|b| serde_json::json!(b.iter().map(|&i| next + i as u64).collect::<Vec<_>>())).collect(),
+            string_tokens: window.iter().map(|e| serde_json::json!(e.tokens)).collect(),
+        };
+        n_tokens += lengths.iter().sum::<usize>();
+        n_examples += window.len() as u64;
+        next += window.len() as u64;
+        bar.inc(window.len() as u64);
+        state.absorb(joined, window.len() as u64, record)?;
         bar.set_message(format!("{} chunks", state.w.manifest().chunks.len()));
-    }
-    if let Some((copy, rec)) = in_flight.take() {
-        state.absorb(copy.wait(), rec)?;
     }
     let State { mut w, pending, model_name, .. } = state;
     if pending.examples > 0 {
@@ -133,23 +143,114 @@ pub fn run(
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} examples ({} this run), {} tokens in {:.2} s: {:.0} tokens/s -> {} ({} chunks)",
+        "{} examples ({} this run), {} tokens in {:.2} s: {:.0} tokens/s, padding {:.3} computed/real tokens -> {} ({} chunks)",
         w.examples_done(),
         n_examples,
         n_tokens,
         secs,
         n_tokens as f64 / secs.max(1e-9),
+        n_computed as f64 / n_tokens.max(1) as f64,
         a.out.display(),
         w.manifest().chunks.len()
     );
     Ok(())
 }
 
-/// One batch's bookkeeping.
-struct BatchRecord {
+/// A batch's cache: ready, or still being copied to host memory.
+enum Part {
+    Ready(ActivationCache),
+    Copying(hook_cache::PendingHostCopy),
+}
+
+/// One window's bookkeeping: its first example and its batches (dataset indices).
+struct WindowRecord {
     first: u64,
-    examples: u64,
+    batches: Vec<serde_json::Value>,
     string_tokens: Vec<serde_json::Value>,
+}
+
+/// Batches for examples of these lengths (indices into `lengths`): sorted by length (stable)
+/// when `sort`, cut at `batch_size` examples, or at `max_tokens` padded tokens (examples x
+/// the longest) when given. Every index appears once; a single example longer than the budget
+/// makes a batch of its own.
+pub fn plan_batches(lengths: &[usize], batch_size: usize, max_tokens: Option<usize>, sort: bool) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    if sort {
+        order.sort_by_key(|&i| (lengths[i], i));
+    }
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut longest = 0;
+    for i in order {
+        let l = longest.max(lengths[i]);
+        let fits = match max_tokens {
+            Some(budget) => (cur.len() + 1) * l <= budget,
+            None => cur.len() < batch_size,
+        };
+        if !cur.is_empty() && !fits {
+            out.push(std::mem::take(&mut cur));
+            longest = 0;
+        }
+        longest = longest.max(lengths[i]);
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Rows of `c` computed in `order` (row r holds example `order[r]`), put back in example
+/// order: every tensor whose first axis has one row per example is permuted; the rest (data,
+/// per-window values) is kept.
+fn dataset_order(c: ActivationCache, order: &[usize]) -> Result<ActivationCache> {
+    if order.iter().enumerate().all(|(r, &i)| r == i) {
+        return Ok(c);
+    }
+    let mut pos = vec![0i64; order.len()];
+    for (r, &i) in order.iter().enumerate() {
+        pos[i] = r as i64;
+    }
+    let n = order.len() as i64;
+    let index = tch::Tensor::from_slice(&pos);
+    let mut out = ActivationCache::new();
+    for (k, v) in c.iter() {
+        let v = v.map_tensors(&mut |t| {
+            if t.dim() > 0 && t.size()[0] == n {
+                Ok(t.f_index_select(0, &index.to_device(t.device()))?)
+            } else {
+                Ok(t.shallow_clone())
+            }
+        })?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_batches;
+
+    #[test]
+    fn batches_group_lengths_cover_every_example_once_and_respect_budgets() {
+        assert_eq!(plan_batches(&[5, 1, 5, 1], 2, None, true), vec![vec![1, 3], vec![0, 2]]);
+        assert_eq!(plan_batches(&[5, 1, 5, 1], 2, None, false), vec![vec![0, 1], vec![2, 3]]);
+        // token budget: 2 x 5 = 10 fits, a third 5 would be 15
+        assert_eq!(plan_batches(&[5, 5, 5, 1], 100, Some(10), true), vec![vec![3, 0], vec![1, 2]]);
+        // one example over the budget is a batch of its own
+        assert_eq!(plan_batches(&[50, 1], 8, Some(10), true), vec![vec![1], vec![0]]);
+        let lengths: Vec<usize> = (0..97).map(|i| (i * 37) % 23 + 1).collect();
+        for (bs, mt) in [(1, None), (8, None), (8, Some(64)), (100, Some(7))] {
+            let plan = plan_batches(&lengths, bs, mt, true);
+            let mut all: Vec<usize> = plan.iter().flatten().copied().collect();
+            all.sort();
+            assert_eq!(all, (0..97).collect::<Vec<_>>());
+            for b in &plan {
+                let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
+                assert!(mt.map_or(b.len() <= bs, |m| b.len() == 1 || b.len() * longest <= m));
+            }
+        }
+    }
 }
 
 /// The chunk being filled and where it goes.
@@ -158,29 +259,30 @@ struct State<'a> {
     pending: Pending,
     per_chunk: Option<u64>,
     chunk_size: ChunkSize,
-    batch_size: u64,
     groups: Option<&'a TokenGroups>,
     model_name: String,
     config: &'a ExtractionConfig,
 }
 
 impl State<'_> {
-    /// Adds a batch's (host) cache to the chunk; writes the chunk when it is full.
-    fn absorb(&mut self, cache: ActivationCache, r: BatchRecord) -> Result<()> {
+    /// Adds a window's (host) cache, in dataset order, to the chunk; writes the chunk when it
+    /// is full.
+    fn absorb(&mut self, cache: ActivationCache, examples: u64, r: WindowRecord) -> Result<()> {
         let p = &mut self.pending;
         p.cache.cat(cache)?;
-        p.batches.push(serde_json::json!([r.first, r.examples]));
+        debug_assert_eq!(r.first, self.w.examples_done() + p.examples);
+        p.batches.extend(r.batches);
         p.string_tokens.extend(r.string_tokens);
-        p.examples += r.examples;
+        p.examples += examples;
         if self.per_chunk.is_none() {
-            // bytes: fix the examples per chunk from the first batch, a multiple of the batch size
+            // bytes: fix the examples per chunk from the first window
             let ChunkSize::Bytes(budget) = self.chunk_size else { unreachable!("examples are known") };
             let per_example = (p.cache.iter().map(|(_, v)| v.nbytes()).sum::<u64>() / p.examples).max(1);
-            let n = ((budget / per_example) / self.batch_size).max(1) * self.batch_size;
+            let n = (budget / per_example).max(1);
             self.per_chunk = Some(n);
             self.w.set_setting("examples_per_chunk", serde_json::json!(n));
         }
-        if Some(self.pending.examples) == self.per_chunk {
+        if self.pending.examples >= self.per_chunk.expect("set above") {
             flush(&mut self.w, std::mem::replace(&mut self.pending, Pending::new()), self.groups, &self.model_name, self.config)?;
         }
         Ok(())
