@@ -64,9 +64,15 @@ pub struct Args {
     /// pinned host memory while the next batch runs) or the model's device (keeps it on the GPU).
     #[arg(long, value_parser = ["cpu", "model"], default_value = "cpu")]
     pub cache_device: String,
-    /// Process every N-th batch starting at K (K/N), to split a dataset across processes.
+    /// Process shard K of N (K/N): the K-th of N contiguous ranges of examples, to split a
+    /// dataset across processes (`hookrs merge` joins them). `auto` reads a Slurm array
+    /// (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT) or a Kubernetes
+    /// Indexed Job (JOB_COMPLETION_INDEX, with --shard-count).
     #[arg(long)]
     pub shard: Option<String>,
+    /// The number of shards for --shard auto under a Kubernetes Indexed Job (its completions).
+    #[arg(long)]
+    pub shard_count: Option<usize>,
     /// Where to write the cache: FILE.safetensors (one file, written at the end) or a
     /// directory (chunks written as they are computed; rerun the same command to resume).
     #[arg(long)]
@@ -130,13 +136,60 @@ pub fn model_fingerprint(path: &std::path::Path, model: &HookedModule) -> Result
     Ok(format!("sha256:{:x} ({}, {len} bytes)", h.finalize(), path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
 }
 
-pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let (k, n) = s.split_once('/').ok_or_else(|| anyhow::anyhow!("--shard {s:?}: expected K/N, e.g. 0/4"))?;
-    let (k, n): (usize, usize) = (k.trim().parse().context("--shard: K is not a number")?, n.trim().parse().context("--shard: N is not a number")?);
-    if n == 0 || k >= n {
-        bail!("--shard {s}: expected 0 <= K < N");
+/// One of `count` contiguous ranges of examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// The examples `[lo, hi)` of this shard among `total`.
+    pub fn range(&self, total: u64) -> (u64, u64) {
+        let (k, n) = (self.index as u128, self.count as u128);
+        ((total as u128 * k / n) as u64, (total as u128 * (k + 1) / n) as u64)
     }
-    Ok((k, n))
+}
+
+/// `K/N`, or `auto` from the scheduler's environment (`env` looks a variable up).
+pub fn parse_shard(s: &str, shard_count: Option<usize>, env: impl Fn(&str) -> Option<String>) -> Result<Shard> {
+    let num = |name: &str, v: String| -> Result<usize> { v.trim().parse().map_err(|_| anyhow::anyhow!("--shard auto: {name}={v:?} is not a number")) };
+    let (k, n) = if s.trim() == "auto" {
+        if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
+            let id = num("SLURM_ARRAY_TASK_ID", id)?;
+            let min = env("SLURM_ARRAY_TASK_MIN").map(|v| num("SLURM_ARRAY_TASK_MIN", v)).transpose()?.unwrap_or(0);
+            let count = env("SLURM_ARRAY_TASK_COUNT")
+                .map(|v| num("SLURM_ARRAY_TASK_COUNT", v))
+                .transpose()?
+                .or(shard_count)
+                .ok_or_else(|| anyhow::anyhow!("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: pass --shard-count N"))?;
+            (id.checked_sub(min).ok_or_else(|| anyhow::anyhow!("--shard auto: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))?, count)
+        } else if let Some(id) = env("JOB_COMPLETION_INDEX") {
+            let count = shard_count.ok_or_else(|| anyhow::anyhow!("--shard auto under a Kubernetes Indexed Job needs --shard-count N (the job's completions)"))?;
+            (num("JOB_COMPLETION_INDEX", id)?, count)
+        } else {
+            bail!("--shard auto: neither SLURM_ARRAY_TASK_ID (a Slurm array) nor JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) is set: pass --shard K/N");
+        }
+    } else {
+        let (k, n) = s.split_once('/').ok_or_else(|| anyhow::anyhow!("--shard {s:?}: expected K/N, e.g. 0/4, or auto"))?;
+        (k.trim().parse().context("--shard: K is not a number")?, n.trim().parse().context("--shard: N is not a number")?)
+    };
+    if n == 0 || k >= n {
+        bail!("--shard {s}: expected 0 <= K < N (got K={k}, N={n})");
+    }
+    Ok(Shard { index: k, count: n })
+}
+
+/// The examples `[lo, hi)` a run covers: all, or its shard's range (which needs the number
+/// of examples: a counting pass over the input). An empty shard is an error.
+pub fn shard_range(shard: Option<Shard>, source: &inputs::Source) -> Result<(u64, u64)> {
+    let Some(sh) = shard else { return Ok((0, u64::MAX)) };
+    let total = source.count()?;
+    let (lo, hi) = sh.range(total);
+    if lo == hi {
+        bail!("shard {}/{} gets no examples: the input holds {total} examples for {} shards", sh.index, sh.count, sh.count);
+    }
+    Ok((lo, hi))
 }
 
 /// The token groups of one batch: the given ones, or every position (`--tokens all`, which
@@ -166,7 +219,10 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let device = inputs::device(&a.device)?;
-    let (shard_k, shard_n) = a.shard.as_deref().map(parse_shard).transpose()?.unwrap_or((0, 1));
+    let shard = match a.shard.as_deref() {
+        Some(spec) => Some(parse_shard(spec, a.shard_count, |k| std::env::var(k).ok())?),
+        None => None,
+    };
     // Logits are saved only when asked for (`--extract logits`, or "save_logits": true in
     // --config): without them the forward stops after the last requested site.
     let (mut config, logits_asked): (ExtractionConfig, bool) = match &a.config {
@@ -192,21 +248,13 @@ pub fn run(a: Args) -> Result<()> {
     };
     let mut model = HookedModule::load(&a.model, device)?;
     if !is_single_file(&a.out) {
-        if a.shard.is_some() {
-            bail!("--shard writes one file per shard for now: give --out a .safetensors name (chunk directories are not sharded yet)");
-        }
-        return crate::cmd_extract_chunks::run(&a, &mut model, source, &config, groups.as_ref(), chunk_size, device);
+        return crate::cmd_extract_chunks::run(&a, &mut model, source, &config, groups.as_ref(), chunk_size, device, shard);
     }
-    let examples = inputs::examples(&a.model, source)?;
-    let batches: Vec<(usize, Vec<&inputs::Example>)> = examples
-        .chunks(a.batch_size)
-        .enumerate()
-        .filter(|(i, _)| i % shard_n == shard_k)
-        .map(|(i, c)| (i, c.iter().collect()))
-        .collect();
-    if batches.is_empty() {
-        bail!("shard {shard_k}/{shard_n} gets no batch: {} prompts make {} batches of {}", examples.len(), examples.len().div_ceil(a.batch_size), a.batch_size);
-    }
+    let (lo, hi) = shard_range(shard, &source)?;
+    let examples: Vec<inputs::Example> = source.stream(&a.model, lo)?.into_iter().take((hi - lo) as usize).collect::<Result<_>>()?;
+    // batches keyed by their first example's dataset index (merge orders shards by it)
+    let batches: Vec<(usize, Vec<&inputs::Example>)> =
+        examples.chunks(a.batch_size).enumerate().map(|(i, c)| (lo as usize + i * a.batch_size, c.iter().collect())).collect();
     let bar = if batches.len() > 1 { ProgressBar::new(batches.len() as u64) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} batches, {per_sec}, ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let started = Instant::now();
@@ -240,7 +288,8 @@ pub fn run(a: Args) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let model_name = model.description().map(|d| d.source.clone()).unwrap_or_else(|| a.model.display().to_string());
     all.add_metadata(groups.as_ref().map(|g| g.to_string()).unwrap_or_else(|| "all".into()), &model_name, &config, Vec::<String>::new())?;
-    all.insert("hookrs_batches", serde_json::json!({"shard": [shard_k, shard_n], "batches": batch_index, "string_tokens": string_tokens}));
+    let (k, n) = shard.map(|s| (s.index, s.count)).unwrap_or((0, 1));
+    all.insert("hookrs_batches", serde_json::json!({"shard": [k, n], "examples": [lo, hi - lo], "batches": batch_index, "string_tokens": string_tokens}));
     all.shrink_to_fit()?;
     all.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?; // atomic: no partial file is left
     print!("{}", summary(&all));

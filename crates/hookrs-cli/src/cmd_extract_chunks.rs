@@ -34,13 +34,20 @@ impl Pending {
 
 /// The extraction settings that decide the chunks' content, as one flat JSON object (so a
 /// refused resume names the fields that differ).
-fn config_fingerprint(a: &Args, config: &ExtractionConfig, groups: Option<&TokenGroups>) -> Result<String> {
+fn config_fingerprint(a: &Args, config: &ExtractionConfig, groups: Option<&TokenGroups>, shard: Option<crate::cmd_extract::Shard>) -> Result<String> {
     let mut v = serde_json::to_value(config)?;
     let o = v.as_object_mut().expect("the config is an object");
     o.retain(|_, x| x != &serde_json::Value::Bool(false) && !x.is_null());
     o.insert("token_groups".into(), groups.map(|g| g.to_string()).unwrap_or_else(|| "all".into()).into());
     o.insert("batch_size".into(), a.batch_size.into());
     o.insert("chunk_size".into(), a.chunk_size.clone().into());
+    o.insert("sort".into(), (!a.no_sort).into());
+    if let Some(t) = a.max_batch_tokens {
+        o.insert("max_batch_tokens".into(), t.into());
+    }
+    if let Some(sh) = shard {
+        o.insert("shard".into(), format!("{}/{}", sh.index, sh.count).into());
+    }
     Ok(serde_json::to_string(&v)?)
 }
 
@@ -53,13 +60,18 @@ pub fn run(
     groups: Option<&TokenGroups>,
     chunk_size: ChunkSize,
     device: Device,
+    shard: Option<crate::cmd_extract::Shard>,
 ) -> Result<()> {
+    let (lo, hi) = crate::cmd_extract::shard_range(shard, &source)?;
     let fingerprints = BTreeMap::from([
         ("model".to_string(), crate::cmd_extract::model_fingerprint(&a.model, model)?),
         ("input".to_string(), source.fingerprint()?),
-        ("extraction".to_string(), config_fingerprint(a, config, groups)?),
+        ("extraction".to_string(), config_fingerprint(a, config, groups, shard)?),
     ]);
-    let w = ChunkWriter::open(&a.out, fingerprints, a.overwrite)?;
+    let mut w = ChunkWriter::open(&a.out, fingerprints, a.overwrite)?;
+    if let Some(sh) = shard {
+        w.set_setting("shard", serde_json::json!({"index": sh.index, "count": sh.count, "first_example": lo, "examples": hi - lo}));
+    }
     let done = w.examples_done();
     if w.manifest().complete && done > 0 {
         println!("{} is already complete: {} examples in {} chunks (--overwrite starts over)", a.out.display(), done, w.manifest().chunks.len());
@@ -73,17 +85,17 @@ pub fn run(
         ChunkSize::Examples(n) => Some(n),
         ChunkSize::Bytes(_) => w.setting("examples_per_chunk").and_then(|v| v.as_u64()),
     };
-    let rx = source.stream(&a.model, done)?;
+    let rx = source.stream(&a.model, lo + done)?;
     let model_name = model.description().map(|d| d.source.clone()).unwrap_or_else(|| a.model.display().to_string());
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {pos} examples, {per_sec}, {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
     let started = Instant::now();
     let (mut n_tokens, mut n_examples, mut n_computed) = (0usize, 0u64, 0usize);
-    let mut next = done; // dataset index of the next example
+    let mut next = lo + done; // dataset index of the next example
     let mut state = State { w, pending: Pending::new(), per_chunk, chunk_size, groups, model_name, config };
     // GPU runs: each batch's copy to host is queued behind it and waited for once per window
     let to_host = device != Device::Cpu && a.cache_device == "cpu";
-    let mut stream = rx.into_iter();
+    let mut stream = rx.into_iter().take(hi.saturating_sub(lo + done).min(usize::MAX as u64) as usize);
     loop {
         // the next window: the rest of the current chunk (the first batch alone while a byte
         // budget has not been turned into examples yet)
@@ -121,7 +133,6 @@ pub fn run(
         let order: Vec<usize> = plan.iter().flatten().copied().collect();
         let joined = dataset_order(joined, &order)?;
         let record = WindowRecord {
-            first: next,
             batches: plan.iter().map(|b| serde_json::json!(b.iter().map(|&i| next + i as u64).collect::<Vec<_>>())).collect(),
             string_tokens: window.iter().map(|e| serde_json::json!(e.tokens)).collect(),
         };
@@ -162,9 +173,8 @@ enum Part {
     Copying(hook_cache::PendingHostCopy),
 }
 
-/// One window's bookkeeping: its first example and its batches (dataset indices).
+/// One window's bookkeeping: its batches (dataset indices) and string tokens.
 struct WindowRecord {
-    first: u64,
     batches: Vec<serde_json::Value>,
     string_tokens: Vec<serde_json::Value>,
 }
@@ -270,7 +280,7 @@ impl State<'_> {
     fn absorb(&mut self, cache: ActivationCache, examples: u64, r: WindowRecord) -> Result<()> {
         let p = &mut self.pending;
         p.cache.cat(cache)?;
-        debug_assert_eq!(r.first, self.w.examples_done() + p.examples);
+
         p.batches.extend(r.batches);
         p.string_tokens.extend(r.string_tokens);
         p.examples += examples;

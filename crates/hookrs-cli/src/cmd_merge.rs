@@ -30,16 +30,41 @@ fn slice(v: &CacheValue, offset: i64, n: i64, total: i64) -> Result<CacheValue> 
     })?)
 }
 
-/// Chunk directories, joined in the order given (each is already in dataset order).
+/// Chunk directories: shard directories (from `--shard K/N`) in dataset order, checked to
+/// cover every shard once; other directories in the order given.
 fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let mut dirs = inputs.iter().map(|p| Ok((p, hook_cache::ChunkDir::open(p)?))).collect::<Result<Vec<_>>>()?;
+    for (p, d) in &dirs {
+        if !d.manifest().complete {
+            bail!("{} is incomplete (its extraction did not finish): rerun that extraction to complete it first", p.display());
+        }
+    }
+    let shard_of = |d: &hook_cache::ChunkDir| d.manifest().settings.get("shard").cloned();
+    let sharded = dirs.iter().filter(|(_, d)| shard_of(d).is_some()).count();
+    if sharded > 0 {
+        if sharded != dirs.len() {
+            bail!("merge takes shard directories or plain chunk directories, not both");
+        }
+        dirs.sort_by_key(|(_, d)| shard_of(d).and_then(|s| s["first_example"].as_u64()).unwrap_or(0));
+        let count = shard_of(&dirs[0].1).and_then(|s| s["count"].as_u64()).unwrap_or(0);
+        let indices: Vec<u64> = dirs.iter().filter_map(|(_, d)| shard_of(d).and_then(|s| s["index"].as_u64())).collect();
+        let missing: Vec<u64> = (0..count).filter(|k| !indices.contains(k)).collect();
+        if !missing.is_empty() || indices.len() as u64 != count {
+            bail!("the shard directories are shards {indices:?} of {count}: missing {missing:?} (or one given twice); merge needs each shard once");
+        }
+        let mut expect = 0;
+        for (p, d) in &dirs {
+            let s = shard_of(d).unwrap_or_default();
+            if s["first_example"].as_u64() != Some(expect) || s["examples"].as_u64() != Some(d.manifest().examples()) {
+                bail!("{} holds examples {}.. ({} of them) but the merge expects the shard starting at {expect}: shards of different inputs?", p.display(), s["first_example"], d.manifest().examples());
+            }
+            expect += d.manifest().examples();
+        }
+    }
     let mut merged = ActivationCache::new();
     let mut meta = None;
     let mut examples = 0;
-    for p in inputs {
-        let dir = hook_cache::ChunkDir::open(p)?;
-        if !dir.manifest().complete {
-            bail!("{} is incomplete (its extraction did not finish): rerun that extraction to complete it first", p.display());
-        }
+    for (_, dir) in &dirs {
         examples += dir.manifest().examples();
         for c in dir.iter() {
             let mut c = c?;
@@ -90,7 +115,7 @@ pub fn run(out: &Path, inputs: &[PathBuf]) -> Result<()> {
     }
     parts.sort_by_key(|(gi, _)| *gi);
     if let Some(w) = parts.windows(2).find(|w| w[0].0 == w[1].0) {
-        bail!("batch {} appears in two inputs: merge each shard once", w[0].0);
+        bail!("the batch starting at example {} appears in two inputs: merge each shard once", w[0].0);
     }
     let first = ActivationCache::load(&inputs[0])?;
     let mut merged = ActivationCache::new();

@@ -113,6 +113,31 @@ impl Source {
         Ok(format!("sha256:{:x} ({what})", h.finalize()))
     }
 
+    /// How many examples the input holds (a pass that parses but does not tokenize; a bad line
+    /// is counted as `--on-bad-line` says: an error, or skipped).
+    pub fn count(&self) -> Result<u64> {
+        match self {
+            Source::Ids(ids) => Ok(ids.len() as u64),
+            Source::Texts(t) => Ok(t.len() as u64),
+            Source::File { path, column, on_bad_line } => {
+                use std::io::BufRead;
+                let f = std::fs::File::open(path).with_context(|| format!("reading --prompts {}", path.display()))?;
+                let mut n = 0u64;
+                for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+                    let at = format!("{}:{}", path.display(), i + 1);
+                    let line = line.map_err(|e| anyhow::anyhow!("{at}: cannot read the line: {e}"))?;
+                    match parse_line(line.trim(), column) {
+                        Ok(Some(_)) => n += 1,
+                        Ok(None) => {}
+                        Err(_) if *on_bad_line == BadLine::Skip => {}
+                        Err(e) => return Err(anyhow::anyhow!("{at}: {e:#}").context("use --on-bad-line skip to skip such lines")),
+                    }
+                }
+                Ok(n)
+            }
+        }
+    }
+
     /// The examples in dataset order, after the first `skip`, produced by a reader thread that
     /// reads and tokenizes ahead of the caller (a bounded queue: memory does not grow with the
     /// file). Errors arrive in the stream, in order.
@@ -222,10 +247,6 @@ fn parse_line(line: &str, column: &str) -> Result<Option<Line>> {
     }
 }
 
-/// Every example of `source`, in memory (the single-file output path).
-pub fn examples(model: &Path, source: Source) -> Result<Vec<Example>> {
-    source.stream(model, 0)?.into_iter().collect()
-}
 
 /// Left-padded `(ids, mask)` for a batch of examples (pad id 0, mask 0).
 pub fn pad(batch: &[&Example], device: Device) -> (Tensor, Tensor) {
