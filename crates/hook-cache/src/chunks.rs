@@ -111,7 +111,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Fault injection for crash tests: `HOOKRS_FAULT=chunk-write:K` aborts the process halfway
 /// through writing chunk K's temporary file, `chunk-renamed:K` right after chunk K is renamed
-/// (before the manifest names it), `manifest-write:K` halfway through the K-th manifest write.
+/// (before the manifest names it), `manifest-write:K` halfway through the K-th manifest write;
+/// `chunk-enospc:K` makes the write of chunk K fail halfway with "No space left on device".
 fn fault(point: &str, k: usize) -> bool {
     std::env::var("HOOKRS_FAULT").is_ok_and(|f| f == format!("{point}:{k}"))
 }
@@ -130,6 +131,9 @@ fn write_durable(path: &Path, bytes: &[u8], fault_point: Option<(&str, usize)>) 
                 f.sync_all()?;
                 std::process::abort();
             }
+            if p == "chunk-write" && fault("chunk-enospc", k) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
         }
         f.write_all(&bytes[half..])?;
         f.sync_all()?;
@@ -141,7 +145,17 @@ fn write_durable(path: &Path, bytes: &[u8], fault_point: Option<(&str, usize)>) 
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
+        return Err(if e.raw_os_error() == Some(28) {
+            CacheError::Chunks {
+                dir: dir.to_path_buf(),
+                reason: format!(
+                    "no space left on the device while writing {}: free space (or pass another --out) and rerun the same command to resume; the complete chunks are kept",
+                    path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                ),
+            }
+        } else {
+            io(e)
+        });
     }
     Ok(())
 }

@@ -57,6 +57,11 @@ pub struct Args {
     /// (the output is in dataset order either way).
     #[arg(long)]
     pub no_sort: bool,
+    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for
+    /// example); by default they are added, as `tokenizer(text)` does in transformers.
+    /// Pre-tokenized input (--input-ids, id lists in --prompts) is never changed.
+    #[arg(long)]
+    pub no_special_tokens: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -251,7 +256,7 @@ pub fn run(a: Args) -> Result<()> {
         return crate::cmd_extract_chunks::run(&a, &mut model, source, &config, groups.as_ref(), chunk_size, device, shard);
     }
     let (lo, hi) = shard_range(shard, &source)?;
-    let examples: Vec<inputs::Example> = source.stream(&a.model, lo)?.into_iter().take((hi - lo) as usize).collect::<Result<_>>()?;
+    let examples: Vec<inputs::Example> = source.stream(&a.model, lo, !a.no_special_tokens)?.into_iter().take((hi - lo) as usize).collect::<Result<_>>()?;
     // batches keyed by their first example's dataset index (merge orders shards by it)
     let batches: Vec<(usize, Vec<&inputs::Example>)> =
         examples.chunks(a.batch_size).enumerate().map(|(i, c)| (lo as usize + i * a.batch_size, c.iter().collect())).collect();

@@ -42,6 +42,7 @@ fn config_fingerprint(a: &Args, config: &ExtractionConfig, groups: Option<&Token
     o.insert("batch_size".into(), a.batch_size.into());
     o.insert("chunk_size".into(), a.chunk_size.clone().into());
     o.insert("sort".into(), (!a.no_sort).into());
+    o.insert("special_tokens".into(), (!a.no_special_tokens).into());
     if let Some(t) = a.max_batch_tokens {
         o.insert("max_batch_tokens".into(), t.into());
     }
@@ -85,7 +86,7 @@ pub fn run(
         ChunkSize::Examples(n) => Some(n),
         ChunkSize::Bytes(_) => w.setting("examples_per_chunk").and_then(|v| v.as_u64()),
     };
-    let rx = source.stream(&a.model, lo + done)?;
+    let rx = source.stream(&a.model, lo + done, !a.no_special_tokens)?;
     let model_name = model.description().map(|d| d.source.clone()).unwrap_or_else(|| a.model.display().to_string());
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {pos} examples, {per_sec}, {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));

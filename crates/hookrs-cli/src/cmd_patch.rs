@@ -35,6 +35,10 @@ pub struct Args {
     /// What to patch: layers × positions of resid_out, attn_out or mlp_out, or layers × heads.
     #[arg(long, default_value = "resid_out", value_parser = ["resid_out", "attn_out", "mlp_out", "heads"])]
     pub component: String,
+    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for
+    /// example); by default they are added, as `tokenizer(text)` does in transformers.
+    #[arg(long)]
+    pub no_special_tokens: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -44,7 +48,7 @@ pub struct Args {
 }
 
 fn one_token(tok: &tokenizers::Tokenizer, flag: &str, s: &str) -> Result<i64> {
-    let e = inputs::encode(tok, s)?;
+    let e = inputs::encode(tok, s, false)?;
     if e.ids.len() != 1 {
         bail!("{flag} {s:?} is {} tokens ({:?}): it must be exactly one token", e.ids.len(), e.tokens.unwrap_or_default());
     }
@@ -61,8 +65,8 @@ pub fn run(a: Args) -> Result<()> {
     let tok = inputs::tokenizer_for(&a.model)?.with_context(|| {
         format!("patch needs the model's tokenizer (looked for {:?})", inputs::tokenizer_candidates(&a.model))
     })?;
-    let clean = inputs::encode(&tok, &a.clean)?;
-    let corrupted = inputs::encode(&tok, &a.corrupted)?;
+    let clean = inputs::encode(&tok, &a.clean, !a.no_special_tokens)?;
+    let corrupted = inputs::encode(&tok, &a.corrupted, !a.no_special_tokens)?;
     if clean.ids.len() != corrupted.ids.len() {
         bail!(
             "--clean has {} tokens and --corrupted {}: activation patching needs prompts of one length ({:?} vs {:?})",

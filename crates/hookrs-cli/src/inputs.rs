@@ -37,9 +37,10 @@ pub struct Example {
     pub tokens: Option<Vec<String>>,
 }
 
-/// Tokenizes one text.
-pub fn encode(tok: &Tokenizer, text: &str) -> Result<Example> {
-    let enc = tok.encode(text, false).map_err(|e| anyhow::anyhow!("cannot tokenize {text:?}: {e}"))?;
+/// Tokenizes one text. `special`: add the special tokens the tokenizer's post-processor adds
+/// (a BOS for Llama, Gemma, …), as `tokenizer(text)` does by default in `transformers`.
+pub fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Example> {
+    let enc = tok.encode(text, special).map_err(|e| anyhow::anyhow!("cannot tokenize {text:?}: {e}"))?;
     if enc.get_ids().is_empty() {
         bail!("the prompt {text:?} has no tokens");
     }
@@ -141,7 +142,7 @@ impl Source {
     /// The examples in dataset order, after the first `skip`, produced by a reader thread that
     /// reads and tokenizes ahead of the caller (a bounded queue: memory does not grow with the
     /// file). Errors arrive in the stream, in order.
-    pub fn stream(self, model: &Path, skip: u64) -> Result<std::sync::mpsc::Receiver<Result<Example>>> {
+    pub fn stream(self, model: &Path, skip: u64, special: bool) -> Result<std::sync::mpsc::Receiver<Result<Example>>> {
         let needs_tokenizer = !matches!(self, Source::Ids(_));
         let tok = if needs_tokenizer {
             Some(require_tokenizer(model, if matches!(self, Source::Texts(_)) { "--text" } else { "--prompts" })?)
@@ -161,7 +162,7 @@ impl Source {
                 }
                 Source::Texts(texts) => {
                     for t in texts.iter().skip(skip as usize) {
-                        if !send(encode(tok.as_ref().expect("tokenizer"), t)) {
+                        if !send(encode(tok.as_ref().expect("tokenizer"), t, special)) {
                             return;
                         }
                     }
@@ -202,7 +203,7 @@ impl Source {
                         }
                         let made = match example {
                             Line::Ids(ids) => Ok(Example { ids, tokens: None }),
-                            Line::Text(t) => encode(tok.as_ref().expect("tokenizer"), &t).map_err(|e| anyhow::anyhow!("{at}: {e:#}")),
+                            Line::Text(t) => encode(tok.as_ref().expect("tokenizer"), &t, special).map_err(|e| anyhow::anyhow!("{at}: {e:#}")),
                         };
                         if !send(made) {
                             return;

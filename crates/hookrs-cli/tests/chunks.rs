@@ -276,3 +276,60 @@ fn four_shard_processes_in_parallel_merge_to_the_one_process_result() {
     let o = hookrs(&["extract", "--model", s(&m), "--prompts", s(&prompts), "--shard", "auto", "--out", s(&dir.path().join("x"))]);
     assert!(stderr(&o).contains("neither SLURM_ARRAY_TASK_ID"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_full_disk_or_an_impossible_directory_is_a_clear_error_and_loses_nothing() {
+    let (dir, m, prompts) = setup(30);
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_hookrs")).args(extract_args(&m, &prompts, &out)).env("HOOKRS_FAULT", "chunk-enospc:2").output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no space left on the device while writing chunk-000002.safetensors"), "{}", stderr(&o));
+    // the two complete chunks are intact and named; no temporary file is left
+    let names: Vec<String> = files(&out).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["chunk-000000.safetensors", "chunk-000001.safetensors", "manifest.json"]);
+    let d = hook_cache::ChunkDir::open(&out).unwrap();
+    assert_eq!(d.manifest().chunks.len(), 2);
+    d.verify(0).unwrap();
+    d.verify(1).unwrap();
+    // freeing space and rerunning resumes
+    let o = hookrs(&extract_args(&m, &prompts, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(14 this run)"), "{}", String::from_utf8_lossy(&o.stdout));
+    // --out under a file, and a single-file --out naming a directory
+    let o = hookrs(&extract_args(&m, &prompts, &prompts.join("sub")));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("Not a directory") || stderr(&o).contains("not a directory"), "{}", stderr(&o));
+    let as_dir = dir.path().join("d.safetensors");
+    std::fs::create_dir(&as_dir).unwrap();
+    std::fs::write(as_dir.join("mine"), "x").unwrap();
+    let o = hookrs(&extract_args(&m, &prompts, &as_dir));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+}
+
+#[test]
+fn special_tokens_are_added_as_transformers_does_unless_asked_not_to() {
+    let (dir, m, _) = setup(1);
+    // give the word-level tokenizer a BOS post-processor, as Llama's tokenizer.json has
+    let tok_path = dir.path().join("llama.tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    tok["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[BOS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"[BOS]": {"id": "[BOS]", "ids": [1], "tokens": ["[BOS]"]}}
+    });
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let first_tokens = |extra: &[&str]| {
+        let out = dir.path().join(format!("c{}.safetensors", extra.len()));
+        let mut args = vec!["extract", "--model", s(&m), "--text", "the cat", "--extract", "resid_out", "--out", s(&out)];
+        args.extend_from_slice(extra);
+        let o = hookrs(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let c = hook_cache::ActivationCache::load(&out).unwrap();
+        let hook_cache::CacheValue::Data(d) = c.get("hookrs_batches").unwrap().inner().clone() else { panic!() };
+        d["string_tokens"][0].clone()
+    };
+    assert_eq!(first_tokens(&[]), serde_json::json!(["[BOS]", "the", "cat"]));
+    assert_eq!(first_tokens(&["--no-special-tokens"]), serde_json::json!(["the", "cat"]));
+}
