@@ -176,3 +176,24 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
     }
     Ok(())
 }
+
+/// `cargo xtask bench dataset [--prompts N] [--scale K]`: `hookrs extract` end to end against
+/// easyroutine's extraction loop on the bench llama (xtask/python/bench_dataset.py).
+pub fn dataset(python: &Path, args: &[String]) -> Result<()> {
+    let root = project_root();
+    let dir = root.join("target/bench/models");
+    std::fs::create_dir_all(&dir)?;
+    let model = dir.join("llama8.pt");
+    let config = root.join("xtask/python/configs/bench_llama.json");
+    if !model.exists() {
+        run(Command::new(python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--config"]).arg(&config).arg("--out").arg(&model))?;
+    }
+    run(cargo().args(["build", "--quiet", "--release", "-p", "hookrs-cli"]))?;
+    run(Command::new(python)
+        .arg(root.join("xtask/python/bench_dataset.py"))
+        .arg(root.join("target/release/hookrs"))
+        .arg(&model)
+        .arg(&config)
+        .arg(root.join("target/bench/dataset"))
+        .args(args))
+}

@@ -7,7 +7,7 @@
 //! | `demo` | setup, then the main job on a built-in tiny model (the README's first command) |
 //! | `export …` | export a HF causal LM (or a tiny random one) as TorchScript for hookrs |
 //! | `parity [ops\|cache\|models]` | compare against the real easyroutine, write `docs/parity.md` |
-//! | `bench [ops\|cache\|models]` | side-by-side benchmarks against easyroutine; `bench models [--device D] [--batch B] [--seq S] [--config bench\|large\|FILE] [--loads N] [--no-easyroutine]` also times loads |
+//! | `bench [ops\|cache\|models]` | side-by-side benchmarks against easyroutine; `bench models [--device D] [--batch B] [--seq S] [--config bench\|large\|FILE] [--loads N] [--no-easyroutine]` also times loads; `bench dataset [--prompts N] [--scale K]`: `hookrs extract` end to end |
 //!
 //! xtask must build before setup has run, so it never depends on tch.
 
@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] --out FILE.pt|parity [ops|cache|models]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] --out FILE.pt|parity [ops|cache|models]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -127,11 +127,15 @@ fn bench(which: &[String]) -> Result<()> {
     if which.first().map(String::as_str) == Some("models") {
         return bench::models(&python, &bench::ModelsOptions::parse(&which[1..])?);
     }
+    if which.first().map(String::as_str) == Some("dataset") {
+        return bench::dataset(&python, &which[1..]);
+    }
     let chosen: Vec<&str> = if which.is_empty() { vec!["ops"] } else { which.iter().map(String::as_str).collect() };
     for w in chosen {
         match w {
             "ops" => bench::ops(&python)?,
             "models" => bench::models(&python, &bench::ModelsOptions::parse(&[])?)?,
+            "dataset" => bench::dataset(&python, &[])?,
             "cache" => run(cargo().args(["bench", "-p", "hook-cache", "--bench", "aggregation"]))?,
             other => bail!("unknown bench suite `{other}`: expected one of {}", all.join(", ")),
         }

@@ -85,6 +85,10 @@ pub struct Args {
     /// Chunk size with a directory --out: N examples, or a size such as 256MiB (the default).
     #[arg(long, default_value = "256MiB")]
     pub chunk_size: String,
+    /// Run the whole forward pass even when nothing after the last requested site is needed
+    /// (by default it stops there; this flag is for comparisons and debugging).
+    #[arg(long)]
+    pub full_forward: bool,
     /// With a directory --out that holds another extraction: delete it and start over.
     #[arg(long)]
     pub overwrite: bool,
@@ -214,8 +218,8 @@ pub fn batch_groups(groups: Option<&TokenGroups>, batch: &[&inputs::Example], i:
 
 /// One batch through `run_with_cache`, stopping the forward early when the logits are not
 /// needed (nothing after the last requested site runs).
-pub fn run_batch(model: &mut HookedModule, ids: &tch::Tensor, mask: &tch::Tensor, g: &TokenGroups, config: &ExtractionConfig) -> Result<(tch::Tensor, hook_cache::ActivationCache)> {
-    let stop_early = !config.save_logits && !config.keep_gradient;
+pub fn run_batch(model: &mut HookedModule, ids: &tch::Tensor, mask: &tch::Tensor, g: &TokenGroups, config: &ExtractionConfig, full_forward: bool) -> Result<(tch::Tensor, hook_cache::ActivationCache)> {
+    let stop_early = !full_forward && !config.save_logits && !config.keep_gradient;
     Ok(model.run_with_cache_options(ids, mask, g, config, hook_torch::RunOptions { stop_early, ..Default::default() })?)
 }
 
@@ -273,7 +277,7 @@ pub fn run(a: Args) -> Result<()> {
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
         let g = batch_groups(groups.as_ref(), batch, *i)?;
-        let (_, cache) = run_batch(&mut model, &ids, &mask, &g, &config).with_context(|| format!("batch {i}"))?;
+        let (_, cache) = run_batch(&mut model, &ids, &mask, &g, &config, a.full_forward).with_context(|| format!("batch {i}"))?;
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         batch_index.push(serde_json::json!([i, batch.len()]));
         string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));

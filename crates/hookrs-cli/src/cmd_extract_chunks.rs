@@ -120,7 +120,7 @@ pub fn run(
             n_computed += refs.len() * ids.size()[1] as usize;
             let first = next + idxs[0] as u64;
             let g = batch_groups(groups, &refs, (first / batch_size) as usize)?;
-            let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config)
+            let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config, a.full_forward)
                 .with_context(|| format!("examples {:?}", idxs.iter().map(|&i| next + i as u64).collect::<Vec<_>>()))?;
             parts.push(if to_host { Part::Copying(cache.to_host_async()?) } else { Part::Ready(cache) });
         }

@@ -1,0 +1,153 @@
+"""`cargo xtask bench dataset`: hookrs extract end to end against easyroutine's extraction loop.
+
+    bench_dataset.py HOOKRS_BIN MODEL.pt CONFIG.json WORKDIR [--prompts N] [--scale K]
+
+On the bench llama (exported from CONFIG.json with seed 0, which this script rebuilds
+identically for easyroutine), N prompts of mixed length (10-256 words of corpus.txt, seeded),
+resid_out of every layer at the last token plus layer-0 attention patterns at the last token,
+CPU, 2 threads. Each side runs in its own process; peak RSS is the process's ru_maxrss.
+Prints a markdown report.
+"""
+import argparse, json, os, random, resource, subprocess, sys, time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def prompts_file(path, n, seed=0):
+    words = (HERE / "corpus.txt").read_text().split()
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(10, 256))) + "\n")
+
+
+def run_child(cmd):
+    """Runs cmd; returns (seconds, peak RSS in MB, stdout)."""
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    secs = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{r.stderr}")
+    return secs, r.stdout
+
+
+def child_rss(cmd):
+    """Runs cmd in a fresh python that reports its child's peak RSS (MB)."""
+    code = ("import resource, subprocess, sys, time, json; t=time.perf_counter(); "
+            "r=subprocess.run(sys.argv[1:], capture_output=True, text=True); s=time.perf_counter()-t; "
+            "sys.stderr.write(r.stderr); "
+            "print(json.dumps({'rc': r.returncode, 'secs': s, 'rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, 'out': r.stdout}))")
+    r = subprocess.run([sys.executable, "-c", code] + [str(c) for c in cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr)
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    if d["rc"] != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{r.stderr}")
+    return d
+
+
+def easyroutine_worker(config_path, tokenizer, prompts, batch):
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    sys.path.insert(0, str(HERE))
+    import export
+    from tokenizers import Tokenizer
+    from easyroutine.interpretability.hooks import save_resid_hook, attention_pattern_head
+    from easyroutine.interpretability.activation_cache import ActivationCache
+    from easyroutine.interpretability.module_wrappers.manager import ModuleWrapperManager
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = export.config_for("llama", json.loads(Path(config_path).read_text()))
+    cfg.torchscript, cfg.use_cache = True, False
+    cfg._attn_implementation = "eager"
+    m = export.model_for_config(cfg).float().eval()
+    ModuleWrapperManager(model=m).substitute_attention_module(m)
+    tok = Tokenizer.from_file(tokenizer)
+    holder = {"c": ActivationCache()}
+    last = [(-1,)]
+    for i, lay in enumerate(m.model.layers):
+        lay.register_forward_hook(lambda mod, a, k, o, i=i: save_resid_hook(mod, a, k, o, cache=holder["c"], cache_key=f"resid_out_{i}", token_indexes=last), with_kwargs=True)
+    m.model.layers[0].self_attn.attention_matrix_hook.register_forward_hook(
+        lambda mod, a, k, o: attention_pattern_head(mod, a, k, o, token_indexes=last, layer=0, cache=holder["c"]), with_kwargs=True)
+    lines = [l.strip() for l in open(prompts) if l.strip()]
+    all_cache = ActivationCache()
+    t = time.perf_counter()
+    n_tokens = 0
+    with torch.no_grad():
+        for s in range(0, len(lines), batch):
+            enc = [tok.encode(x).ids for x in lines[s:s + batch]]
+            L = max(map(len, enc))
+            ids = torch.tensor([[0] * (L - len(e)) + e for e in enc])
+            mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
+            n_tokens += sum(map(len, enc))
+            holder["c"] = ActivationCache()
+            m(ids, attention_mask=mask)
+            all_cache.cat(holder["c"])
+    secs = time.perf_counter() - t
+    print(json.dumps({"secs": secs, "tokens": n_tokens, "keys": len(all_cache.keys())}))
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--easyroutine-worker":
+        return easyroutine_worker(*sys.argv[2:5], int(sys.argv[5]))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("hookrs")
+    ap.add_argument("model")
+    ap.add_argument("config")
+    ap.add_argument("workdir")
+    ap.add_argument("--prompts", type=int, default=2000)
+    ap.add_argument("--scale", type=int, default=10, help="the RSS check runs PROMPTS x SCALE prompts too (1 skips it)")
+    a = ap.parse_args()
+    wd = Path(a.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    model = Path(a.model)
+    tokenizer = model.with_name(model.stem + ".tokenizer.json")
+    heads = json.loads(Path(a.config).read_text())["num_attention_heads"]
+    cfg = wd / "extract.json"
+    cfg.write_text(json.dumps({"extract_resid_out": True, "extract_attn_pattern": True, "attn_heads": [{"layer": 0, "head": h} for h in range(heads)]}))
+    early = wd / "early.json"
+    early.write_text(json.dumps({"extract_attn_pattern": True, "attn_heads": [{"layer": 1, "head": h} for h in range(heads)]}))
+    p1 = wd / f"prompts{a.prompts}.txt"
+    prompts_file(p1, a.prompts)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+
+    def hookrs(prompts, out, config, *extra):
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+        d = child_rss([a.hookrs, "extract", "--model", model, "--prompts", prompts, "--config", config, "--batch-size", "8",
+                       "--chunk-size", "16MiB", "--out", out, *extra])
+        line = d["out"].strip().splitlines()[-1]
+        d["padding"] = float(line.split("padding ")[1].split(" ")[0])
+        d["tokens"] = int(line.split(" tokens in")[0].split(", ")[-1])
+        return d
+
+    print(f"bench dataset: easyroutine loop over {a.prompts} prompts...", file=sys.stderr)
+    er = child_rss([sys.executable, __file__, "--easyroutine-worker", a.config, tokenizer, p1, "8"])
+    er_run = json.loads(er["out"].strip().splitlines()[-1])
+    print("bench dataset: hookrs extract (buckets, file order, early stop)...", file=sys.stderr)
+    ours = hookrs(p1, wd / "out", cfg)
+    unsorted = hookrs(p1, wd / "out-unsorted", cfg, "--no-sort")
+    stop = hookrs(p1, wd / "out-early", early)
+    full = hookrs(p1, wd / "out-full", early, "--full-forward")
+    print(f"bench llama ({a.config}), {a.prompts} prompts of 10-256 words, resid_out of every layer + layer-0 patterns at the last token, CPU, 2 threads, batch 8\n")
+    print("| run | tokens | s | tokens/s | peak RSS MB | ratio |")
+    print("|---|---|---|---|---|---|")
+    er_tps = er_run["tokens"] / er_run["secs"]
+    print(f"| easyroutine loop (eager, hooks, ActivationCache.cat per batch; forward loop only) | {er_run['tokens']} | {er_run['secs']:.1f} | {er_tps:.0f} | {er['rss_mb']:.0f} | 1.00 |")
+    tps = ours["tokens"] / ours["secs"]
+    print(f"| hookrs extract, end to end (process start, read, tokenize, forward, write) | {ours['tokens']} | {ours['secs']:.1f} | {tps:.0f} | {ours['rss_mb']:.0f} | {tps / er_tps:.2f}x tokens/s, {ours['rss_mb'] / er['rss_mb']:.2f}x RSS |")
+    print(f"\n| padding (computed / real tokens) | value |\n|---|---|\n| length buckets (default) | {ours['padding']:.3f} |\n| file order (--no-sort) | {unsorted['padding']:.3f} |")
+    print(f"\n| early stop: layer-1 patterns only | s | ratio |\n|---|---|---|\n| full forward (--full-forward) | {full['secs']:.1f} | 1.00 |\n| stops after layer 1 (default) | {stop['secs']:.1f} | {stop['secs'] / full['secs']:.2f}x |")
+    if a.scale > 1:
+        n2 = a.prompts * a.scale
+        p2 = wd / f"prompts{n2}.txt"
+        prompts_file(p2, n2)
+        print(f"bench dataset: hookrs extract over {n2} prompts (RSS check)...", file=sys.stderr)
+        big = hookrs(p2, wd / "out-big", cfg)
+        print(f"\n| peak RSS, same chunk size (16 MiB) | MB |\n|---|---|\n| {a.prompts} prompts | {ours['rss_mb']:.0f} |\n| {n2} prompts | {big['rss_mb']:.0f} ({(big['rss_mb'] / ours['rss_mb'] - 1) * 100:+.1f} %) |")
+
+
+if __name__ == "__main__":
+    main()
