@@ -21,11 +21,12 @@ pub struct Args {
     /// Prompts: --text "a b" "c d" or --text "a b" --text "c d"; needs the model's tokenizer.
     #[arg(long, num_args = 1..)]
     pub text: Vec<String>,
-    /// A file with one prompt per line, or JSONL whose --column field holds a text or a list of
-    /// token ids (pre-tokenized). Read as a stream, tokenized on its own thread.
+    /// A file with one prompt per line, JSONL, or Parquet (what HF `datasets` exports), whose
+    /// --column holds a text or a list of token ids (pre-tokenized). Read as a stream,
+    /// tokenized on its own thread.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// The JSONL field holding each prompt.
+    /// The JSONL field or Parquet column holding each prompt.
     #[arg(long, default_value = "text")]
     pub column: String,
     /// A line of --prompts that cannot be read: stop with its file:line, or skip it.

@@ -53,7 +53,7 @@ pub enum Source {
     Ids(Vec<Vec<i64>>),
     /// `--text`: prompts given on the command line.
     Texts(Vec<String>),
-    /// `--prompts FILE`: a text file (one prompt per line) or JSONL, read as a stream.
+    /// `--prompts FILE`: a text file (one prompt per line), JSONL, or Parquet, read as a stream.
     File { path: PathBuf, column: String, on_bad_line: BadLine },
 }
 
@@ -120,6 +120,12 @@ impl Source {
         match self {
             Source::Ids(ids) => Ok(ids.len() as u64),
             Source::Texts(t) => Ok(t.len() as u64),
+            Source::File { path, .. } if is_parquet(path) => {
+                use parquet::file::reader::FileReader;
+                let r = parquet::file::serialized_reader::SerializedFileReader::try_from(path.as_path())
+                    .map_err(|e| anyhow::anyhow!("--prompts {}: not a readable Parquet file: {e}", path.display()))?;
+                Ok(r.metadata().file_metadata().num_rows().max(0) as u64)
+            }
             Source::File { path, column, on_bad_line } => {
                 use std::io::BufRead;
                 let f = std::fs::File::open(path).with_context(|| format!("reading --prompts {}", path.display()))?;
@@ -165,6 +171,35 @@ impl Source {
                         if !send(encode(tok.as_ref().expect("tokenizer"), t, special)) {
                             return;
                         }
+                    }
+                }
+                Source::File { path, column, on_bad_line } if is_parquet(&path) => {
+                    let mut seen = 0u64;
+                    let result = each_parquet_row(&path, &column, &mut |row, line| {
+                        let at = format!("{}: row {row}", path.display());
+                        let example = match line {
+                            Ok(x) => x,
+                            Err(e) if on_bad_line == BadLine::Skip => {
+                                eprintln!("hookrs: warning: skipping {at}: {e:#}");
+                                return true;
+                            }
+                            Err(e) => {
+                                send(Err(anyhow::anyhow!("{at}: {e:#}").context("use --on-bad-line skip to skip such rows")));
+                                return false;
+                            }
+                        };
+                        seen += 1;
+                        if seen <= skip {
+                            return true;
+                        }
+                        let made = match example {
+                            Line::Ids(ids) => Ok(Example { ids, tokens: None }),
+                            Line::Text(t) => encode(tok.as_ref().expect("tokenizer"), &t, special).map_err(|e| anyhow::anyhow!("{at}: {e:#}")),
+                        };
+                        send(made)
+                    });
+                    if let Err(e) = result {
+                        send(Err(e));
                     }
                 }
                 Source::File { path, column, on_bad_line } => {
@@ -217,6 +252,56 @@ impl Source {
         });
         Ok(rx)
     }
+}
+
+fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// Calls `f(row number (1-based), the row's prompt)` for every row of a Parquet file, a row
+/// group at a time (the file is never loaded whole), until `f` returns false. The prompt is
+/// the `column` field: a string, or a list of integer token ids.
+fn each_parquet_row(path: &Path, column: &str, f: &mut dyn FnMut(usize, Result<Line>) -> bool) -> Result<()> {
+    use parquet::file::reader::FileReader;
+    use parquet::record::Field;
+    let r = parquet::file::serialized_reader::SerializedFileReader::try_from(path)
+        .map_err(|e| anyhow::anyhow!("--prompts {}: not a readable Parquet file: {e}", path.display()))?;
+    let columns: Vec<String> = r.metadata().file_metadata().schema_descr().root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
+    if !columns.iter().any(|c| c == column) {
+        bail!("--prompts {}: no column {column:?} (it has {}): choose one with --column", path.display(), columns.join(", "));
+    }
+    let rows = r.get_row_iter(None).map_err(|e| anyhow::anyhow!("--prompts {}: {e}", path.display()))?;
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| anyhow::anyhow!("{}: row {}: unreadable: {e}", path.display(), i + 1))?;
+        let field = row.get_column_iter().find(|(name, _)| name.as_str() == column).map(|(_, v)| v.clone());
+        let as_id = |x: &Field| -> Option<i64> {
+            match x {
+                Field::Long(v) => Some(*v),
+                Field::Int(v) => Some(*v as i64),
+                Field::Short(v) => Some(*v as i64),
+                Field::Byte(v) => Some(*v as i64),
+                Field::UInt(v) => Some(*v as i64),
+                Field::UShort(v) => Some(*v as i64),
+                Field::UByte(v) => Some(*v as i64),
+                Field::ULong(v) => i64::try_from(*v).ok(),
+                _ => None,
+            }
+        };
+        let line = match field {
+            Some(Field::Str(t)) if !t.trim().is_empty() => Ok(Line::Text(t)),
+            Some(Field::Str(_)) => Err(anyhow::anyhow!("column {column:?} is empty")),
+            Some(Field::ListInternal(l)) => match l.elements().iter().map(as_id).collect::<Option<Vec<i64>>>() {
+                Some(ids) if !ids.is_empty() => Ok(Line::Ids(ids)),
+                _ => Err(anyhow::anyhow!("column {column:?} is a list but not a non-empty list of integer token ids")),
+            },
+            Some(other) => Err(anyhow::anyhow!("column {column:?} holds {other}, expected a string or a list of token ids")),
+            None => Err(anyhow::anyhow!("column {column:?} is missing")),
+        };
+        if !f(i + 1, line) {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// One line of a prompt file: a text, or pre-tokenized ids.

@@ -333,3 +333,56 @@ fn special_tokens_are_added_as_transformers_does_unless_asked_not_to() {
     assert_eq!(first_tokens(&[]), serde_json::json!(["[BOS]", "the", "cat"]));
     assert_eq!(first_tokens(&["--no-special-tokens"]), serde_json::json!(["the", "cat"]));
 }
+
+/// A Parquet file with a `text` column (snappy, two row groups), as HF `datasets` writes.
+fn write_parquet(path: &Path, texts: &[&str]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = Arc::new(parquet::schema::parser::parse_message_type("message schema { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED INT64 n; }").unwrap());
+    let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
+    let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    for group in texts.chunks(texts.len().div_ceil(2)) {
+        let mut rg = w.next_row_group().unwrap();
+        let mut col = rg.next_column().unwrap().unwrap();
+        let vals: Vec<ByteArray> = group.iter().map(|t| ByteArray::from(*t)).collect();
+        col.typed::<ByteArrayType>().write_batch(&vals, None, None).unwrap();
+        col.close().unwrap();
+        let mut col = rg.next_column().unwrap().unwrap();
+        let ns: Vec<i64> = (0..group.len() as i64).collect();
+        col.typed::<parquet::data_type::Int64Type>().write_batch(&ns, None, None).unwrap();
+        col.close().unwrap();
+        rg.close().unwrap();
+    }
+    w.close().unwrap();
+}
+
+#[test]
+fn parquet_prompts_read_like_text_prompts() {
+    let (dir, m, _) = setup(1);
+    let texts = ["the cat sat", "a big red ball and then", "the dog ran", "on the mat"];
+    let pq = dir.path().join("train.parquet");
+    write_parquet(&pq, &texts);
+    let txt = dir.path().join("train.txt");
+    std::fs::write(&txt, texts.join("\n")).unwrap();
+    let load = |prompts: &Path, name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["extract", "--model", s(&m), "--prompts", s(prompts), "--extract", "resid_out", "--out", s(&out)];
+        args.extend_from_slice(extra);
+        let o = hookrs(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        hook_cache::ActivationCache::load(&out).unwrap()
+    };
+    let a = load(&pq, "pq", &[]);
+    let b = load(&txt, "txt", &[]);
+    assert!(a.tensor("resid_out_1").unwrap().equal(b.tensor("resid_out_1").unwrap()));
+    // sharded: the row count comes from the Parquet footer
+    let s0 = load(&pq, "pq0", &["--shard", "0/2"]);
+    assert_eq!(s0.tensor("resid_out_1").unwrap().size()[0], 2);
+    // a column that is not there, or not text
+    let o = hookrs(&["extract", "--model", s(&m), "--prompts", s(&pq), "--column", "prompt", "--out", s(&dir.path().join("x"))]);
+    assert!(stderr(&o).contains("no column \"prompt\" (it has text, n)"), "{}", stderr(&o));
+    let o = hookrs(&["extract", "--model", s(&m), "--prompts", s(&pq), "--column", "n", "--out", s(&dir.path().join("y"))]);
+    assert!(stderr(&o).contains("row 1: column \"n\" holds"), "{}", stderr(&o));
+}
