@@ -117,8 +117,10 @@ fn fault(point: &str, k: usize) -> bool {
     std::env::var("HOOKRS_FAULT").is_ok_and(|f| f == format!("{point}:{k}"))
 }
 
-/// Writes `bytes` at `path` durably and atomically; `fault_point` aborts halfway (tests).
-fn write_durable(path: &Path, bytes: &[u8], fault_point: Option<(&str, usize)>) -> Result<()> {
+/// Writes `bytes` at `path` durably and atomically (temporary file, sync, rename, folder
+/// sync; the temporary file is removed on failure); `fault_point` names the injected faults
+/// that apply (tests).
+pub(crate) fn write_durable(path: &Path, bytes: &[u8], fault_point: Option<(&str, usize)>) -> Result<()> {
     let io = |source| CacheError::Io { path: path.to_path_buf(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
