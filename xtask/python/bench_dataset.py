@@ -22,16 +22,6 @@ def prompts_file(path, n, seed=0):
             f.write(" ".join(rng.choice(words) for _ in range(rng.randint(10, 256))) + "\n")
 
 
-def run_child(cmd):
-    """Runs cmd; returns (seconds, peak RSS in MB, stdout)."""
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    secs = time.perf_counter() - t
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{r.stderr}")
-    return secs, r.stdout
-
-
 def child_rss(cmd):
     """Runs cmd in a fresh python that reports its child's peak RSS (MB)."""
     code = ("import resource, subprocess, sys, time, json; t=time.perf_counter(); "
@@ -111,7 +101,6 @@ def main():
     early.write_text(json.dumps({"extract_attn_pattern": True, "attn_heads": [{"layer": 1, "head": h} for h in range(heads)]}))
     p1 = wd / f"prompts{a.prompts}.txt"
     prompts_file(p1, a.prompts)
-    env = dict(os.environ, OMP_NUM_THREADS="2")
 
     def hookrs(prompts, out, config, *extra):
         import shutil
