@@ -8,7 +8,7 @@ resid_out of every layer at the last token plus layer-0 attention patterns at th
 CPU, 2 threads. Each side runs in its own process; peak RSS is the process's ru_maxrss.
 Prints a markdown report.
 """
-import argparse, json, os, random, resource, subprocess, sys, time
+import argparse, json, random, subprocess, sys, time
 from pathlib import Path
 
 HERE = Path(__file__).parent
