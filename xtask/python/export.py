@@ -27,21 +27,67 @@ import torch
 
 HERE = Path(__file__).parent
 
-# Tiny random models: GQA in llama, mistral and qwen2; q/k/v bias in qwen2.
+# Tiny random models, one per family: GQA in llama, mistral, qwen2, gemma3, phi3, qwen3, gemma2 and
+# olmo2; q/k/v bias in qwen2; attention bias in gpt2 and gpt_neox; partial rotary in gpt_neox and
+# phi3; q/k norms in qwen3 and olmo2; soft-capping and alternating sliding windows in gemma2.
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64),
     "qwen2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2),
     "gemma3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                    sliding_window=64, query_pre_attn_scalar=16),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25, attention_bias=True),
+    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
+                 sliding_window=None),
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   sliding_window=4, query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=30.0),
+    "olmo2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+}
+CONFIG_CLASS = {
+    "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma3": "Gemma3TextConfig", "gpt2": "GPT2Config",
+    "gpt_neox": "GPTNeoXConfig", "phi3": "Phi3Config", "qwen3": "Qwen3Config", "gemma2": "Gemma2Config", "olmo2": "Olmo2Config",
 }
 VOCAB = 256
 
+# Each family's layout, as data: where its modules are and the facts the ops need. Every
+# easyroutine component name is built from these by `templates`, so resid_in/mid/out, attn_in/out,
+# mlp_out, head_*, patterns and last_layernorm mean the same thing on every family:
+#   resid_mid   the MLP's input (Llama's post_attention_layernorm output, easyroutine's template;
+#               GPT-2's ln_2 output; Gemma 2's pre_feedforward_layernorm output; OLMo 2's
+#               un-normed residual, as OLMo 2 norms after the MLP). Gemma 3 keeps easyroutine's
+#               template (its post_attention_layernorm, which norms the attention output).
+#   qkv         separate: q_proj/k_proj/v_proj; concat: one projection, [q | k | v] on the last
+#               dim (GPT-2 c_attn, Phi-3 qkv_proj); per_head: [q_h | k_h | v_h] per head (NeoX).
+#   o_weight    out_in: nn.Linear's [out, in]; in_out: GPT-2's Conv1D, transposed.
+#   parallel    attention and MLP read the same residual (NeoX's use_parallel_residual): no
+#               resid_mid exists.
+LLAMA = dict(layers="model.layers", attn="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", mlp_in="post_attention_layernorm.output",
+             mlp_out="mlp.down_proj", final_norm="model.norm", embed="model.embed_tokens", unembed="lm_head", qkv="separate", o_weight="out_in",
+             norm="RMS", parallel=False)
+LAYOUTS = {
+    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gemma3": LLAMA, "qwen3": LLAMA,
+    "gemma2": dict(LLAMA, mlp_in="pre_feedforward_layernorm.output"),
+    "olmo2": dict(LLAMA, mlp_in="mlp.input"),
+    "phi3": dict(LLAMA, q="qkv_proj", k="qkv_proj", v="qkv_proj", qkv="concat"),
+    "gpt2": dict(layers="transformer.h", attn="attn", q="c_attn", k="c_attn", v="c_attn", o="c_proj", mlp_in="ln_2.output", mlp_out="mlp.c_proj",
+                 final_norm="transformer.ln_f", embed="transformer.wte", unembed="lm_head", qkv="concat", o_weight="in_out", norm="LayerNorm",
+                 parallel=False),
+    "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", q="query_key_value", k="query_key_value", v="query_key_value", o="dense",
+                     mlp_in="mlp.input", mlp_out="mlp.dense_4h_to_h", final_norm="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in",
+                     unembed="embed_out", qkv="per_head", o_weight="out_in", norm="LayerNorm", parallel=True),
+}
+# model_type (config.json) -> family
+MODEL_TYPES = {"gemma3_text": "gemma3", **{f: f for f in LAYOUTS}}
+
 
 def config_for(family, overrides):
-    from transformers import AutoConfig, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[family]
+    import transformers
+    cls = getattr(transformers, CONFIG_CLASS[family])
     kw = dict(vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if family == "gpt2":
+        kw.pop("max_position_embeddings")
     kw.update(TINY[family])
     kw.update(overrides)
     return cls(**kw)
@@ -54,37 +100,49 @@ def model_for_config(cfg):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def templates(prefix=""):
-    p = prefix
-    return {
-        "residual_stream_input_hook_name": f"{p}model.layers[{{}}].input",
-        "residual_stream_hook_name": f"{p}model.layers[{{}}].output",
-        "intermediate_stream_hook_name": f"{p}model.layers[{{}}].post_attention_layernorm.output",
-        "residual_stream_input_post_layernorm_hook_name": f"{p}model.layers[{{}}].self_attn.input",
-        "head_query_hook_name": f"{p}model.layers[{{}}].self_attn.q_proj.output",
-        "head_key_hook_name": f"{p}model.layers[{{}}].self_attn.k_proj.output",
-        "head_value_hook_name": f"{p}model.layers[{{}}].self_attn.v_proj.output",
-        "attn_in_hook_name": f"{p}model.layers[{{}}].self_attn.input",
-        "attn_out_hook_name": f"{p}model.layers[{{}}].self_attn.o_proj.output",
-        "attn_o_proj_input_hook_name": f"{p}model.layers[{{}}].self_attn.o_proj.input",
-        "attn_matrix_hook_name": f"{p}model.layers[{{}}].self_attn.attention_matrix_hook.output",
-        "attn_matrix_pre_softmax_hook_name": f"{p}model.layers[{{}}].self_attn.attention_matrix_pre_softmax_hook.output",
-        "mlp_out_hook_name": f"{p}model.layers[{{}}].mlp.down_proj.output",
-        "last_layernorm_hook_name": f"{p}model.norm.input",
-        "embed_tokens": f"{p}model.embed_tokens.output",
-        "attn_out_proj_weight": f"{p}model.layers.{{}}.self_attn.o_proj.weight",
-        "attn_out_proj_bias": f"{p}model.layers.{{}}.self_attn.o_proj.bias",
-        "unembed_matrix": f"{p}lm_head.weight",
-        "last_layernorm": f"{p}model.norm",
+def templates(lay, parallel_reason=None):
+    L = lay["layers"] + "[{}]"
+    P = lay["layers"] + ".{}"  # parameter names are dotted
+    a = f"{L}.{lay['attn']}"
+    t = {
+        "residual_stream_input_hook_name": f"{L}.input",
+        "residual_stream_hook_name": f"{L}.output",
+        "intermediate_stream_hook_name": f"{L}.{lay['mlp_in']}",
+        "residual_stream_input_post_layernorm_hook_name": f"{a}.input",
+        "head_query_hook_name": f"{a}.{lay['q']}.output",
+        "head_key_hook_name": f"{a}.{lay['k']}.output",
+        "head_value_hook_name": f"{a}.{lay['v']}.output",
+        "attn_in_hook_name": f"{a}.input",
+        "attn_out_hook_name": f"{a}.{lay['o']}.output",
+        "attn_o_proj_input_hook_name": f"{a}.{lay['o']}.input",
+        "attn_matrix_hook_name": f"{a}.attention_matrix_hook.output",
+        "attn_matrix_pre_softmax_hook_name": f"{a}.attention_matrix_pre_softmax_hook.output",
+        "mlp_out_hook_name": f"{L}.{lay['mlp_out']}.output",
+        "last_layernorm_hook_name": f"{lay['final_norm']}.input",
+        "embed_tokens": f"{lay['embed']}.output",
+        "attn_out_proj_weight": f"{P}.{lay['attn']}.{lay['o']}.weight",
+        "attn_out_proj_bias": f"{P}.{lay['attn']}.{lay['o']}.bias",
+        "unembed_matrix": f"{lay['unembed']}.weight",
+        "last_layernorm": lay["final_norm"],
     }
+    if lay["parallel"]:
+        del t["intermediate_stream_hook_name"]
+    return t
 
 
-def description(model, family, source):
+def description(model, family, source, architecture):
     c = model.config
+    lay = LAYOUTS[family]
     heads = c.num_attention_heads
+    unavailable = {}
+    if lay["parallel"]:
+        unavailable["intermediate_stream_hook_name"] = (
+            f"{architecture} runs attention and MLP in parallel on the same residual (use_parallel_residual), so there is no residual "
+            "stream between them (TransformerLens leaves hook_resid_mid out too); use resid_in, attn_out, mlp_out or resid_out")
+    final_norm = model.get_submodule(lay["final_norm"])
     return {
-        "hookrs_description_version": 1,
-        "architecture": type(model).__name__,
+        "hookrs_description_version": 2,
+        "architecture": architecture,
         "family": family,
         "source": source,
         "num_hidden_layers": c.num_hidden_layers,
@@ -93,12 +151,35 @@ def description(model, family, source):
         "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads,
         "hidden_size": c.hidden_size,
         "vocab_size": c.vocab_size,
-        "has_qkv_bias": bool(getattr(c, "attention_bias", False) or family == "qwen2"),
-        "has_o_proj_bias": bool(getattr(c, "attention_bias", False)),
-        "layernorm_type": "RMS",
+        "has_qkv_bias": bool(getattr(c, "attention_bias", False) or family in ("qwen2", "gpt2")),
+        "has_o_proj_bias": bool(getattr(c, "attention_bias", False) or family == "gpt2"),
+        "layernorm_type": lay["norm"],
+        "layernorm_eps": float(getattr(final_norm, "eps", None) or getattr(final_norm, "variance_epsilon", None) or 1e-5),
+        "qkv_layout": lay["qkv"],
+        "o_proj_weight_layout": lay["o_weight"],
+        "parallel_attn_mlp": lay["parallel"],
+        "position_ids": "from_attention_mask",
+        "unavailable": unavailable,
         "inputs": ["input_ids", "attention_mask"],
-        "templates": templates(),
+        "templates": templates(lay),
     }
+
+
+def with_mask_positions(model):
+    """The model, whose forward takes (input_ids, attention_mask) by position and derives the
+    position ids from the mask: each example's first real token is position 0 whatever its left
+    padding (HF's default positions count the padding, which shifts every absolute-position model
+    such as GPT-2 under left padding). The module tree, and so every component name, is unchanged."""
+    base = type(model)
+
+    class WithMaskPositions(base):
+        def forward(self, input_ids, attention_mask):
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    WithMaskPositions.__name__ = WithMaskPositions.__qualname__ = base.__name__
+    model.__class__ = WithMaskPositions
+    return model
 
 
 def word_tokenizer(path):
@@ -121,8 +202,14 @@ def trace(model, vocab, device="cpu"):
         eager = model(ids, attention_mask=mask)[0]
         got = traced(ids, mask)[0]
         diff = (eager - got).abs().max().item()
-        if diff > (1e-5 if str(device) == "cpu" else 1e-3):
+        tol = 1e-5 if str(device) == "cpu" else 1e-3
+        if diff > tol:
             raise SystemExit(f"export: the traced model differs from the eager one by {diff}")
+        # the left-padded row gives what its tokens give alone
+        alone = traced(ids[1:, 2:], mask[1:, 2:])[0]
+        diff = (got[1:, 2:] - alone).abs().max().item()
+        if diff > tol:
+            raise SystemExit(f"export: a left-padded example differs from the same example alone by {diff}")
     return traced
 
 
@@ -162,10 +249,13 @@ def main():
         cfg = AutoConfig.from_pretrained(a.source)
         model = AutoModelForCausalLM.from_pretrained(a.source, torchscript=True, use_cache=False, attn_implementation="eager",
                                                      torch_dtype=torch.float32)
-        family, source = cfg.model_type, a.source
-    model = model.to(device)
+        family, source = MODEL_TYPES.get(cfg.model_type, cfg.model_type), a.source
+    architecture = type(model).__name__
+    if family not in LAYOUTS:
+        raise SystemExit(f"export: no layout for model_type {family!r}; hookrs knows: {', '.join(sorted(MODEL_TYPES))}")
+    model = with_mask_positions(model.to(device))
     traced = trace(model, model.config.vocab_size, device)
-    desc = description(model, family, source)
+    desc = description(model, family, source, architecture)
     tmp = out.with_suffix(".pt.tmp")
     torch.jit.save(traced, str(tmp), _extra_files={"hookrs.json": json.dumps(desc)})
     tmp.replace(out)

@@ -44,7 +44,10 @@ for _name in ("projected_key_vectors_head", "projected_query_vectors_head"):
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gpt_neox", "phi3", "qwen3", "gemma2", "olmo2"]
+# easyroutine 1.1.5 wraps the attention of these (its ModuleWrapperManager); the others get the
+# same two identity sites around their softmax from `adapt` below.
+WRAPPED = {"llama", "mistral", "qwen2", "gemma3"}
 
 # Each case: (name, config fields, token groups, row positions)
 TOKENS = [[2, 3], [-1]]
@@ -77,15 +80,30 @@ CASES.append(("save_input_ids", {"save_input_ids": True, "extract_resid_out": Tr
 VOCAB_INDEX = 7
 # interventions (easyroutine's intervention hooks registered before the extraction hooks)
 INTERVENTIONS = [
-    ("ablate_resid", [{"kind": "resid", "component": "model.layers[0].output", "positions": [2, 3]}]),
+    ("ablate_resid", [{"kind": "resid", "template": "residual_stream_hook_name", "layer": 0, "positions": [2, 3]}]),
     ("ablate_heads", [{"kind": "heads", "layer": 1, "heads": [0, 2]}]),
     ("ablate_attn_block", [{"kind": "attn", "layer": 0, "q_positions": [5, 6], "k_positions": [1, 2], "head": 1, "multiplication_value": 0.0, "apply_softmax": False}]),
     ("scale_attn_block_softmax", [{"kind": "attn", "layer": 1, "q_positions": [7], "k_positions": [0], "head": 0, "multiplication_value": 3.0, "apply_softmax": True}]),
-    ("ablate_key_head", [{"kind": "qkv", "component": "model.layers[1].self_attn.k_proj.output", "positions": [3, 4], "head": 0}]),
-    ("ablate_mlp_and_query", [{"kind": "resid", "component": "model.layers[1].mlp.down_proj.output", "positions": [7]},
-                              {"kind": "qkv", "component": "model.layers[0].self_attn.q_proj.output", "positions": [1], "head": 2}]),
+    ("ablate_key_head", [{"kind": "qkv", "which": "key", "layer": 1, "positions": [3, 4], "head": 0}]),
+    ("ablate_mlp_and_query", [{"kind": "resid", "template": "mlp_out_hook_name", "layer": 1, "positions": [7]},
+                              {"kind": "qkv", "which": "query", "layer": 0, "positions": [1], "head": 2}]),
 ]
+QKV_TEMPLATE = {"query": "head_query_hook_name", "key": "head_key_hook_name", "value": "head_value_hook_name"}
 CASES += [(f"intervene_{n}", {"extract_resid_out": True, "extract_attn_pattern": True}) for n, _ in INTERVENTIONS]
+
+
+def resolve(ivs, templates):
+    """The harness's interventions with their components named for this family (`templates`:
+    the names easyroutine hooks)."""
+    out = []
+    for iv in ivs:
+        iv = dict(iv)
+        if iv["kind"] == "resid":
+            iv["component"] = templates[iv.pop("template")].format(iv.pop("layer"))
+        elif iv["kind"] == "qkv":
+            iv["component"] = templates[QKV_TEMPLATE[iv["which"]]].format(iv["layer"])
+        out.append(iv)
+    return out
 
 
 def intervention_hooks(ivs, desc):
@@ -108,6 +126,69 @@ def intervention_hooks(ivs, desc):
                                                                                  head_dim=desc["head_dim"], num_key_value_groups=nh // nkv, num_attention_heads=nh,
                                                                                  patching_values="ablation")})
     return out
+
+
+_current_attention = []
+
+
+def _hooked_softmax(original):
+    def softmax(x, *args, **kwargs):
+        if not _current_attention or _current_attention[-1] is None:
+            return original(x, *args, **kwargs)
+        m = _current_attention[-1]
+        _current_attention.append(None)  # a hook calling softmax itself (apply_softmax) gets the plain one
+        try:
+            return m.attention_matrix_hook(original(m.attention_matrix_pre_softmax_hook(x), *args, **kwargs))
+        finally:
+            _current_attention.pop()
+    return softmax
+
+
+def adapt(model, family, desc):
+    """Gives the eager model of a family easyroutine does not know the sites easyroutine's hooks
+    need, without changing what it computes, and returns the templates easyroutine hooks:
+    - the attention pattern: identity modules `attention_matrix_pre_softmax_hook` and
+      `attention_matrix_hook` around the attention's softmax (as easyroutine's wrappers add);
+    - fused q/k/v projections: identity modules `hookrs_q`, `hookrs_k`, `hookrs_v` that the
+      fused output passes through, split and joined again with HF's own layout, so
+      easyroutine's per-head hooks (and interventions) see what `q_proj`/`k_proj`/`v_proj` give;
+    - a Conv1D output projection (GPT-2): its weight transposed to nn.Linear's layout."""
+    t = dict(desc["templates"])
+    if family in WRAPPED:
+        return t
+    lay = export.LAYOUTS[family]
+    nh, nkv, hd = desc["num_attention_heads"], desc["num_key_value_heads"], desc["head_dim"]
+    if not hasattr(torch.nn.functional, "_hookrs_original_softmax"):
+        torch.nn.functional._hookrs_original_softmax = torch.nn.functional.softmax
+        torch.nn.functional.softmax = _hooked_softmax(torch.nn.functional._hookrs_original_softmax)
+    for layer in model.get_submodule(lay["layers"]):
+        attn = getattr(layer, lay["attn"])
+        attn.attention_matrix_pre_softmax_hook = torch.nn.Identity()
+        attn.attention_matrix_hook = torch.nn.Identity()
+        attn.register_forward_pre_hook(lambda m, a: _current_attention.append(m))
+        attn.register_forward_hook(lambda m, a, o: (_current_attention.pop(), None)[1])
+        if lay["qkv"] != "separate":
+            attn.hookrs_q, attn.hookrs_k, attn.hookrs_v = torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity()
+
+            def through(m, a, out, attn=attn):
+                if lay["qkv"] == "concat":
+                    q, k, v = out.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+                    return torch.cat([attn.hookrs_q(q), attn.hookrs_k(k), attn.hookrs_v(v)], -1)
+                parts = out.view(*out.shape[:-1], nh, 3 * hd).chunk(3, -1)  # NeoX
+                q, k, v = (p.reshape(*out.shape[:-1], nh * hd) for p in parts)
+                q, k, v = attn.hookrs_q(q), attn.hookrs_k(k), attn.hookrs_v(v)
+                return torch.cat([x.view(*out.shape[:-1], nh, hd) for x in (q, k, v)], -1).reshape(out.shape)
+            getattr(attn, lay["q"]).register_forward_hook(through)
+        if lay["o_weight"] == "in_out":
+            attn.hookrs_o_weight = torch.nn.Parameter(getattr(attn, lay["o"]).weight.detach().t().contiguous(), requires_grad=False)
+    a = lay["layers"] + "[{}]." + lay["attn"]
+    if lay["qkv"] != "separate":
+        t.update(head_query_hook_name=f"{a}.hookrs_q.output", head_key_hook_name=f"{a}.hookrs_k.output", head_value_hook_name=f"{a}.hookrs_v.output")
+    if lay["o_weight"] == "in_out":
+        t["attn_out_proj_weight"] = lay["layers"] + ".{}." + lay["attn"] + ".hookrs_o_weight"
+    return t
+
+
 # rows that easyroutine computes differently than documented (see parity ops)
 DEVIATIONS = {
     "qkv_kv_head": "head_keys_/head_values_: easyroutine's query_key_value_hook picks the wrong kv head (see ops).",
@@ -117,15 +198,13 @@ DEVIATIONS = {
 }
 
 
-def model_config(desc):
-    t = dict(desc["templates"])
-    t["attn_out_proj_weight"] = "model.layers[{}].self_attn.o_proj.weight"
-    t["attn_out_proj_bias"] = "model.layers[{}].self_attn.o_proj.bias"
+def model_config(desc, t):
+    t = {"intermediate_stream_hook_name": "(none: the family has no resid_mid)", **t}
     fields = {k: v for k, v in t.items() if k in ModelConfig.__dataclass_fields__}
     return ModelConfig(**fields, num_hidden_layers=desc["num_hidden_layers"], num_attention_heads=desc["num_attention_heads"],
                        hidden_size=desc["hidden_size"], num_key_value_heads=desc["num_key_value_heads"],
                        num_key_value_groups=desc["num_attention_heads"] // desc["num_key_value_heads"], head_dim=desc["head_dim"],
-                       layernorm_type="RMS")
+                       layernorm_type=desc["layernorm_type"])
 
 
 def flat(prefix, v, acc):
@@ -188,11 +267,15 @@ for family in FAMILIES:
     cfg.torchscript, cfg.use_cache = True, False
     cfg._attn_implementation = "eager"
     model = export.model_for_config(cfg).float().eval()
+    architecture = type(model).__name__
+    model = export.with_mask_positions(model)
     traced = export.trace(model, cfg.vocab_size)
-    desc = export.description(model, family, f"random:{family}:seed=0")
+    desc = export.description(model, family, f"random:{family}:seed=0", architecture)
     torch.jit.save(traced, str(out / f"{family}.pt"), _extra_files={"hookrs.json": json.dumps(desc)})
     ModuleWrapperManager(model=model).substitute_attention_module(model)
-    me = SimpleNamespace(model_config=model_config(desc), hf_model=model, additional_interventions=None, additional_hooks=[],
+    er_templates = adapt(model, family, desc)
+    lay = export.LAYOUTS[family]
+    me = SimpleNamespace(model_config=model_config(desc, er_templates), hf_model=model, additional_interventions=None, additional_hooks=[],
                          intervention_manager=None, first_device="cpu", assert_module_exists=lambda c: None)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (1, 8), generator=g)
@@ -202,6 +285,10 @@ for family in FAMILIES:
     seq = ids.shape[1]
     token_indexes = [tuple(p if p >= 0 else seq + p for p in grp) for grp in TOKENS]
     for name, fields in CASES:
+        if "intermediate_stream_hook_name" not in desc["templates"]:
+            if fields.get("extract_resid_mid") and name.startswith("resid_mid"):
+                continue  # no resid_mid in this family (tests/families.rs checks the error)
+            fields = {k: v for k, v in fields.items() if k != "extract_resid_mid"}
         ec = ExtractionConfig(**fields)
         cache = ActivationCache()
         token_dict = {}
@@ -211,15 +298,16 @@ for family in FAMILIES:
                                          token_dict=token_dict, extraction_config=ec, interventions=None, batch_idx=None, external_cache=None)
         ivs = dict(INTERVENTIONS).get(name.removeprefix("intervene_")) if name.startswith("intervene_") else None
         if ivs:
-            hooks = intervention_hooks(ivs, desc) + hooks
+            hooks = intervention_hooks(resolve(ivs, er_templates), desc) + hooks
+            ivs = resolve(ivs, desc["templates"])
         handles = HookedModel.set_hooks(me, hooks)
         # capture what the documented behaviour needs where easyroutine deviates
         seen = {}
-        for l, layer in enumerate(model.model.layers):
-            for nm in ("k_proj", "v_proj"):
-                handles.append(getattr(layer.self_attn, nm).register_forward_hook(
-                    lambda mod, a, o, key=f"{nm}{l}": seen.__setitem__(key, o.detach())))
-        handles.append(model.model.norm.register_forward_pre_hook(lambda mod, a: seen.__setitem__("norm_in", a[0].detach())))
+        for l in range(desc["num_hidden_layers"]):
+            for nm, template in (("k_proj", "head_key_hook_name"), ("v_proj", "head_value_hook_name")):
+                site = model.get_submodule(er_templates[template].format(l).removesuffix(".output").replace("[", ".").replace("]", ""))
+                handles.append(site.register_forward_hook(lambda mod, a, o, key=f"{nm}{l}": seen.__setitem__(key, o.detach())))
+        handles.append(model.get_submodule(lay["final_norm"]).register_forward_pre_hook(lambda mod, a: seen.__setitem__("norm_in", a[0].detach())))
         flatpos = [i for grp in token_indexes for i in grp]
         if ec.keep_gradient:
             logits = model(ids, attention_mask=mask)[0]

@@ -9,6 +9,7 @@
 //! | [`select`] | token-group selection shared by every hook (flatten / per-group mean) |
 //! | [`stats`] | `compute_statistics`, `layernom_hook` |
 //! | [`resid`] | `save_resid_hook`, `input_embedding_hook`, `embed_hook`, `avg_hook` |
+//! | [`fused`] | (none: easyroutine has no fused projections) the queries, keys and values inside GPT-2's `c_attn`, NeoX's `query_key_value`, Phi-3's `qkv_proj` |
 //! | [`heads`] | `repeat_kv`, `query_key_value_hook`, `head_out_hook`, `projected_*_vectors_head` |
 //! | [`pattern`] | `attention_pattern_head`, `avg_attention_pattern_head` |
 //! | [`intervene`] | `intervention_*_hook`, `multiply_pattern`, `ablate_pos_keep_self_attn_hook` |
@@ -30,6 +31,7 @@
 //! ```
 
 pub mod error;
+pub mod fused;
 pub mod heads;
 pub mod intervene;
 pub mod keyed;
@@ -39,6 +41,7 @@ pub mod select;
 pub mod stats;
 
 pub use error::{OpsError, Result};
+pub use fused::{Qkv, QkvLayout};
 pub use heads::HeadLayout;
 pub use intervene::Patch;
 pub use keyed::Keyed;

@@ -92,8 +92,10 @@ fn interventions_of(v: &Json) -> anyhow::Result<Vec<Intervention>> {
                     patch: PatchValue::Ablation,
                     apply_softmax: iv["apply_softmax"].as_bool().unwrap_or(false),
                 },
-                "qkv" => Intervention::QueryKeyValue {
-                    component: iv["component"].as_str().unwrap_or_default().into(),
+                // by layer: the description names the site and, for fused projections, the part
+                "qkv" => Intervention::QkvHead {
+                    layer: iv["layer"].as_u64().unwrap_or(0) as usize,
+                    which: serde_json::from_value(iv["which"].clone())?,
                     positions: ints(&iv["positions"]),
                     head: iv["head"].as_u64().unwrap_or(0) as usize,
                     patch: PatchValue::Ablation,

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use hook_ops::HeadLayout;
+use hook_ops::{HeadLayout, Qkv, QkvLayout};
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
 use crate::error::{Result, TorchError};
 
@@ -35,6 +36,37 @@ pub struct ModelDescription {
     /// `model.layers[{}].output`.
     #[serde(default)]
     pub templates: BTreeMap<String, String>,
+    /// How queries, keys and values sit in the outputs the `head_{query,key,value}_hook_name`
+    /// templates name (fused in GPT-2, GPT-NeoX, Phi-3).
+    #[serde(default)]
+    pub qkv_layout: QkvLayout,
+    /// How the attention output projection stores its weight.
+    #[serde(default)]
+    pub o_proj_weight_layout: WeightLayout,
+    /// `RMS` or `LayerNorm`: the kind of the model's norms (the final one included).
+    #[serde(default = "rms")]
+    pub layernorm_type: String,
+    /// Attention and MLP read the same residual (GPT-NeoX's parallel residual).
+    #[serde(default)]
+    pub parallel_attn_mlp: bool,
+    /// Templates the family does not have, each with the reason (NeoX: no resid_mid).
+    #[serde(default)]
+    pub unavailable: BTreeMap<String, String>,
+}
+
+fn rms() -> String {
+    "RMS".into()
+}
+
+/// How a projection's weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightLayout {
+    /// `nn.Linear`: `[out_features, in_features]`.
+    #[default]
+    OutIn,
+    /// GPT-2's `Conv1D`: `[in_features, out_features]`.
+    InOut,
 }
 
 impl ModelDescription {
@@ -50,11 +82,15 @@ impl ModelDescription {
     ///     architecture: "LlamaForCausalLM".into(), family: "llama".into(), source: String::new(),
     ///     num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, hidden_size: 64, vocab_size: 256,
     ///     templates: [("residual_stream_hook_name".to_string(), "model.layers[{}].output".to_string())].into(),
+    ///     ..hook_torch::ModelDescription::default()
     /// };
     /// assert_eq!(d.component("residual_stream_hook_name", 1).unwrap(), "model.layers[1].output");
     /// assert!(d.component("nope", 0).is_err());
     /// ```
     pub fn component(&self, name: &str, layer: usize) -> Result<String> {
+        if let Some(why) = self.unavailable.get(name) {
+            return Err(TorchError::Input(format!("{} has no `{name}`: {why}", self.architecture)));
+        }
         let t = self.templates.get(name).ok_or_else(|| {
             TorchError::Description(format!("has no component template `{name}` (it has: {})", self.templates.keys().cloned().collect::<Vec<_>>().join(", ")))
         })?;
@@ -64,5 +100,63 @@ impl ModelDescription {
     /// The attention layout.
     pub fn layout(&self) -> Result<HeadLayout> {
         Ok(HeadLayout::new(self.num_attention_heads as i64, self.num_key_value_heads as i64, self.head_dim as i64)?)
+    }
+
+    /// The template naming the output that holds `which` (`head_query_hook_name`, …).
+    pub fn qkv_template(which: Qkv) -> &'static str {
+        match which {
+            Qkv::Query => "head_query_hook_name",
+            Qkv::Key => "head_key_hook_name",
+            Qkv::Value => "head_value_hook_name",
+        }
+    }
+
+    /// The queries, keys or values in `x`, the main tensor of the site
+    /// [`ModelDescription::qkv_template`] names: `x` itself with separate projections, the
+    /// right part of it with a fused one.
+    ///
+    /// ```
+    /// use tch::{Device, Kind, Tensor};
+    /// let d = hook_torch::ModelDescription {
+    ///     num_attention_heads: 2, num_key_value_heads: 2, head_dim: 2,
+    ///     qkv_layout: hook_ops::QkvLayout::Concat, ..hook_torch::ModelDescription::default()
+    /// };
+    /// let x = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([1, 1, 12]);
+    /// assert_eq!(d.qkv_part(&x, hook_ops::Qkv::Value).unwrap().double_value(&[0, 0, 0]), 8.0);
+    /// ```
+    pub fn qkv_part(&self, x: &Tensor, which: Qkv) -> Result<Tensor> {
+        Ok(hook_ops::fused::qkv_part(x, self.qkv_layout, which, &self.layout()?)?)
+    }
+
+    /// The attention output projection's weight as `[d_model, heads * head_dim]` (nn.Linear's
+    /// layout, whatever the model stores).
+    pub fn o_proj_weight(&self, stored: &Tensor) -> Tensor {
+        match self.o_proj_weight_layout {
+            WeightLayout::OutIn => stored.shallow_clone(),
+            WeightLayout::InOut => stored.transpose(0, 1),
+        }
+    }
+}
+
+impl Default for ModelDescription {
+    /// An empty description (no templates, zero sizes): a base for struct-update syntax.
+    fn default() -> Self {
+        Self {
+            architecture: String::new(),
+            family: String::new(),
+            source: String::new(),
+            num_hidden_layers: 0,
+            num_attention_heads: 0,
+            num_key_value_heads: 0,
+            head_dim: 0,
+            hidden_size: 0,
+            vocab_size: 0,
+            templates: BTreeMap::new(),
+            qkv_layout: QkvLayout::Separate,
+            o_proj_weight_layout: WeightLayout::OutIn,
+            layernorm_type: rms(),
+            parallel_attn_mlp: false,
+            unavailable: BTreeMap::new(),
+        }
     }
 }

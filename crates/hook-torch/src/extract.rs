@@ -12,10 +12,11 @@ use hook_cache::{ActivationCache, CacheValue};
 use hook_core::{keys, HeadSelection, HookContext, HookIo, TokenGroups};
 use hook_ops::heads::{self, Projected};
 use hook_ops::pattern::{self, RunningPatternAverage};
-use hook_ops::{resid, stats, Keyed, PatternAvg};
+use hook_ops::{resid, stats, Keyed, PatternAvg, Qkv};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::description::ModelDescription;
 use crate::error::{Result, TorchError};
 use crate::module::{BoxedHook, HookedModule};
 
@@ -354,7 +355,7 @@ impl HookedModule {
         let weight = |l: usize| -> Result<(Tensor, Option<Tensor>)> {
             let w = self.parameter(&d.component("attn_out_proj_weight", l)?).ok_or_else(|| TorchError::Description(format!("names no parameter for layer {l}'s o_proj weight")))?;
             let b = self.parameter(&d.component("attn_out_proj_bias", l)?).map(Tensor::shallow_clone);
-            Ok((w.shallow_clone(), b))
+            Ok((d.o_proj_weight(w), b))
         };
         let resid_hook = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize| -> Result<()> {
             let info = avg.then_some(resid::AVG_INFO);
@@ -398,29 +399,40 @@ impl HookedModule {
         } else if config.extract_embed {
             resid_hook(&mut hooks, "embed_tokens", "input_embeddings".into(), 0)?;
         }
-        for (flag, template, prefix) in [
-            (config.extract_head_queries, "head_query_hook_name", "head_queries_"),
-            (config.extract_head_values, "head_value_hook_name", "head_values_"),
-            (config.extract_head_keys, "head_key_hook_name", "head_keys_"),
+        // q/k/v sites: the part of a fused projection's output, or the whole output. Listed in
+        // forward order (q, k, v): separate projections fire in that order whatever the
+        // registration order, and hooks on one fused site run in registration order, so the
+        // cache keys come in the same order on every family.
+        let fused = d.qkv_layout;
+        let part = move |x: &Tensor, which: Qkv| hook_ops::fused::qkv_part(x, fused, which, &layout);
+        for (flag, which, prefix) in [
+            (config.extract_head_queries, Qkv::Query, "head_queries_"),
+            (config.extract_head_keys, Qkv::Key, "head_keys_"),
+            (config.extract_head_values, Qkv::Value, "head_values_"),
         ] {
             if !flag {
                 continue;
             }
             for (&l, &h) in layers.iter().zip(&heads) {
                 hooks.push((
-                    comp(template, l)?,
-                    extractor(&cache, &pads, vec![g.clone()], move |x, g| heads::query_key_value(x, prefix, l, &layout, &g[0], h, avg)),
+                    comp(ModelDescription::qkv_template(which), l)?,
+                    extractor(&cache, &pads, vec![g.clone()], move |x, g| heads::query_key_value(&part(x, which)?, prefix, l, &layout, &g[0], h, avg)),
                 ));
             }
         }
-        for (flag, template, prefix) in [
-            (config.extract_values, "head_value_hook_name", "values_"),
-            (config.extract_keys, "head_key_hook_name", "keys_"),
-            (config.extract_queries, "head_query_hook_name", "queries_"),
+        for (flag, which, prefix) in [
+            (config.extract_queries, Qkv::Query, "queries_"),
+            (config.extract_keys, Qkv::Key, "keys_"),
+            (config.extract_values, Qkv::Value, "values_"),
         ] {
             if flag {
                 for l in 0..n_layers {
-                    resid_hook(&mut hooks, template, keys::layer_head_free_key(prefix, l), l)?;
+                    let key = keys::layer_head_free_key(prefix, l);
+                    let info = avg.then_some(resid::AVG_INFO);
+                    hooks.push((
+                        comp(ModelDescription::qkv_template(which), l)?,
+                        extractor(&cache, &pads, vec![g.clone()], move |x, g| Ok(vec![Keyed { key: key.clone(), value: resid::resid(&part(x, which)?, &g[0], avg)?, info }])),
+                    ));
                 }
             }
         }
@@ -457,10 +469,10 @@ impl HookedModule {
                 }),
             ));
         }
-        for (flag, which, template) in [
-            (config.extract_head_values_projected, Projected::Value, "head_value_hook_name"),
-            (config.extract_head_keys_projected, Projected::Key, "head_key_hook_name"),
-            (config.extract_head_queries_projected, Projected::Query, "head_query_hook_name"),
+        for (flag, which, qkv) in [
+            (config.extract_head_queries_projected, Projected::Query, Qkv::Query),
+            (config.extract_head_keys_projected, Projected::Key, Qkv::Key),
+            (config.extract_head_values_projected, Projected::Value, Qkv::Value),
         ] {
             if !flag {
                 continue;
@@ -468,8 +480,8 @@ impl HookedModule {
             for (&l, &h) in layers.iter().zip(&heads) {
                 let (w, b) = weight(l)?;
                 hooks.push((
-                    comp(template, l)?,
-                    extractor(&cache, &pads, vec![g.clone()], move |x, g| heads::projected_vectors(x, which, l, &layout, &w, b.as_ref(), &g[0], h, avg)),
+                    comp(ModelDescription::qkv_template(qkv), l)?,
+                    extractor(&cache, &pads, vec![g.clone()], move |x, g| heads::projected_vectors(&part(x, qkv)?, which, l, &layout, &w, b.as_ref(), &g[0], h, avg)),
                 ));
             }
         }

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `intervention_resid_hook` | [`Intervention::Resid`] | any `[batch, seq, d]` component (`resid_out`, `attn_out`, `mlp_out`, …) |
 //! | `intervention_query_key_value_hook` | [`Intervention::QueryKeyValue`] | `q_proj` / `k_proj` / `v_proj` output |
+//! | `intervention_query_key_value_hook` by layer | [`Intervention::QkvHead`] | the queries, keys or values of a layer, fused projections included |
 //! | `intervention_attn_mat_hook` | [`Intervention::AttentionMatrix`] | the attention pattern of a layer |
 //! | `intervention_heads_hook` | [`Intervention::Heads`] | the attention pattern of a layer |
 //!
@@ -12,9 +13,10 @@
 use std::sync::Arc;
 
 use hook_core::{HeadSelection, HookContext, HookIo, TokenGroups};
-use hook_ops::{intervene, Patch};
+use hook_ops::{fused, intervene, Patch, Qkv, QkvLayout};
 use tch::Tensor;
 
+use crate::description::ModelDescription;
 use crate::error::{Result, TorchError};
 use crate::module::{BoxedHook, HookedModule};
 
@@ -64,6 +66,21 @@ pub enum Intervention {
         /// Token positions.
         positions: Vec<i64>,
         /// The head.
+        head: usize,
+        /// Values `[batch, positions, head_dim]`.
+        patch: PatchValue,
+    },
+    /// Zero or overwrite one head of a layer's queries, keys or values, on every family: the
+    /// site and, for fused projections (GPT-2 `c_attn`, NeoX `query_key_value`, Phi-3
+    /// `qkv_proj`), the part of its output come from the model description.
+    QkvHead {
+        /// The layer.
+        layer: usize,
+        /// Queries, keys or values.
+        which: Qkv,
+        /// Token positions.
+        positions: Vec<i64>,
+        /// The head (a key/value head for keys and values).
         head: usize,
         /// Values `[batch, positions, head_dim]`.
         patch: PatchValue,
@@ -134,15 +151,19 @@ impl Intervention {
             Intervention::AttentionMatrix { layer, .. } | Intervention::Heads { layer, .. } => {
                 m.require_description()?.component("attn_matrix_hook_name", *layer)?
             }
+            Intervention::QkvHead { layer, which, .. } => m.require_description()?.component(ModelDescription::qkv_template(*which), *layer)?,
         })
     }
 
     /// The hook that performs it, for a batch with these left-padding offsets.
     pub(crate) fn hook(&self, m: &HookedModule, pads: Arc<Vec<i64>>) -> Result<BoxedHook> {
         let this = self.clone();
-        let layout = match self {
-            Intervention::QueryKeyValue { .. } => Some(m.require_description()?.layout()?),
-            _ => None,
+        let (layout, fused) = match self {
+            Intervention::QueryKeyValue { .. } | Intervention::QkvHead { .. } => {
+                let d = m.require_description()?;
+                (Some(d.layout()?), d.qkv_layout)
+            }
+            _ => (None, QkvLayout::Separate),
         };
         Ok(Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
             let x = io.main_tensor()?;
@@ -154,6 +175,14 @@ impl Intervention {
                     let layout = layout.expect("set for QueryKeyValue");
                     per_example(x, &pads, |t, pad, b| {
                         intervene::query_key_value(t, &layout, &shift(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())
+                    })?
+                }
+                Intervention::QkvHead { which, positions, head, patch, .. } => {
+                    let layout = layout.expect("set for QkvHead");
+                    per_example(x, &pads, |t, pad, b| {
+                        let part = fused::qkv_part(t, fused, *which, &layout)?;
+                        let edited = intervene::query_key_value(&part, &layout, &shift(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())?;
+                        fused::replace_qkv_part(t, fused, *which, &layout, &edited)
                     })?
                 }
                 Intervention::AttentionMatrix { q_positions, k_positions, head, multiplication_value, patch, apply_softmax, .. } => {

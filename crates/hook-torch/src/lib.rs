@@ -28,7 +28,7 @@ pub mod intervention;
 pub mod module;
 pub mod site;
 
-pub use description::ModelDescription;
+pub use description::{ModelDescription, WeightLayout};
 pub use error::{Result, TorchError};
 pub use extract::{AttnHeads, ExtractionConfig, LayerHead, RunOptions};
 pub use intervention::{Intervention, PatchValue};
