@@ -188,7 +188,11 @@ fn real_main() -> anyhow::Result<bool> {
         "Model-level parity: for each tiny random family (weights shared: the harness exports the very model it hooks), \
          easyroutine 1.1.5's own `HookedModel.create_hooks` + `set_hooks` on the eager HF model (attention wrapped by its \
          `ModuleWrapperManager`) against hook-torch's `run_with_cache` on the TorchScript export; batch 1, 8 tokens, token \
-         groups {tokens}. Keys (in order), shapes and values within {ATOL:e}. {pass} pass, {explained} explained deviations, {fail} fail.\n\n\
+         groups {tokens}. easyroutine has attention wrappers for llama, mistral, qwen2 and gemma3 only; on the other families \
+         (gpt2, gpt_neox, phi3, qwen3, gemma2, olmo2) the harness gives the eager model the sites easyroutine's hooks need without \
+         changing what it computes: the same two identity modules around the attention softmax, identity `hookrs_q/k/v` modules \
+         that a fused projection's output passes through (split and joined with HF's own layout), and GPT-2's Conv1D output \
+         weight transposed to nn.Linear's layout. Interventions on q/k/v are given by layer (`Intervention::QkvHead`). Keys (in order), shapes and values within {ATOL:e}. {pass} pass, {explained} explained deviations, {fail} fail.\n\n\
          The harness supplies two imports missing from easyroutine's hooked_model.py (`projected_key_vectors_head`, \
          `projected_query_vectors_head`: without them extract_head_keys_projected / extract_head_queries_projected raise NameError).\n\n"
     );

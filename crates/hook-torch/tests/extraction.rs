@@ -1,5 +1,5 @@
-//! run_with_cache: batched left-padded inputs give each example what it gets alone; site
-//! catalogues per family; errors for bad positions.
+//! run_with_cache: batched left-padded inputs give each example what it gets alone, on every
+//! family; site catalogues per family; errors for bad positions and missing components.
 
 mod common;
 
@@ -8,13 +8,20 @@ use hook_core::TokenGroups;
 use hook_torch::{ExtractionConfig, HookedModule};
 use tch::{Device, Kind, Tensor};
 
-fn everything() -> ExtractionConfig {
-    ExtractionConfig::default()
-        .with_flags(&[
-            "resid_out", "resid_in", "resid_mid", "attn_pattern", "head_queries", "head_keys", "head_values", "attn_out", "mlp_out",
-            "head_out", "last_layernorm", "embed", "head_values_projected",
-        ])
-        .unwrap()
+/// Every family `xtask/python/export.py --random` builds.
+const FAMILIES: [&str; 10] = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gpt_neox", "phi3", "qwen3", "gemma2", "olmo2"];
+
+/// Every extraction the model has (GPT-NeoX has no resid_mid).
+fn everything(m: &HookedModule) -> ExtractionConfig {
+    let mut flags = vec![
+        "resid_out", "resid_in", "attn_pattern", "head_queries", "head_keys", "head_values", "attn_out", "mlp_out", "head_out", "last_layernorm",
+        "embed", "head_values_projected", "head_keys_projected", "head_queries_projected", "queries", "keys", "values", "attn_in",
+        "resid_in_post_layernorm",
+    ];
+    if !m.description().unwrap().unavailable.contains_key("intermediate_stream_hook_name") {
+        flags.push("resid_mid");
+    }
+    ExtractionConfig::default().with_flags(&flags).unwrap()
 }
 
 fn tensors(v: &CacheValue) -> Vec<Tensor> {
@@ -23,12 +30,12 @@ fn tensors(v: &CacheValue) -> Vec<Tensor> {
 
 #[test]
 fn left_padded_batch_equals_each_example_alone() {
-    for family in ["llama", "qwen2", "gemma3"] {
+    for family in FAMILIES {
         let mut m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
         let (ids, mask) = common::inputs();
         let groups: TokenGroups = "[(0, 2), (-1,)]".parse().unwrap();
         for avg in [false, true] {
-            let cfg = ExtractionConfig { avg, ..everything() };
+            let cfg = ExtractionConfig { avg, ..everything(&m) };
             let (_, batch) = m.run_with_cache(&ids, &mask, &groups, &cfg).unwrap();
             for b in 0..2i64 {
                 let pad = 7 - mask.get(b).sum(Kind::Int64).int64_value(&[]);
@@ -39,7 +46,7 @@ fn left_padded_batch_equals_each_example_alone() {
                     for (x, y) in tensors(v).iter().zip(tensors(batch.get(k).unwrap())) {
                         let y = y.narrow(0, b, 1);
                         let d = (x - &y).abs().max().double_value(&[]);
-                        assert!(d < 1e-4, "{family} avg={avg} example {b} key {k}: max diff {d}");
+                        assert!(d < 1e-5, "{family} avg={avg} example {b} key {k}: max diff {d}");
                     }
                 }
             }
@@ -49,7 +56,7 @@ fn left_padded_batch_equals_each_example_alone() {
 
 #[test]
 fn site_catalogues() {
-    for family in ["llama", "mistral", "qwen2", "gemma3"] {
+    for family in FAMILIES {
         let m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
         let listing: Vec<String> = m.sites().iter().map(|s| format!("{:?} {}", s.kind, s.component)).collect();
         insta::assert_snapshot!(format!("sites_{family}"), listing.join("\n"));
@@ -93,6 +100,42 @@ fn catalogue_hooks_give_what_run_with_cache_gives() {
         assert_eq!(a.len(), b.len(), "{k}");
         for (x, y) in a.iter().zip(&b) {
             assert!(x.equal(y), "{k}");
+        }
+    }
+}
+
+#[test]
+fn a_component_the_family_lacks_is_an_error_that_says_why() {
+    let mut m = HookedModule::load(common::model("gpt_neox"), Device::Cpu).unwrap();
+    let (ids, mask) = common::inputs();
+    let cfg = ExtractionConfig::default().with_flags(&["resid_mid"]).unwrap();
+    let e = m.run_with_cache(&ids, &mask, &"[(0,)]".parse().unwrap(), &cfg).unwrap_err();
+    assert!(matches!(e, hook_torch::TorchError::Input(_)), "{e:?}");
+    let e = e.to_string();
+    assert!(e.contains("GPTNeoXForCausalLM has no `intermediate_stream_hook_name`") && e.contains("in parallel") && e.contains("resid_out"), "{e}");
+    assert!(m.run_with_cache(&ids, &mask, &"[(0,)]".parse().unwrap(), &ExtractionConfig::default().with_flags(&["resid_out"]).unwrap()).is_ok());
+}
+
+#[test]
+fn every_family_describes_its_layout() {
+    use hook_ops::QkvLayout;
+    use hook_torch::WeightLayout;
+    for (family, qkv, o, norm, parallel) in [
+        ("llama", QkvLayout::Separate, WeightLayout::OutIn, "RMS", false),
+        ("gpt2", QkvLayout::Concat, WeightLayout::InOut, "LayerNorm", false),
+        ("gpt_neox", QkvLayout::PerHead, WeightLayout::OutIn, "LayerNorm", true),
+        ("phi3", QkvLayout::Concat, WeightLayout::OutIn, "RMS", false),
+        ("qwen3", QkvLayout::Separate, WeightLayout::OutIn, "RMS", false),
+    ] {
+        let m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
+        let d = m.description().unwrap();
+        assert_eq!((d.qkv_layout, d.o_proj_weight_layout, d.layernorm_type.as_str(), d.parallel_attn_mlp), (qkv, o, norm, parallel), "{family}");
+        // every template names a site or a parameter of the module
+        let sites: Vec<String> = m.sites().iter().map(|s| s.component.clone()).collect();
+        for (name, _) in d.templates.iter() {
+            let c = d.component(name, 0).unwrap();
+            let ok = sites.contains(&c) || m.parameter(&c).is_some() || name == "last_layernorm" || name == "attn_out_proj_bias";
+            assert!(ok, "{family}: {name} = {c} names nothing in the module");
         }
     }
 }

@@ -52,3 +52,37 @@ fn ablations_and_their_errors() {
     assert!(e.contains("head 5 is out of range: the layer has 2 heads"), "{e}");
     assert!(m.forward(&ids, &mask).unwrap().equal(&base), "the module is still usable");
 }
+
+#[test]
+fn qkv_head_names_the_site_and_the_part_on_every_layout() {
+    use hook_ops::Qkv;
+    let (ids, mask) = common::inputs();
+    // separate projections: the same as QueryKeyValue on k_proj
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let by_layer = Intervention::QkvHead { layer: 0, which: Qkv::Key, positions: vec![1, 2], head: 1, patch: PatchValue::Ablation };
+    let by_name = Intervention::QueryKeyValue { component: "model.layers[0].self_attn.k_proj.output".into(), positions: vec![1, 2], head: 1, patch: PatchValue::Ablation };
+    let a = m.run_with_interventions(&ids, &mask, &[by_layer]).unwrap();
+    assert!(a.equal(&m.run_with_interventions(&ids, &mask, &[by_name]).unwrap()));
+    assert!(!a.allclose(&m.forward(&ids, &mask).unwrap(), 1e-5, 1e-5, false));
+    // fused projections: overwriting a head's queries with what they already are changes
+    // nothing; ablating them changes the logits; a bad head is an error naming the range
+    for family in ["gpt2", "gpt_neox", "phi3"] {
+        let mut m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
+        let base = m.forward(&ids, &mask).unwrap();
+        let cfg = hook_torch::ExtractionConfig::default().with_flags(&["head_values"]).unwrap();
+        let one = (ids.narrow(0, 0, 1), mask.narrow(0, 0, 1));
+        let (_, cache) = m.run_with_cache(&one.0, &one.1, &"[(0, 1, 2, 3, 4, 5, 6)]".parse().unwrap(), &cfg).unwrap();
+        // query head 0 reads kv head 0 (Phi-3 has 2 kv heads, GPT-2 and NeoX 4)
+        let v = cache.get("head_values_L1H0").unwrap().tensors()[0].shallow_clone();
+        let same = Intervention::QkvHead { layer: 1, which: Qkv::Value, positions: (0..7).collect(), head: 0, patch: PatchValue::Values(v) };
+        let got = m.run_with_interventions(&one.0, &one.1, &[same]).unwrap();
+        assert!(got.allclose(&base.narrow(0, 0, 1), 1e-6, 1e-6, false), "{family}: writing the values back changed the logits");
+        let ablate = Intervention::QkvHead { layer: 1, which: Qkv::Value, positions: vec![3], head: 1, patch: PatchValue::Ablation };
+        let got = m.run_with_interventions(&ids, &mask, &[ablate]).unwrap();
+        assert!(!got.allclose(&base, 1e-5, 1e-5, false), "{family}: the ablation did nothing");
+        let bad = Intervention::QkvHead { layer: 0, which: Qkv::Query, positions: vec![0], head: 9, patch: PatchValue::Ablation };
+        let e = m.run_with_interventions(&ids, &mask, &[bad]).unwrap_err().to_string();
+        assert!(e.contains("head 9 is out of range"), "{family}: {e}");
+        assert!(m.forward(&ids, &mask).unwrap().equal(&base), "{family}: still usable");
+    }
+}

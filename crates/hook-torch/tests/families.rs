@@ -1,0 +1,60 @@
+//! A user's `save_pretrained` directory of each family with a layout of its own (GPT-2 with its
+//! tied embeddings, GPT-NeoX, Phi-3) exports with `export.py DIR`, loads, and extracts per-head
+//! quantities and patterns the way the tiny random exports do.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use hook_torch::{ExtractionConfig, HookedModule};
+use tch::Device;
+
+/// `save_pretrained` of a tiny `family` model with tied input/output embeddings (as GPT-2 and
+/// most real checkpoints have), exported from that directory.
+fn exported_from_directory(family: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("target/test-models/pretrained").join(family);
+    let out = dir.with_extension("pt");
+    if !out.exists() {
+        let script = format!(
+            "import sys; sys.path.insert(0, {py:?}); import export, torch; torch.manual_seed(3)\n\
+             m = export.model_for_config(export.config_for({family:?}, {{'tie_word_embeddings': True}}))\n\
+             m.save_pretrained({dir:?})",
+            py = root.join("xtask/python").to_string_lossy(),
+            dir = dir.to_string_lossy(),
+        );
+        assert!(Command::new(common::python()).args(["-c", &script]).status().unwrap().success(), "save_pretrained of {family}");
+        let status = Command::new(common::python()).arg(root.join("xtask/python/export.py")).arg(&dir).arg("--out").arg(&out).status().unwrap();
+        assert!(status.success(), "export.py {}", dir.display());
+    }
+    out
+}
+
+#[test]
+fn save_pretrained_directories_export_and_extract() {
+    for family in ["gpt2", "gpt_neox", "phi3"] {
+        let mut m = HookedModule::load(exported_from_directory(family), Device::Cpu).unwrap();
+        let d = m.description().unwrap().clone();
+        assert_eq!(d.family, family);
+        // tied embeddings: the unembedding is still a named parameter
+        let unembed = d.component("unembed_matrix", 0).unwrap();
+        assert_eq!(m.parameter(&unembed).map(|t| t.size()), Some(vec![d.vocab_size as i64, d.hidden_size as i64]), "{family}: {unembed}");
+        let (ids, mask) = common::inputs();
+        let cfg = ExtractionConfig::default().with_flags(&["head_queries", "head_keys", "head_out", "attn_out", "attn_pattern"]).unwrap();
+        let (_, cache) = m.run_with_cache(&ids, &mask, &"[(0, 1, 2, 3, 4)]".parse().unwrap(), &cfg).unwrap();
+        for l in 0..d.num_hidden_layers {
+            // the heads' W_O contributions (each with bias / heads) add up to the attention output:
+            // the fused split and GPT-2's transposed Conv1D weight are right
+            let heads: Vec<tch::Tensor> = (0..d.num_attention_heads).map(|h| cache.get(&format!("head_out_L{l}H{h}")).unwrap().tensors()[0].shallow_clone()).collect();
+            let sum = tch::Tensor::stack(&heads, 0).sum_dim_intlist(0, false, tch::Kind::Float);
+            let attn_out = cache.get(&format!("attn_out_{l}")).unwrap().tensors()[0].shallow_clone();
+            let d_max = (&sum - &attn_out).abs().max().double_value(&[]);
+            assert!(d_max < 1e-5, "{family} layer {l}: heads sum to attn_out within {d_max}");
+            let q = cache.get(&format!("head_queries_L{l}H0")).unwrap().tensors()[0].size();
+            assert_eq!(q, vec![2, 5, d.head_dim as i64], "{family}");
+            let p = cache.get(&format!("pattern_L{l}H0")).unwrap().tensors()[0].shallow_clone();
+            assert!(p.min().double_value(&[]) >= 0.0 && p.max().double_value(&[]) <= 1.0, "{family}: a pattern holds probabilities");
+        }
+    }
+}
