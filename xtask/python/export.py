@@ -3,6 +3,7 @@
     export.py --random FAMILY [--seed N] [--config FILE] --out FILE.pt
     export.py SOURCE --out FILE.pt          (SOURCE: a save_pretrained directory or a hub name)
     ... [--device cpu|cuda|cuda:N]          (the device to trace on; default cpu)
+    ... [--dtype float32|bfloat16|float16]  (the weights' and activations' dtype; default float32)
 
 An archive runs on any device whatever device it was traced on: hookrs points the graphs'
 device constants at the device it loads the model on.
@@ -192,8 +193,21 @@ def word_tokenizer(path):
     tok.save(str(path))
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tolerance(device, dtype):
+    """How far the traced model may be from the eager one, and a padded row from the same row
+    alone: absolute in float32 (1e-5 on the cpu), relative to the logits' scale in half precision
+    (a few units in the last place of bf16 / fp16: 2^-7 / 2^-10 relative, times 4)."""
+    if dtype == torch.float32:
+        return 1e-5 if str(device) == "cpu" else 1e-3
+    return 4 * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+
+
 def trace(model, vocab, device="cpu"):
     model.eval()
+    dtype = next(model.parameters()).dtype
     ids = torch.randint(3, vocab, (2, 7)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row, so the mask path is traced
@@ -201,13 +215,14 @@ def trace(model, vocab, device="cpu"):
         traced = torch.jit.trace(model, (ids, mask), check_trace=False, strict=False)
         eager = model(ids, attention_mask=mask)[0]
         got = traced(ids, mask)[0]
-        diff = (eager - got).abs().max().item()
-        tol = 1e-5 if str(device) == "cpu" else 1e-3
+        tol = tolerance(device, dtype)
+        scale = 1.0 if dtype == torch.float32 else max(eager.float().abs().max().item(), 1.0)
+        diff = (eager.float() - got.float()).abs().max().item() / scale
         if diff > tol:
             raise SystemExit(f"export: the traced model differs from the eager one by {diff}")
         # the left-padded row gives what its tokens give alone
         alone = traced(ids[1:, 2:], mask[1:, 2:])[0]
-        diff = (got[1:, 2:] - alone).abs().max().item()
+        diff = (got[1:, 2:].float() - alone.float()).abs().max().item() / scale
         if diff > tol:
             raise SystemExit(f"export: a left-padded example differs from the same example alone by {diff}")
     return traced
@@ -220,6 +235,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", help="a HF config.json setting the random model's sizes")
     ap.add_argument("--device", default="cpu", help="trace on this device: cpu, cuda or cuda:N (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the weights' dtype (default float32)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     try:
@@ -242,13 +258,13 @@ def main():
         cfg = config_for(a.random, overrides)
         cfg.torchscript, cfg.use_cache = True, False
         cfg._attn_implementation = "eager"
-        model = model_for_config(cfg).float()
+        model = model_for_config(cfg).to(DTYPES[a.dtype])
         family, source = a.random, f"random:{a.random}:seed={a.seed}"
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
         cfg = AutoConfig.from_pretrained(a.source)
         model = AutoModelForCausalLM.from_pretrained(a.source, torchscript=True, use_cache=False, attn_implementation="eager",
-                                                     torch_dtype=torch.float32)
+                                                     torch_dtype=DTYPES[a.dtype])
         family, source = MODEL_TYPES.get(cfg.model_type, cfg.model_type), a.source
     architecture = type(model).__name__
     if family not in LAYOUTS:
@@ -256,6 +272,7 @@ def main():
     model = with_mask_positions(model.to(device))
     traced = trace(model, model.config.vocab_size, device)
     desc = description(model, family, source, architecture)
+    desc["dtype"] = a.dtype
     tmp = out.with_suffix(".pt.tmp")
     torch.jit.save(traced, str(tmp), _extra_files={"hookrs.json": json.dumps(desc)})
     tmp.replace(out)

@@ -7,7 +7,7 @@ use std::ops::Add;
 use hook_core::keys::ParsedKey;
 use indexmap::IndexMap;
 use serde::Serialize;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::aggregate::{check_placement, Aggregation};
 use crate::error::{CacheError, Result};
@@ -267,6 +267,28 @@ impl ActivationCache {
             slot.value = slot.value.map_tensors(&mut copy_one)?;
         }
         Ok(PendingHostCopy { cache: out, devices })
+    }
+
+    /// The same cache with every floating-point tensor converted to `kind` (integer tensors,
+    /// such as input ids, are kept as they are): a bfloat16 model's activations saved as
+    /// float32, for example.
+    ///
+    /// ```
+    /// use hook_cache::ActivationCache;
+    /// use tch::{Device, Kind, Tensor};
+    /// let mut c = ActivationCache::new();
+    /// c.insert("resid_out_0", Tensor::ones([1, 2], (Kind::BFloat16, Device::Cpu)));
+    /// c.insert("input_ids", Tensor::from_slice(&[3i64, 4]));
+    /// let f = c.to_float_kind(Kind::Float).unwrap();
+    /// assert_eq!(f.tensor("resid_out_0").unwrap().kind(), Kind::Float);
+    /// assert_eq!(f.tensor("input_ids").unwrap().kind(), Kind::Int64);
+    /// ```
+    pub fn to_float_kind(&self, kind: Kind) -> Result<ActivationCache> {
+        let mut out = self.clone();
+        for slot in out.entries.values_mut() {
+            slot.value = slot.value.map_tensors(&mut |t| Ok(if t.is_floating_point() && t.kind() != kind { t.f_to_kind(kind)? } else { t.shallow_clone() }))?;
+        }
+        Ok(out)
     }
 
     /// Drops the slack of aggregation buffers (each aggregated tensor becomes a compact copy).

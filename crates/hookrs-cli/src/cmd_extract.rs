@@ -70,6 +70,11 @@ pub struct Args {
     /// pinned host memory while the next batch runs) or the model's device (keeps it on the GPU).
     #[arg(long, value_parser = ["cpu", "model"], default_value = "cpu")]
     pub cache_device: String,
+    /// The dtype of the saved activations: `model` (the default: the model's own dtype, e.g.
+    /// bfloat16 for a bfloat16 export), float32, bfloat16 or float16. Integer entries (input
+    /// ids) are kept.
+    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
+    pub cache_dtype: String,
     /// Process shard K of N (K/N): the K-th of N contiguous ranges of examples, to split a
     /// dataset across processes (`hookrs merge` joins them). `auto` reads a Slurm array
     /// (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT) or a Kubernetes
@@ -219,9 +224,19 @@ pub fn batch_groups(groups: Option<&TokenGroups>, batch: &[&inputs::Example], i:
 
 /// One batch through `run_with_cache`, stopping the forward early when the logits are not
 /// needed (nothing after the last requested site runs).
-pub fn run_batch(model: &mut HookedModule, ids: &tch::Tensor, mask: &tch::Tensor, g: &TokenGroups, config: &ExtractionConfig, full_forward: bool) -> Result<(tch::Tensor, hook_cache::ActivationCache)> {
-    let stop_early = !full_forward && !config.save_logits && !config.keep_gradient;
-    Ok(model.run_with_cache_options(ids, mask, g, config, hook_torch::RunOptions { stop_early, ..Default::default() })?)
+pub fn run_batch(model: &mut HookedModule, ids: &tch::Tensor, mask: &tch::Tensor, g: &TokenGroups, config: &ExtractionConfig, a: &Args) -> Result<(tch::Tensor, hook_cache::ActivationCache)> {
+    let stop_early = !a.full_forward && !config.save_logits && !config.keep_gradient;
+    let (logits, cache) = model.run_with_cache_options(ids, mask, g, config, hook_torch::RunOptions { stop_early, ..Default::default() })?;
+    let kind = match a.cache_dtype.as_str() {
+        "float32" => Some(tch::Kind::Float),
+        "bfloat16" => Some(tch::Kind::BFloat16),
+        "float16" => Some(tch::Kind::Half),
+        _ => None,
+    };
+    Ok((logits, match kind {
+        Some(k) => cache.to_float_kind(k)?,
+        None => cache,
+    }))
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -278,7 +293,7 @@ pub fn run(a: Args) -> Result<()> {
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
         let g = batch_groups(groups.as_ref(), batch, *i)?;
-        let (_, cache) = run_batch(&mut model, &ids, &mask, &g, &config, a.full_forward).with_context(|| format!("batch {i}"))?;
+        let (_, cache) = run_batch(&mut model, &ids, &mask, &g, &config, &a).with_context(|| format!("batch {i}"))?;
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         batch_index.push(serde_json::json!([i, batch.len()]));
         string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));

@@ -46,6 +46,9 @@ fn config_fingerprint(a: &Args, config: &ExtractionConfig, groups: Option<&Token
     if let Some(t) = a.max_batch_tokens {
         o.insert("max_batch_tokens".into(), t.into());
     }
+    if a.cache_dtype != "model" {
+        o.insert("cache_dtype".into(), a.cache_dtype.clone().into());
+    }
     if let Some(sh) = shard {
         o.insert("shard".into(), format!("{}/{}", sh.index, sh.count).into());
     }
@@ -120,7 +123,7 @@ pub fn run(
             n_computed += refs.len() * ids.size()[1] as usize;
             let first = next + idxs[0] as u64;
             let g = batch_groups(groups, &refs, (first / batch_size) as usize)?;
-            let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config, a.full_forward)
+            let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config, a)
                 .with_context(|| format!("examples {:?}", idxs.iter().map(|&i| next + i as u64).collect::<Vec<_>>()))?;
             parts.push(if to_host { Part::Copying(cache.to_host_async()?) } else { Part::Ready(cache) });
         }

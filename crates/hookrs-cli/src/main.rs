@@ -85,6 +85,13 @@ enum Command {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // A closed stdout (`hookrs inspect c.safetensors | head`) ends the process quietly, as it
+    // does for other Unix tools, instead of a panic in `println!`.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts; no handler
+    // runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HOOKRS_LOG").unwrap_or_else(|_| "error".into()))

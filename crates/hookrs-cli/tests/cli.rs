@@ -144,3 +144,72 @@ fn the_hookrs_binary_links_libtorchs_cuda_backend_and_reports_devices() {
         assert!(stderr(&o).contains("cuda:0 is not available"), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn sites_extract_and_head_patching_on_every_family() {
+    for family in ["gpt2", "gpt_neox", "phi3", "qwen3", "gemma2", "olmo2"] {
+        let model = common::model(family);
+        let m = s(&model);
+        let o = hookrs(&["sites", m]);
+        assert!(o.status.success(), "{family}: {}", stderr(&o));
+        assert!(stdout(&o).contains("attention_matrix_hook"), "{family}: {}", stdout(&o));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("c.safetensors");
+        let o = hookrs(&["extract", "--model", m, "--text", "the cat sat on the mat", "--extract", "resid_out,head_queries,head_out,attn_pattern", "--tokens", "all", "--out", s(&out)]);
+        assert!(o.status.success(), "{family}: {}", stderr(&o));
+        let o = hookrs(&["inspect", s(&out)]);
+        assert!(stdout(&o).contains("head_queries_L1H0: Float [1, 6, 16]"), "{family}: {}", stdout(&o));
+        let r = dir.path().join("r");
+        let o = hookrs(&[
+            "patch", "--model", m, "--clean", "mary gave a drink to john", "--corrupted", "john gave a drink to john", "--answer", "mary", "--wrong", "john",
+            "--component", "heads", "--out", s(&r),
+        ]);
+        assert!(o.status.success(), "{family}: {}", stderr(&o));
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.with_extension("json")).unwrap()).unwrap();
+        assert_eq!(j["values"].as_array().unwrap().len(), if family == "olmo2" { 3 } else { 2 }, "{family}: one row per layer");
+    }
+    // NeoX has no resid_mid: an error that says why (exit 1, as an unknown extraction)
+    let o = hookrs(&["extract", "--model", s(&common::model("gpt_neox")), "--text", "the cat", "--extract", "resid_mid", "--out", "/dev/null/x.safetensors"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("in parallel"), "{}", stderr(&o));
+}
+
+#[test]
+fn half_precision_exports_extract_in_their_dtype_or_the_one_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("gpt2-bf16.pt");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let st = Command::new(common::python())
+        .arg(root.join("xtask/python/export.py"))
+        .args(["--random", "gpt2", "--dtype", "bfloat16", "--out"])
+        .arg(&model)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for (dtype, want) in [("model", "BFloat16"), ("float32", "Float"), ("float16", "Half")] {
+        let out = dir.path().join(format!("{dtype}.safetensors"));
+        let o = hookrs(&["extract", "--model", s(&model), "--text", "the cat sat", "--extract", "resid_out,last_layernorm", "--cache-dtype", dtype, "--out", s(&out)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = hookrs(&["inspect", s(&out)]);
+        assert!(stdout(&o).contains(&format!("resid_out_1: {want} [1, 1, 64]")), "{dtype}: {}", stdout(&o));
+    }
+    let o = hookrs(&["extract", "--model", s(&model), "--text", "the cat", "--cache-dtype", "f32", "--out", s(&dir.path().join("x.safetensors"))]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("possible values: model, float32, bfloat16, float16"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let (dir, m) = workdir();
+    let out = dir.path().join("c.safetensors");
+    assert!(hookrs(&["extract", "--model", s(&m), "--input-ids", "[[5,9,12,40]]", "--extract", "resid_out,attn_pattern", "--out", s(&out)]).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookrs"))
+        .args(["inspect", s(&out)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before hookrs writes
+    let o = child.wait_with_output().unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
