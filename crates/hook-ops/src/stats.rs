@@ -38,9 +38,15 @@ impl Statistics {
 pub fn compute_statistics(t: &Tensor, dim: i64, keepdim: bool) -> Result<Statistics> {
     let d = norm_dim(dim, t.dim(), "dim")?;
     let dims = [d];
-    let mean = t.f_mean_dim(Some(&dims[..]), keepdim, None::<Kind>)?;
-    let second_moment = t.f_pow_tensor_scalar(2)?.f_mean_dim(Some(&dims[..]), keepdim, None::<Kind>)?;
+    // half precision accumulates in float32 (E[x^2] - E[x]^2 cancels badly in bfloat16); the
+    // results come back in the activations' dtype
+    let half = matches!(t.kind(), Kind::Half | Kind::BFloat16);
+    let x = if half { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
+    let mean = x.f_mean_dim(Some(&dims[..]), keepdim, None::<Kind>)?;
+    let second_moment = x.f_pow_tensor_scalar(2)?.f_mean_dim(Some(&dims[..]), keepdim, None::<Kind>)?;
     let variance = second_moment.f_sub(&mean.f_pow_tensor_scalar(2)?)?;
+    let back = |x: Tensor| -> Result<Tensor> { Ok(if half { x.f_to_kind(t.kind())? } else { x }) };
+    let (mean, second_moment, variance) = (back(mean)?, back(second_moment)?, back(variance)?);
     let squeeze = |x: Tensor| -> Result<Tensor> {
         // torch's squeeze(-1) is a no-op when the last axis is not of size 1.
         if x.dim() > 0 && x.size()[x.dim() - 1] == 1 {
@@ -81,5 +87,22 @@ pub fn layernorm_statistics(b: &Tensor, groups: &TokenGroups, avg: bool) -> Resu
             .collect()
     } else {
         Ok(vec![compute_statistics(&select::flatten_resolved(b, -2, &r)?, -1, true)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn bfloat16_statistics_accumulate_in_float32() {
+        // a large mean and a small spread: E[x^2] - E[x]^2 in bfloat16 would be all rounding
+        let x = (Tensor::randn([4, 256], (Kind::Float, Device::Cpu)) * 0.5 + 10.0).to_kind(Kind::BFloat16);
+        let s = compute_statistics(&x, -1, true).unwrap();
+        assert_eq!(s.variance.kind(), Kind::BFloat16);
+        let want = compute_statistics(&x.to_kind(Kind::Float), -1, true).unwrap().variance;
+        let rel = ((s.variance.to_kind(Kind::Float) - &want).abs() / &want).max().double_value(&[]);
+        assert!(rel < 1e-2, "relative error {rel}");
     }
 }
