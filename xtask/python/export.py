@@ -205,6 +205,40 @@ def tolerance(device, dtype):
     return 4 * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
 
 
+def where(model, filename, lineno):
+    """The module classes of `model` whose forward holds `filename:lineno`, with a path of each."""
+    import inspect
+    found = {}
+    for path, m in model.named_modules():
+        cls = type(m)
+        for klass in cls.__mro__:
+            fwd = klass.__dict__.get("forward")
+            if fwd is None:
+                continue
+            try:
+                lines, start = inspect.getsourcelines(fwd)
+                if inspect.getsourcefile(fwd) == filename and start <= lineno < start + len(lines):
+                    found.setdefault(klass.__name__, path or "(the top module)")
+            except (OSError, TypeError):
+                pass
+            break
+    return ", ".join(f"{k} (e.g. {v})" for k, v in found.items()) or "a function outside any module's forward"
+
+
+def untraceable(model, recorded, what):
+    """The error for a trace that is not right for every input: the tracer's warnings name the
+    places where the graph was specialised to the example input (data-dependent control flow,
+    Python values taken from tensors)."""
+    places = []
+    for w in recorded:
+        line = f"  {where(model, w.filename, w.lineno)} at {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}"
+        if line not in places:
+            places.append(line)
+    detail = "\n".join(places) if places else "  (the tracer gave no warning: the graph was specialised silently)"
+    return (f"export: {what}: the traced graph is not right for every input, so hookrs cannot run this model. "
+            f"Where the trace depends on the example input:\n{detail}")
+
+
 def trace(model, vocab, device="cpu"):
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -212,7 +246,10 @@ def trace(model, vocab, device="cpu"):
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row, so the mask path is traced
     with torch.no_grad():
-        traced = torch.jit.trace(model, (ids, mask), check_trace=False, strict=False)
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, (ids, mask), check_trace=False, strict=False)
+        recorded = [w for w in recorded if issubclass(w.category, torch.jit.TracerWarning)]
         eager = model(ids, attention_mask=mask)[0]
         got = traced(ids, mask)[0]
         tol = tolerance(device, dtype)
@@ -220,6 +257,21 @@ def trace(model, vocab, device="cpu"):
         diff = (eager.float() - got.float()).abs().max().item() / scale
         if diff > tol:
             raise SystemExit(f"export: the traced model differs from the eager one by {diff}")
+        # another batch size, length and padding: a graph specialised to the example input
+        # (control flow on tensor values, sizes frozen as constants) fails here
+        ids2 = torch.randint(3, vocab, (3, 11)).to(device)
+        mask2 = torch.ones_like(ids2)
+        mask2[0, :4] = 0
+        mask2[2, :1] = 0
+        eager2 = model(ids2, attention_mask=mask2)[0]
+        try:
+            got2 = traced(ids2, mask2)[0]
+        except Exception as e:  # noqa: BLE001 - any failure of the graph on a new input
+            raise SystemExit(untraceable(model, recorded, f"the traced model fails on a batch of another shape ({str(e).splitlines()[0]})"))
+        real = mask2.bool()
+        diff = (eager2.float() - got2.float()).abs()[real].max().item() / scale
+        if diff > tol:
+            raise SystemExit(untraceable(model, recorded, f"on a batch of another shape the traced model differs from the eager one by {diff:.3g}"))
         # the left-padded row gives what its tokens give alone
         alone = traced(ids[1:, 2:], mask[1:, 2:])[0]
         diff = (got[1:, 2:].float() - alone.float()).abs().max().item() / scale

@@ -144,9 +144,48 @@ class ChunkedCache:
                 _tensor_names(node, names)
                 tensors = {n: f.get_tensor(n) for n in names}
             parts.append(_build(node, tensors, False, None))
-            if not isinstance(parts[0], torch.Tensor):
+            if not _has_tensor(parts[0]):
                 return parts[0]  # plain data (mapping_index, metadata): the first chunk's
-        return torch.cat(parts, 0)
+        axes = self[TOKEN_AXES].get(key, []) if key != TOKEN_AXES and TOKEN_AXES in self.keys() else []
+        return _join(parts, axes)
+
+
+# `--tokens all` on prompts of mixed length: token axes are right-padded with zeros per chunk,
+# `token_lengths` holds each example's real count, this data entry names the padded axes
+TOKEN_AXES = "hookrs_token_axes"
+
+
+def _has_tensor(v):
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, dict):
+        return any(_has_tensor(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_tensor(x) for x in v)
+    return False
+
+
+def _join(parts, axes):
+    """The chunks' values of one key joined on the batch axis (dicts and lists item by item),
+    the token axes padded with zeros to the widest chunk first."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _join([p[k] for p in parts], axes) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_join([p[i] for p in parts], axes) for i in range(len(first)))
+    if not isinstance(first, torch.Tensor):
+        return first
+    for ax in axes:
+        width = max(p.shape[ax] for p in parts)
+        padded = []
+        for p in parts:
+            if p.shape[ax] < width:
+                shape = list(p.shape)
+                shape[ax] = width - p.shape[ax]
+                p = torch.cat([p, p.new_zeros(shape)], ax)
+            padded.append(p)
+        parts = padded
+    return torch.cat(parts, 0)
 
 
 def _tensor_names(node, out):

@@ -194,6 +194,7 @@ DEVIATIONS = {
     "qkv_kv_head": "head_keys_/head_values_: easyroutine's query_key_value_hook picks the wrong kv head (see ops).",
     "head_out_bias": "head_out: easyroutine adds o_proj_bias // num_heads (see ops).",
     "layernorm_avg": "last_layernorm with avg: easyroutine overwrites the per-group statistics (see ops).",
+    "layernorm_half": "last_layernorm in half precision: hookrs accumulates the statistics in float32 (E[x^2] - E[x]^2 cancels in bfloat16); easyroutine in the activations' dtype.",
     "input_ids": "save_input_ids: easyroutine stores embed_hook's tuple of embedding slices (of the hidden axis) under input_ids; hookrs stores the input ids [batch, seq].",
 }
 
@@ -248,30 +249,43 @@ def correct(cache, seen, desc, token_indexes, fields, ids):
     if fields.get("save_input_ids") and "input_ids" in fixed:
         fixed["input_ids"] = ids
         why.add("input_ids")
+    half = seen["norm_in"].dtype in (torch.bfloat16, torch.float16)
+
+    def stats(x):  # hookrs: float32 accumulation in half precision, results in the input dtype
+        m, v, s2 = compute_statistics(x.float() if half else x)
+        return {"mean": m.to(x.dtype), "variance": v.to(x.dtype), "second_moment": s2.to(x.dtype)}
     if "last_layernorm" in fixed and avg:
         x = seen["norm_in"]
-        groups = []
-        for g in token_indexes:
-            m, v, s2 = compute_statistics(x[..., list(g), :])
-            groups.append({"mean": m, "variance": v, "second_moment": s2})
-        fixed["last_layernorm"] = groups
+        fixed["last_layernorm"] = [stats(x[..., list(g), :]) for g in token_indexes]
         why.add("layernorm_avg")
+    elif "last_layernorm" in fixed and half:
+        x = seen["norm_in"]
+        fixed["last_layernorm"] = stats(x[..., [i for g in token_indexes for i in g], :])
+        why.add("layernorm_half")
     return (fixed, sorted(why)) if why else None
 
 
 manifest = {"families": {}, "cases": [], "tokens": TOKENS}
 tensors = {}
-for family in FAMILIES:
+# Half precision: these families again in bfloat16 / float16, on the cases below; compared with a
+# relative tolerance (the Rust runner states it).
+HALF = [("llama", "bfloat16"), ("gpt2", "bfloat16"), ("gpt_neox", "bfloat16"), ("qwen3", "bfloat16"), ("gpt2", "float16"), ("phi3", "float16")]
+HALF_CASES = {"resid_out", "resid_mid", "head_queries", "head_keys", "head_values", "head_out", "head_values_projected", "pattern", "attn_out",
+              "mlp_out", "last_layernorm", "everything", "intervene_ablate_key_head", "intervene_ablate_heads", "intervene_ablate_mlp_and_query"}
+
+
+def run_family(family, dtype):
     torch.manual_seed(0)
     cfg = export.config_for(family, {})
     cfg.torchscript, cfg.use_cache = True, False
     cfg._attn_implementation = "eager"
-    model = export.model_for_config(cfg).float().eval()
+    model = export.model_for_config(cfg).to(export.DTYPES[dtype]).eval()
+    name_of = family if dtype == "float32" else f"{family}@{dtype}"
     architecture = type(model).__name__
     model = export.with_mask_positions(model)
     traced = export.trace(model, cfg.vocab_size)
     desc = export.description(model, family, f"random:{family}:seed=0", architecture)
-    torch.jit.save(traced, str(out / f"{family}.pt"), _extra_files={"hookrs.json": json.dumps(desc)})
+    torch.jit.save(traced, str(out / f"{name_of}.pt"), _extra_files={"hookrs.json": json.dumps(desc)})
     ModuleWrapperManager(model=model).substitute_attention_module(model)
     er_templates = adapt(model, family, desc)
     lay = export.LAYOUTS[family]
@@ -280,11 +294,13 @@ for family in FAMILIES:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (1, 8), generator=g)
     mask = torch.ones_like(ids)
-    tensors[f"{family}/input_ids"] = ids
-    manifest["families"][family] = {"model": f"{family}.pt", "seq": 8}
+    tensors[f"{name_of}/input_ids"] = ids
+    manifest["families"][name_of] = {"model": f"{name_of}.pt", "seq": 8, "dtype": dtype}
     seq = ids.shape[1]
     token_indexes = [tuple(p if p >= 0 else seq + p for p in grp) for grp in TOKENS]
     for name, fields in CASES:
+        if dtype != "float32" and name not in HALF_CASES:
+            continue
         if "intermediate_stream_hook_name" not in desc["templates"]:
             if fields.get("extract_resid_mid") and name.startswith("resid_mid"):
                 continue  # no resid_mid in this family (tests/families.rs checks the error)
@@ -325,10 +341,10 @@ for family in FAMILIES:
         entries = {}
         flat("", cache.cache, entries)
         entries = {k.lstrip("/"): v for k, v in entries.items()}
-        case_id = f"{family}/{name}"
+        case_id = f"{name_of}/{name}"
         for k, v in entries.items():
             tensors[f"{case_id}/{k}"] = v.detach().clone().contiguous()
-        record = {"family": family, "name": name, "config": fields, "keys": list(entries), "deviation": None,
+        record = {"family": name_of, "dtype": dtype, "name": name, "config": fields, "keys": list(entries), "deviation": None,
                   "vocabulary_index": VOCAB_INDEX if fields.get("keep_gradient") else None, "interventions": ivs or []}
         if corrected is not None:
             fixed, why = corrected
@@ -342,7 +358,13 @@ for family in FAMILIES:
                 record["fixed_keys"] = list(fixed_entries)
                 record["deviation"] = "\n".join(DEVIATIONS[w] for w in why)
         manifest["cases"].append(record)
-    print(f"parity models: {family}: {len(CASES)} cases", file=sys.stderr)
+    print(f"parity models: {name_of}: cases written", file=sys.stderr)
+
+
+for family in FAMILIES:
+    run_family(family, "float32")
+for family, dtype in HALF:
+    run_family(family, dtype)
 
 from safetensors.torch import save_file
 save_file(tensors, str(out / "expected.safetensors"))

@@ -435,7 +435,7 @@ impl ChunkDir {
             if let Some(b) = c.remove("hookrs_batches") {
                 records.push(b);
             }
-            all.cat(c)?;
+            crate::ragged::cat_ragged(&mut all, c)?;
         }
         if let Some(m) = first_meta {
             all.insert("metadata", m);

@@ -11,6 +11,7 @@
 //! | [`aggregate`] | [`Aggregation`]: how batches are joined, amortised tensor concatenation |
 //! | [`memory`] | `memory_size`, `memory_tree` |
 //! | [`io`] | save / load (safetensors + JSON manifest, atomic writes) |
+//! | [`ragged`] | every token of prompts of different lengths: padded token axes, `token_lengths`, joins of different widths |
 //! | [`chunks`] | chunk directories: a cache streamed to disk in checksummed chunks, resumable after a crash |
 //! | [`error`] | [`CacheError`] |
 //!
@@ -31,6 +32,7 @@ pub mod chunks;
 pub mod error;
 pub mod io;
 pub mod memory;
+pub mod ragged;
 pub mod value;
 
 pub use aggregate::Aggregation;

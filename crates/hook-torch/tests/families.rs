@@ -58,3 +58,33 @@ fn save_pretrained_directories_export_and_extract() {
         }
     }
 }
+
+#[test]
+fn a_graph_that_tracing_cannot_express_is_refused_at_export_naming_the_module() {
+    // an MLP whose output depends on the sequence length through Python control flow: the
+    // trace freezes one branch
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = format!(
+        r#"import sys; sys.path.insert(0, {py:?})
+import export, torch
+from transformers.models.llama import modeling_llama as ml
+cfg = export.config_for("llama", {{}}); cfg._attn_implementation = "eager"; cfg.torchscript = True; cfg.use_cache = False
+m = export.model_for_config(cfg)
+class Branchy(ml.LlamaMLP):
+    def forward(self, x):
+        y = super().forward(x)
+        return y if x.shape[1] < 8 else -y
+for layer in m.model.layers:
+    layer.mlp.__class__ = Branchy
+export.trace(export.with_mask_positions(m), 256)
+"#,
+        py = root.join("xtask/python").to_string_lossy()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("branchy.py"); // a file, so the module's source can be found
+    std::fs::write(&file, script).unwrap();
+    let o = Command::new(common::python()).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("the traced graph is not right for every input") && err.contains("Branchy (e.g. model.layers.0.mlp)"), "{err}");
+}

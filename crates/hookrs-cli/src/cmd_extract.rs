@@ -207,19 +207,34 @@ pub fn shard_range(shard: Option<Shard>, source: &inputs::Source) -> Result<(u64
     Ok((lo, hi))
 }
 
-/// The token groups of one batch: the given ones, or every position (`--tokens all`, which
-/// needs one length per batch).
+/// The token groups of one batch: the given ones, or every position (`--tokens all`: the
+/// callers split batches so that their prompts have one length, [`same_length_runs`]).
 pub fn batch_groups(groups: Option<&TokenGroups>, batch: &[&inputs::Example], i: usize) -> Result<TokenGroups> {
     match groups {
         Some(g) => Ok(g.clone()),
         None => {
             let len = batch[0].ids.len();
             if batch.iter().any(|e| e.ids.len() != len) {
-                bail!("--tokens all needs the prompts of a batch to have one length (batch {i} mixes lengths); use --batch-size 1 or --token-groups");
+                bail!("internal: --tokens all got batch {i} of mixed lengths");
             }
             Ok(TokenGroups::all(len)?)
         }
     }
+}
+
+/// `batch` cut, in order, into runs of prompts of one length (`--tokens all` needs every
+/// position of every prompt of a batch to exist).
+pub fn same_length_runs<T>(batch: &[T], len: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    batch.chunk_by(|a, b| len(a) == len(b)).collect()
+}
+
+/// The cache of a `--tokens all` batch, marked so that batches of other lengths join it
+/// (token axes right-padded with zeros, `token_lengths` per example: [`hook_cache::ragged`]).
+pub fn mark_all_tokens(cache: &mut hook_cache::ActivationCache, groups: Option<&TokenGroups>, len: usize) -> Result<()> {
+    if groups.is_none() {
+        hook_cache::ragged::mark(cache, len as i64)?;
+    }
+    Ok(())
 }
 
 /// One batch through `run_with_cache`, stopping the forward early when the logits are not
@@ -277,9 +292,17 @@ pub fn run(a: Args) -> Result<()> {
     }
     let (lo, hi) = shard_range(shard, &source)?;
     let examples: Vec<inputs::Example> = source.stream(&a.model, lo, !a.no_special_tokens)?.into_iter().take((hi - lo) as usize).collect::<Result<_>>()?;
-    // batches keyed by their first example's dataset index (merge orders shards by it)
-    let batches: Vec<(usize, Vec<&inputs::Example>)> =
-        examples.chunks(a.batch_size).enumerate().map(|(i, c)| (lo as usize + i * a.batch_size, c.iter().collect())).collect();
+    // batches keyed by their first example's dataset index (merge orders shards by it); with
+    // --tokens all, each cut into runs of one length
+    let mut batches: Vec<(usize, Vec<&inputs::Example>)> = Vec::new();
+    let mut first = lo as usize;
+    for c in examples.chunks(a.batch_size) {
+        let runs = if groups.is_none() { same_length_runs(c, |e| e.ids.len()) } else { vec![c] };
+        for run in runs {
+            batches.push((first, run.iter().collect()));
+            first += run.len();
+        }
+    }
     let bar = if batches.len() > 1 { ProgressBar::new(batches.len() as u64) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} batches, {per_sec}, ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let started = Instant::now();
@@ -293,21 +316,22 @@ pub fn run(a: Args) -> Result<()> {
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
         let g = batch_groups(groups.as_ref(), batch, *i)?;
-        let (_, cache) = run_batch(&mut model, &ids, &mask, &g, &config, &a).with_context(|| format!("batch {i}"))?;
+        let (_, mut cache) = run_batch(&mut model, &ids, &mask, &g, &config, &a).with_context(|| format!("batch {i}"))?;
+        mark_all_tokens(&mut cache, groups.as_ref(), batch[0].ids.len())?;
         n_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
         batch_index.push(serde_json::json!([i, batch.len()]));
         string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));
         if to_host {
             if let Some(previous) = pending.replace(cache.to_host_async()?) {
-                all.cat(previous.wait())?;
+                hook_cache::ragged::cat_ragged(&mut all, previous.wait())?;
             }
         } else {
-            all.cat(cache)?;
+            hook_cache::ragged::cat_ragged(&mut all, cache)?;
         }
         bar.inc(1);
     }
     if let Some(last) = pending.take() {
-        all.cat(last.wait())?;
+        hook_cache::ragged::cat_ragged(&mut all, last.wait())?;
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();

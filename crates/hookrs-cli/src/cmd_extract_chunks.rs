@@ -115,7 +115,11 @@ pub fn run(
             break;
         }
         let lengths: Vec<usize> = window.iter().map(|e| e.ids.len()).collect();
-        let plan = plan_batches(&lengths, a.batch_size, a.max_batch_tokens, !a.no_sort);
+        let mut plan = plan_batches(&lengths, a.batch_size, a.max_batch_tokens, !a.no_sort);
+        if groups.is_none() {
+            // --tokens all: every position of every prompt of a batch must exist
+            plan = plan.iter().flat_map(|b| crate::cmd_extract::same_length_runs(b, |&i| lengths[i]).into_iter().map(<[usize]>::to_vec)).collect();
+        }
         let mut parts = Vec::with_capacity(plan.len());
         for idxs in &plan {
             let refs: Vec<&Example> = idxs.iter().map(|&i| &window[i]).collect();
@@ -123,16 +127,18 @@ pub fn run(
             n_computed += refs.len() * ids.size()[1] as usize;
             let first = next + idxs[0] as u64;
             let g = batch_groups(groups, &refs, (first / batch_size) as usize)?;
-            let (_, cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config, a)
+            let (_, mut cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config, a)
                 .with_context(|| format!("examples {:?}", idxs.iter().map(|&i| next + i as u64).collect::<Vec<_>>()))?;
+            crate::cmd_extract::mark_all_tokens(&mut cache, groups, lengths[idxs[0]])?;
             parts.push(if to_host { Part::Copying(cache.to_host_async()?) } else { Part::Ready(cache) });
         }
         let mut joined = ActivationCache::new();
         for p in parts {
-            joined.cat(match p {
+            let c = match p {
                 Part::Ready(c) => c,
                 Part::Copying(c) => c.wait(),
-            })?;
+            };
+            hook_cache::ragged::cat_ragged(&mut joined, c)?;
         }
         let order: Vec<usize> = plan.iter().flatten().copied().collect();
         let joined = dataset_order(joined, &order)?;
@@ -283,7 +289,7 @@ impl State<'_> {
     /// is full.
     fn absorb(&mut self, cache: ActivationCache, examples: u64, r: WindowRecord) -> Result<()> {
         let p = &mut self.pending;
-        p.cache.cat(cache)?;
+        hook_cache::ragged::cat_ragged(&mut p.cache, cache)?;
 
         p.batches.extend(r.batches);
         p.string_tokens.extend(r.string_tokens);

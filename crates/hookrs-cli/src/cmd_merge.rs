@@ -72,7 +72,7 @@ fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
             if let Some(m) = c.remove("metadata") {
                 meta.get_or_insert(m);
             }
-            merged.cat(c)?;
+            hook_cache::ragged::cat_ragged(&mut merged, c)?;
         }
     }
     if let Some(m) = meta {
@@ -119,7 +119,14 @@ pub fn run(out: &Path, inputs: &[PathBuf]) -> Result<()> {
     }
     let first = ActivationCache::load(&inputs[0])?;
     let mut merged = ActivationCache::new();
-    merged.deferred_mode(|m| parts.into_iter().try_for_each(|(_, c)| m.cat(c)))?;
+    if parts.iter().any(|(_, c)| c.get(hook_cache::ragged::TOKEN_AXES).is_some()) {
+        // every token of mixed-length prompts: files padded to different widths
+        for (_, c) in parts {
+            hook_cache::ragged::cat_ragged(&mut merged, c)?;
+        }
+    } else {
+        merged.deferred_mode(|m| parts.into_iter().try_for_each(|(_, c)| m.cat(c)))?;
+    }
     if let Some(meta) = first.get("metadata") {
         merged.insert("metadata", meta.clone());
     }

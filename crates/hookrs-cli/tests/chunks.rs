@@ -386,3 +386,68 @@ fn parquet_prompts_read_like_text_prompts() {
     let o = hookrs(&["extract", "--model", s(&m), "--prompts", s(&pq), "--column", "n", "--out", s(&dir.path().join("y"))]);
     assert!(stderr(&o).contains("row 1: column \"n\" holds"), "{}", stderr(&o));
 }
+
+#[test]
+fn every_token_of_prompts_of_mixed_length_is_stored_padded_with_their_lengths() {
+    let (dir, m, prompts) = setup(12);
+    let lines: Vec<String> = std::fs::read_to_string(&prompts).unwrap().lines().map(String::from).collect();
+    let extract = ["--extract", "resid_out,attn_pattern,last_layernorm", "--tokens", "all", "--batch-size", "4"];
+    // a chunk directory (chunks of 5 examples: their widths differ), its merge, and one file
+    let chunked = dir.path().join("chunked");
+    let mut args = vec!["extract", "--model", s(&m), "--prompts", s(&prompts), "--chunk-size", "5", "--out", s(&chunked)];
+    args.extend_from_slice(&extract);
+    let o = hookrs(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let single = dir.path().join("single.safetensors");
+    let mut args = vec!["extract", "--model", s(&m), "--prompts", s(&prompts), "--out", s(&single)];
+    args.extend_from_slice(&extract);
+    let o = hookrs(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = dir.path().join("merged.safetensors");
+    assert!(hookrs(&["merge", s(&merged), s(&chunked)]).status.success());
+    let from_dir = hook_cache::ChunkDir::open(&chunked).unwrap().load_all().unwrap();
+    let from_single = hook_cache::ActivationCache::load(&single).unwrap();
+    let from_merge = hook_cache::ActivationCache::load(&merged).unwrap();
+    let lengths = Vec::<i64>::try_from(from_single.tensor("token_lengths").unwrap()).unwrap();
+    assert_eq!(lengths.len(), lines.len());
+    assert!(lengths.iter().any(|&l| l != lengths[0]), "the prompts have mixed lengths: {lengths:?}");
+    let width = *lengths.iter().max().unwrap();
+    for c in [&from_dir, &from_single, &from_merge] {
+        assert_eq!(Vec::<i64>::try_from(c.tensor("token_lengths").unwrap()).unwrap(), lengths);
+        assert_eq!(c.tensor("resid_out_1").unwrap().size(), vec![lines.len() as i64, width, 64]);
+        assert_eq!(c.tensor("pattern_L0H0").unwrap().size(), vec![lines.len() as i64, width, width]);
+    }
+    // each example: its own tokens equal the prompt run alone; the padding is zeros
+    for (i, line) in lines.iter().enumerate().step_by(3) {
+        let alone = dir.path().join(format!("alone{i}.safetensors"));
+        let mut args = vec!["extract", "--model", s(&m), "--text", line.as_str(), "--out", s(&alone)];
+        args.extend_from_slice(&extract);
+        assert!(hookrs(&args).status.success());
+        let alone = hook_cache::ActivationCache::load(&alone).unwrap();
+        let n = lengths[i];
+        for c in [&from_dir, &from_single, &from_merge] {
+            for (key, cut) in [("resid_out_1", vec![n]), ("pattern_L0H0", vec![n, n])] {
+                let mut got = c.tensor(key).unwrap().get(i as i64);
+                for (ax, &k) in cut.iter().enumerate() {
+                    got = got.narrow(ax as i64, 0, k);
+                }
+                let want = alone.tensor(key).unwrap().get(0);
+                assert!(got.allclose(&want, 1e-5, 1e-5, false), "example {i} {key}");
+            }
+            let row = c.tensor("resid_out_1").unwrap().get(i as i64);
+            assert_eq!(row.narrow(0, n, width - n).abs().sum(tch::Kind::Float).double_value(&[]), 0.0, "example {i}: padding is zeros");
+        }
+    }
+    // Python reads the chunk directory lazily and joins chunks of different widths the same way
+    let script = format!(
+        "import sys; sys.path.insert(0, {py:?}); from load_cache import load_cache\n\
+         c = load_cache({dir:?}); r = c['resid_out_1']; ln = c['last_layernorm']['mean']\n\
+         print(tuple(r.shape), tuple(ln.shape), c['token_lengths'].tolist())",
+        py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../xtask/python").to_string_lossy(),
+        dir = chunked.to_string_lossy()
+    );
+    let o = Command::new(common::python()).args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = format!("({}, {width}, 64) ({}, {width}) {:?}", lines.len(), lines.len(), lengths);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.replace(", ", ", ").trim());
+}
