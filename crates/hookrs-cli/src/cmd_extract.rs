@@ -44,7 +44,9 @@ pub struct Args {
     /// easyroutine token groups as JSON: '[[0,1],[5]]' (negative positions count from the end).
     #[arg(long, conflicts_with = "tokens")]
     pub token_groups: Option<String>,
-    /// Shorthand for the token groups: last (the default) or all.
+    /// Shorthand for the token groups: last (the default) or all. With all, prompts of mixed
+    /// length are stored with their token axes right-padded with zeros and their lengths in
+    /// `token_lengths`.
     #[arg(long, value_parser = ["last", "all"])]
     pub tokens: Option<String>,
     /// Prompts per forward pass (at most, with --max-batch-tokens).
