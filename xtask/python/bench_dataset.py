@@ -1,6 +1,6 @@
 """`cargo xtask bench dataset`: hookrs extract end to end against easyroutine's extraction loop.
 
-    bench_dataset.py HOOKRS_BIN MODEL.pt CONFIG.json WORKDIR [--prompts N] [--scale K]
+    bench_dataset.py HOOKRS_BIN MODEL.pt CONFIG.json WORKDIR [--prompts N] [--scale K] [--rss-only]
 
 On the bench llama (exported from CONFIG.json with seed 0, which this script rebuilds
 identically for easyroutine), N prompts of mixed length (10-256 words of corpus.txt, seeded),
@@ -89,6 +89,7 @@ def main():
     ap.add_argument("workdir")
     ap.add_argument("--prompts", type=int, default=2000)
     ap.add_argument("--scale", type=int, default=10, help="the RSS check runs PROMPTS x SCALE prompts too (1 skips it)")
+    ap.add_argument("--rss-only", action="store_true", help="only the RSS check: hookrs over PROMPTS and PROMPTS x SCALE prompts")
     a = ap.parse_args()
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,17 @@ def main():
         d["tokens"] = int(line.split(" tokens in")[0].split(", ")[-1])
         return d
 
+    if a.rss_only:
+        ours = hookrs(p1, wd / "out", cfg)
+        n2 = a.prompts * max(a.scale, 1)
+        p2 = wd / f"prompts{n2}.txt"
+        prompts_file(p2, n2)
+        print(f"bench dataset: hookrs extract over {n2} prompts (RSS check)...", file=sys.stderr)
+        big = hookrs(p2, wd / "out-big", cfg)
+        print(f"| peak RSS, same chunk size (16 MiB) | tokens | s | MB |\n|---|---|---|---|\n"
+              f"| {a.prompts} prompts | {ours['tokens']} | {ours['secs']:.0f} | {ours['rss_mb']:.0f} |\n"
+              f"| {n2} prompts | {big['tokens']} | {big['secs']:.0f} | {big['rss_mb']:.0f} ({(big['rss_mb'] / ours['rss_mb'] - 1) * 100:+.1f} %) |")
+        return
     print(f"bench dataset: easyroutine loop over {a.prompts} prompts...", file=sys.stderr)
     er = child_rss([sys.executable, __file__, "--easyroutine-worker", a.config, tokenizer, p1, "8"])
     er_run = json.loads(er["out"].strip().splitlines()[-1])

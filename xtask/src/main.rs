@@ -6,8 +6,9 @@
 //! | `ci` | setup, then every test of the workspace, then every parity run (the README's test command) |
 //! | `demo` | setup, then the main job on a built-in tiny model (the README's first command) |
 //! | `export …` | export a HF causal LM (or a tiny random one) as TorchScript for hookrs |
+//! | `py` | setup (which builds and installs `import hookrs`), then the Python package's pytest suite |
 //! | `parity [ops\|cache\|models]` | compare against the real easyroutine, write `docs/parity.md` |
-//! | `bench [ops\|cache\|models]` | side-by-side benchmarks against easyroutine; `bench models [--device D] [--batch B] [--seq S] [--config bench\|large\|FILE] [--loads N] [--no-easyroutine]` also times loads; `bench dataset [--prompts N] [--scale K]`: `hookrs extract` end to end |
+//! | `bench [ops\|cache\|models]` | side-by-side benchmarks against easyroutine; `bench models [--device D] [--batch B] [--seq S] [--config bench\|large\|FILE] [--loads N] [--no-easyroutine]` also times loads; `bench dataset [--prompts N] [--scale K] [--rss-only]`: `hookrs extract` end to end |
 //!
 //! xtask must build before setup has run, so it never depends on tch.
 
@@ -20,7 +21,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] --out FILE.pt|parity [ops|cache|models]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|parity [ops|cache|models]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,6 +43,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("parity") => parity(rest),
         Some("export") => export(rest),
         Some("bench") => bench(rest),
+        Some("py") => py(),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -55,8 +57,23 @@ fn ci() -> Result<()> {
     setup::setup()?;
     run(cargo().args(["test", "--workspace", "--all-targets"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
+    py_tests()?;
     parity(&[])?;
     Ok(())
+}
+
+/// `import hookrs`: setup builds and installs the package; its pytest suite runs here.
+fn py() -> Result<()> {
+    setup::setup()?;
+    run(cargo().args(["build", "--quiet", "-p", "hookrs-cli"]))?;
+    py_tests()
+}
+
+fn py_tests() -> Result<()> {
+    let python = setup::venv_python()?;
+    let root = project_root();
+    run(Command::new(&python).args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]).arg(root.join("crates/hookrs-py/tests")))
+        .context("the Python package's tests failed (crates/hookrs-py/tests)")
 }
 
 /// The README's first command: setup, then an end-to-end session on a built-in tiny model:

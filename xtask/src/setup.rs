@@ -82,7 +82,26 @@ pub fn setup() -> Result<PathBuf> {
     link(&root.join(".libtorch"), &torch_dir)?;
     eprintln!("setup: torch {version} at {}", torch_dir.display());
     eprintln!("setup: .libtorch -> {}", torch_dir.display());
+    install_python_package(&python, &torch_dir)?;
     Ok(python)
+}
+
+/// `import hookrs` in the venv: builds the extension module (crates/hookrs-py), puts it next
+/// to the package's Python sources and points the venv at them with a `.pth` file (an
+/// editable install, as `maturin develop` makes; `maturin build` in crates/hookrs-py makes a
+/// wheel).
+pub fn install_python_package(python: &Path, torch_dir: &Path) -> Result<()> {
+    let root = project_root();
+    run(crate::cargo().args(["build", "--quiet", "-p", "hookrs-py"])).context("building the hookrs Python extension (crates/hookrs-py) failed")?;
+    let built = root.join("target/debug/libhookrs_py.so");
+    let package = root.join("crates/hookrs-py/python");
+    std::fs::copy(&built, package.join("hookrs/_native.abi3.so")).with_context(|| format!("copying {}", built.display()))?;
+    // site-packages is torch's parent
+    let site = torch_dir.parent().context("torch has a parent folder")?;
+    std::fs::write(site.join("hookrs.pth"), format!("{}\n", package.display()))?;
+    let _ = python;
+    eprintln!("setup: import hookrs -> {}", package.display());
+    Ok(())
 }
 
 fn pip(python: &Path, args: &[&str], file: &Path) -> Result<()> {

@@ -185,6 +185,23 @@ impl ActivationCache {
     }
 
     /// The bytes [`ActivationCache::save`] writes (`path` only names the file in errors).
+    /// The bytes [`ActivationCache::save`] writes (for pickling, sockets, …).
+    ///
+    /// ```
+    /// let mut c = hook_cache::ActivationCache::new();
+    /// c.insert("resid_out_0", tch::Tensor::ones([1, 2], (tch::Kind::Float, tch::Device::Cpu)));
+    /// let back = hook_cache::ActivationCache::from_safetensors_bytes(&c.to_safetensors_bytes().unwrap()).unwrap();
+    /// assert!(back.same_as(&c));
+    /// ```
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        self.to_bytes(Path::new("<bytes>"))
+    }
+
+    /// A cache from the bytes [`ActivationCache::to_safetensors_bytes`] gives.
+    pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<ActivationCache> {
+        Self::from_bytes(bytes, Path::new("<bytes>"))
+    }
+
     pub(crate) fn to_bytes(&self, path: &Path) -> Result<Vec<u8>> {
         let mut w = Writer { tensors: Vec::new(), names: HashSet::new() };
         let entries = self.iter().map(|(k, v)| Ok((k.to_string(), w.node(k, k, v)?))).collect::<Result<Vec<_>>>()?;

@@ -100,3 +100,22 @@ mod tests {
         assert_eq!(parse_needed(&bad), None);
     }
 }
+
+/// `cpu`, `cuda` or `cuda:N` as a device. Whether the device is there is checked by
+/// [`HookedModule::load`](crate::HookedModule::load), whose error says why not.
+///
+/// ```
+/// use tch::Device;
+/// assert_eq!(hook_torch::backend::parse_device("cuda:1").unwrap(), Device::Cuda(1));
+/// assert!(hook_torch::backend::parse_device("gpu").unwrap_err().to_string().contains("expected cpu, cuda or cuda:N"));
+/// ```
+pub fn parse_device(s: &str) -> crate::Result<tch::Device> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(tch::Device::Cuda(n)),
+            None => Err(crate::TorchError::Input(format!("{s:?}: expected cpu, cuda or cuda:N"))),
+        },
+    }
+}

@@ -29,4 +29,7 @@ extern "C" {
     pub fn hookrs_forward(m: *mut c_void, ids: *mut AtTensor, mask: *mut AtTensor, out: *mut *mut AtTensor, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_parameters(m: *mut c_void, visit: ParameterVisitor, ctx: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_device_constants(m: *mut c_void, out_json: *mut *mut c_char, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_from_dlpack(managed: *mut c_void, out: *mut *mut AtTensor, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_to_dlpack(t: *mut AtTensor, out: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_dlpack_delete(managed: *mut c_void);
 }

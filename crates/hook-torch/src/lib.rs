@@ -12,6 +12,7 @@
 //! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
 //! | [`error`] | [`TorchError`] |
 //! | [`backend`] | which libtorch device backends this process has loaded |
+//! | [`dlpack`] | zero-copy tensor exchange with the Python `torch` in the same process |
 //! | `script` | the instrumented TorchScript module, owned through the shim (no save/reload) |
 //! | `ffi` | the C ABI of the shim that rewrites the graphs (`src/shim/hookrs_shim.cpp`) |
 //!
@@ -20,6 +21,7 @@
 pub mod backend;
 pub mod catalogue;
 pub mod description;
+pub mod dlpack;
 pub mod error;
 pub mod extract;
 mod ffi;

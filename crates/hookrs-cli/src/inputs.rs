@@ -351,15 +351,7 @@ pub fn pad(batch: &[&Example], device: Device) -> (Tensor, Tensor) {
     )
 }
 
-/// `cpu`, `cuda`, `cuda:N`. Whether the device is there is checked by `HookedModule::load`,
-/// whose error says why not (no backend in this libtorch, no GPU, an index out of range).
+/// `cpu`, `cuda`, `cuda:N` ([`hook_torch::backend::parse_device`]).
 pub fn device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(Device::Cuda(n)),
-            None => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
-        },
-    }
+    hook_torch::backend::parse_device(s).map_err(|_| anyhow::anyhow!("--device {s:?}: expected cpu, cuda or cuda:N"))
 }

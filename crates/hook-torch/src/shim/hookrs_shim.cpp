@@ -7,6 +7,7 @@
 
 #include <torch/script.h>
 #include <torch/library.h>
+#include <ATen/DLConvertor.h>
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/ir.h>
 
@@ -430,6 +431,27 @@ int hookrs_device_constants(void* module, char** out_json, char** err) {
     *err = nullptr;
     return 0;
   });
+}
+
+// DLPack: zero-copy exchange of tensors with another framework in the same process (the
+// Python `torch` the hookrs package runs next to). `managed` is a DLManagedTensor*.
+int hookrs_from_dlpack(void* managed, at::Tensor** out, char** err) {
+  return guard(err, [&]() -> int {
+    *out = new at::Tensor(at::fromDLPack(static_cast<DLManagedTensor*>(managed)));
+    return 0;
+  });
+}
+
+int hookrs_to_dlpack(at::Tensor* t, void** out, char** err) {
+  return guard(err, [&]() -> int {
+    *out = at::toDLPack(*t);
+    return 0;
+  });
+}
+
+void hookrs_dlpack_delete(void* managed) {
+  auto* m = static_cast<DLManagedTensor*>(managed);
+  if (m != nullptr && m->deleter != nullptr) m->deleter(m);
 }
 
 }  // extern "C"

@@ -1,0 +1,420 @@
+//! # hookrs-py
+//!
+//! The native half of the `hookrs` Python package (`python/hookrs/__init__.py` is the other):
+//! [`HookedModule`], [`ActivationCache`] and [`ValueWithInfo`] with easyroutine's interface,
+//! over hook-torch and hook-cache. Tensors cross to and from the Python `torch` by DLPack
+//! (`hook_torch::dlpack`): no copies, one libtorch (the torch wheel's, which the crates link).
+//!
+//! | here | what it holds |
+//! |---|---|
+//! | [`HookedModule`] | `load`, `sites`, `description`, `run_with_cache`, `forward` |
+//! | [`ActivationCache`] | the dictionary surface, `cat`, `save`/`load`, `memory_size`, pickling |
+//! | [`ValueWithInfo`] | a value with its info string, as easyroutine's |
+//! | `convert` functions | tensors by DLPack, cache values to and from Python objects |
+//!
+//! Errors: bad input is a `ValueError`, everything else a `RuntimeError`, each with the Rust
+//! error's message. PyO3 turns a panic into a Python exception; none is expected.
+
+use std::ffi::c_void;
+
+use hook_cache::CacheValue;
+use hook_core::TokenGroups;
+use hook_torch::{ExtractionConfig, TorchError};
+use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyCapsule, PyDict, PyList, PyTuple};
+use tch::Tensor;
+
+// ---- errors ---------------------------------------------------------------------------------
+
+fn torch_err(e: TorchError) -> PyErr {
+    match e {
+        TorchError::Input(_) | TorchError::Description(_) | TorchError::UnknownComponent { .. } | TorchError::Core(_) | TorchError::Ops(_) => {
+            PyValueError::new_err(e.to_string())
+        }
+        TorchError::Cache(c) => cache_err(c),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+fn cache_err(e: hook_cache::CacheError) -> PyErr {
+    match e {
+        hook_cache::CacheError::Io { .. } => PyRuntimeError::new_err(e.to_string()),
+        other => PyValueError::new_err(other.to_string()),
+    }
+}
+
+// ---- tensors by DLPack ----------------------------------------------------------------------
+
+const DLTENSOR: &std::ffi::CStr = c"dltensor";
+const USED_DLTENSOR: &std::ffi::CStr = c"used_dltensor";
+
+/// The `torch.Tensor` `obj` as a tch tensor sharing its memory (detached from autograd).
+fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    let py = obj.py();
+    let torch = py.import("torch")?;
+    if !obj.is_instance(&torch.getattr("Tensor")?)? {
+        return Err(PyTypeError::new_err(format!("expected a torch.Tensor, got {}", obj.get_type().name()?)));
+    }
+    let capsule = py.import("torch.utils.dlpack")?.call_method1("to_dlpack", (obj.call_method0("detach")?,))?;
+    let capsule = capsule.downcast::<PyCapsule>()?;
+    let managed = capsule.pointer();
+    // SAFETY: a "dltensor" capsule from torch holds an unconsumed DLManagedTensor*; renaming
+    // it to "used_dltensor" tells torch's destructor it was consumed (the DLPack protocol).
+    let t = unsafe { hook_torch::dlpack::from_dlpack(managed) }.map_err(torch_err)?;
+    unsafe { pyo3::ffi::PyCapsule_SetName(capsule.as_ptr(), USED_DLTENSOR.as_ptr()) };
+    Ok(t)
+}
+
+unsafe extern "C" fn dltensor_destructor(capsule: *mut pyo3::ffi::PyObject) {
+    // SAFETY: called by Python on a capsule made in `tensor_to_py`; only an unconsumed one
+    // (still named "dltensor") owns its DLManagedTensor.
+    unsafe {
+        if pyo3::ffi::PyCapsule_IsValid(capsule, DLTENSOR.as_ptr()) == 1 {
+            let p = pyo3::ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr());
+            hook_torch::dlpack::delete(p);
+        }
+    }
+}
+
+/// `t` as a `torch.Tensor` sharing its memory.
+fn tensor_to_py(py: Python<'_>, t: &Tensor) -> PyResult<PyObject> {
+    let managed: *mut c_void = hook_torch::dlpack::to_dlpack(t).map_err(torch_err)?;
+    // SAFETY: `managed` is an owned DLManagedTensor*; the capsule owns it until torch consumes it.
+    let capsule = unsafe { pyo3::ffi::PyCapsule_New(managed, DLTENSOR.as_ptr(), Some(dltensor_destructor)) };
+    if capsule.is_null() {
+        // SAFETY: nobody else holds `managed`.
+        unsafe { hook_torch::dlpack::delete(managed) };
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: a new reference we own.
+    let capsule = unsafe { Bound::from_owned_ptr(py, capsule) };
+    Ok(py.import("torch.utils.dlpack")?.call_method1("from_dlpack", (capsule,))?.unbind())
+}
+
+// ---- cache values ---------------------------------------------------------------------------
+
+fn json_to_py(py: Python<'_>, v: &serde_json::Value) -> PyResult<PyObject> {
+    Ok(py.import("json")?.call_method1("loads", (v.to_string(),))?.unbind())
+}
+
+fn value_to_py(py: Python<'_>, v: &CacheValue) -> PyResult<PyObject> {
+    Ok(match v {
+        CacheValue::Tensor(t) => tensor_to_py(py, t)?,
+        CacheValue::List(items) => PyList::new(py, items.iter().map(|x| value_to_py(py, x)).collect::<PyResult<Vec<_>>>()?)?.into_any().unbind(),
+        CacheValue::Tuple(items) => PyTuple::new(py, items.iter().map(|x| value_to_py(py, x)).collect::<PyResult<Vec<_>>>()?)?.into_any().unbind(),
+        CacheValue::Map(m) => {
+            let d = PyDict::new(py);
+            for (k, x) in m {
+                d.set_item(k, value_to_py(py, x)?)?;
+            }
+            d.into_any().unbind()
+        }
+        CacheValue::Info { value, info } => Py::new(py, ValueWithInfo { value: value_to_py(py, value)?, info: info.clone() })?.into_any(),
+        CacheValue::Data(d) => json_to_py(py, d)?,
+    })
+}
+
+fn holds_tensor(obj: &Bound<'_, PyAny>, tensor_type: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if obj.is_instance(tensor_type)? || obj.is_instance_of::<ValueWithInfo>() {
+        return Ok(true);
+    }
+    if let Ok(d) = obj.downcast::<PyDict>() {
+        for (_, v) in d.iter() {
+            if holds_tensor(&v, tensor_type)? {
+                return Ok(true);
+            }
+        }
+    } else if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+        for v in obj.try_iter()? {
+            if holds_tensor(&v?, tensor_type)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// A Python value as a cache value: tensors, values with info, and lists / tuples / dicts
+/// holding them keep their structure; anything else is stored as JSON data.
+fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<CacheValue> {
+    let py = obj.py();
+    let tensor_type = py.import("torch")?.getattr("Tensor")?;
+    if obj.is_instance(&tensor_type)? {
+        return Ok(CacheValue::Tensor(tensor_from_py(obj)?));
+    }
+    if let Ok(v) = obj.downcast::<ValueWithInfo>() {
+        let v = v.borrow();
+        return Ok(CacheValue::Info { value: Box::new(value_from_py(v.value.bind(py))?), info: v.info.clone() });
+    }
+    if holds_tensor(obj, &tensor_type)? {
+        if let Ok(d) = obj.downcast::<PyDict>() {
+            let mut m = indexmap::IndexMap::new();
+            for (k, v) in d.iter() {
+                let k: String = k.extract().map_err(|_| PyValueError::new_err("a dict in a cache value needs string keys"))?;
+                m.insert(k, value_from_py(&v)?);
+            }
+            return Ok(CacheValue::Map(m));
+        }
+        let items = obj.try_iter()?.map(|v| value_from_py(&v?)).collect::<PyResult<Vec<_>>>()?;
+        return Ok(if obj.is_instance_of::<PyTuple>() { CacheValue::Tuple(items) } else { CacheValue::List(items) });
+    }
+    let text: String = py.import("json")?.call_method1("dumps", (obj,)).map_err(|_| {
+        PyValueError::new_err(format!(
+            "cannot store a {} in an ActivationCache: it takes torch tensors, ValueWithInfo, lists, tuples and dicts of them, and JSON values",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })?
+    .extract()?;
+    Ok(CacheValue::Data(serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))?))
+}
+
+// ---- ValueWithInfo --------------------------------------------------------------------------
+
+/// easyroutine's `ValueWithInfo`: a value and the string that describes it.
+#[pyclass(module = "hookrs._native")]
+pub struct ValueWithInfo {
+    value: PyObject,
+    info: String,
+}
+
+#[pymethods]
+impl ValueWithInfo {
+    #[new]
+    fn new(value: PyObject, info: String) -> Self {
+        Self { value, info }
+    }
+
+    /// The value.
+    #[pyo3(name = "value")]
+    fn get_value(&self, py: Python<'_>) -> PyObject {
+        self.value.clone_ref(py)
+    }
+
+    /// The info string.
+    #[pyo3(name = "info")]
+    fn get_info(&self) -> String {
+        self.info.clone()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("ValueWithInfo(value={}, info={:?})", self.value.bind(py).repr()?, self.info))
+    }
+}
+
+// ---- ActivationCache ------------------------------------------------------------------------
+
+/// easyroutine's `ActivationCache`, backed by hook-cache (the same semantics as the Rust API).
+#[pyclass(module = "hookrs._native", unsendable)]
+pub struct ActivationCache {
+    inner: hook_cache::ActivationCache,
+}
+
+#[pymethods]
+impl ActivationCache {
+    #[new]
+    fn new() -> Self {
+        Self { inner: hook_cache::ActivationCache::new() }
+    }
+
+    fn __getitem__(&self, py: Python<'_>, key: &str) -> PyResult<PyObject> {
+        match self.inner.get(key) {
+            Some(v) => value_to_py(py, v),
+            None => Err(PyKeyError::new_err(key.to_string())),
+        }
+    }
+
+    fn __setitem__(&mut self, key: String, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let v = value_from_py(value)?;
+        self.inner.insert(key, v);
+        Ok(())
+    }
+
+    fn __delitem__(&mut self, key: &str) -> PyResult<()> {
+        self.inner.remove(key).map(|_| ()).ok_or_else(|| PyKeyError::new_err(key.to_string()))
+    }
+
+    fn __contains__(&self, key: &str) -> bool {
+        self.inner.contains(key)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>, py: Python<'_>) -> PyResult<PyObject> {
+        Ok(PyList::new(py, slf.inner.keys().collect::<Vec<_>>())?.try_iter()?.into_any().unbind())
+    }
+
+    /// The keys, in insertion order.
+    fn keys(&self) -> Vec<String> {
+        self.inner.keys().map(String::from).collect()
+    }
+
+    /// The values, in key order.
+    fn values(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
+        self.inner.iter().map(|(_, v)| value_to_py(py, v)).collect()
+    }
+
+    /// `(key, value)` pairs, in key order.
+    fn items(&self, py: Python<'_>) -> PyResult<Vec<(String, PyObject)>> {
+        self.inner.iter().map(|(k, v)| Ok((k.to_string(), value_to_py(py, v)?))).collect()
+    }
+
+    /// Stores `value` with an info string (easyroutine's `add_with_info`).
+    fn add_with_info(&mut self, key: String, value: &Bound<'_, PyAny>, info: String) -> PyResult<()> {
+        let v = value_from_py(value)?;
+        self.inner.add_with_info(key, v, info);
+        Ok(())
+    }
+
+    /// Joins another batch's cache into this one with the aggregation rules (tensors
+    /// concatenated on the batch axis); a refused `cat` leaves the cache as it was.
+    fn cat(&mut self, other: PyRef<'_, ActivationCache>) -> PyResult<()> {
+        self.inner.cat(other.inner.clone()).map_err(cache_err)
+    }
+
+    /// `{key}` entries keyed by their suffix, as easyroutine's `map_to_dict`.
+    fn map_to_dict(&self, py: Python<'_>, key: &str) -> PyResult<PyObject> {
+        let m = self.inner.map_to_dict(key).map_err(cache_err)?;
+        let d = PyDict::new(py);
+        for (k, t) in m {
+            d.set_item(k, tensor_to_py(py, &t)?)?;
+        }
+        Ok(d.into_any().unbind())
+    }
+
+    /// Human-readable size of one key or of everything.
+    #[pyo3(signature = (key=None))]
+    fn memory_size(&self, key: Option<&str>) -> String {
+        self.inner.memory_size(key)
+    }
+
+    /// The memory report (per key, or grouped by key family).
+    #[pyo3(signature = (grouped=false))]
+    fn memory_tree(&self, grouped: bool) -> String {
+        self.inner.memory_report(grouped)
+    }
+
+    /// Saves as safetensors (Python's `load_cache.py` and the CLI read it).
+    fn save(&self, path: &str) -> PyResult<()> {
+        self.inner.save(path).map_err(cache_err)
+    }
+
+    /// Loads a file or a chunk directory written by `hookrs extract`.
+    #[staticmethod]
+    fn load(path: &str) -> PyResult<Self> {
+        Ok(Self { inner: hook_cache::ActivationCache::load(path).map_err(cache_err)? })
+    }
+
+    fn __getstate__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &self.inner.to_safetensors_bytes().map_err(cache_err)?))
+    }
+
+    fn __setstate__(&mut self, state: &[u8]) -> PyResult<()> {
+        self.inner = hook_cache::ActivationCache::from_safetensors_bytes(state).map_err(cache_err)?;
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ActivationCache({} keys, {})", self.inner.len(), self.inner.memory_size(None))
+    }
+}
+
+// ---- HookedModule ---------------------------------------------------------------------------
+
+/// A TorchScript export instrumented for hooks (`cargo xtask export`).
+#[pyclass(module = "hookrs._native", unsendable)]
+pub struct HookedModule {
+    inner: hook_torch::HookedModule,
+}
+
+fn token_groups(py: Python<'_>, groups: Option<&Bound<'_, PyAny>>) -> PyResult<TokenGroups> {
+    let Some(g) = groups else { return Ok(TokenGroups::last()) };
+    let text: String = py.import("json")?.call_method1("dumps", (g,))?.extract()?;
+    serde_json::from_str(&text).map_err(|e| PyValueError::new_err(format!("token_groups must be lists of positions such as [[0, 1], [-1]]: {e}")))
+}
+
+fn extraction_config(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<ExtractionConfig> {
+    let Some(c) = config else { return Ok(ExtractionConfig::default()) };
+    let c = if c.hasattr("to_dict")? { c.call_method0("to_dict")? } else { c.clone() };
+    let text: String = py.import("json")?.call_method1("dumps", (c,))?.extract()?;
+    serde_json::from_str(&text).map_err(|e| PyValueError::new_err(format!("ExtractionConfig: {e}")))
+}
+
+#[pymethods]
+impl HookedModule {
+    /// Loads and instruments an export on `device` (`cpu`, `cuda`, `cuda:N`).
+    #[staticmethod]
+    #[pyo3(signature = (path, device="cpu"))]
+    fn load(path: &str, device: &str) -> PyResult<Self> {
+        let device = hook_torch::backend::parse_device(device).map_err(torch_err)?;
+        Ok(Self { inner: hook_torch::HookedModule::load(path, device).map_err(torch_err)? })
+    }
+
+    /// Every hookable site: dicts of component, kind and layer.
+    fn sites(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
+        self.inner
+            .sites()
+            .iter()
+            .map(|s| {
+                let d = PyDict::new(py);
+                d.set_item("component", &s.component)?;
+                d.set_item("kind", format!("{:?}", s.kind))?;
+                d.set_item("layer", s.layer)?;
+                Ok(d.into_any().unbind())
+            })
+            .collect()
+    }
+
+    /// The model description the exporter stored (sizes, component templates, layout facts).
+    #[getter]
+    fn description(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let d = self.inner.require_description().map_err(torch_err)?;
+        json_to_py(py, &serde_json::to_value(d).map_err(|e| PyRuntimeError::new_err(e.to_string()))?)
+    }
+
+    /// The logits of a forward pass without hooks.
+    #[pyo3(signature = (input_ids, attention_mask=None))]
+    fn forward(&mut self, py: Python<'_>, input_ids: &Bound<'_, PyAny>, attention_mask: Option<&Bound<'_, PyAny>>) -> PyResult<PyObject> {
+        let ids = tensor_from_py(input_ids)?;
+        let mask = match attention_mask {
+            Some(m) => tensor_from_py(m)?,
+            None => ids.ones_like(),
+        };
+        let logits = tch::no_grad(|| self.inner.forward(&ids, &mask)).map_err(torch_err)?;
+        tensor_to_py(py, &logits)
+    }
+
+    /// easyroutine's forward with an ExtractionConfig: `(logits, cache)`. `token_groups` are
+    /// easyroutine's lists of positions (`[[0, 1], [-1]]`, negative from the end; default the
+    /// last token); `config` an `hookrs.ExtractionConfig` or a dict of its fields.
+    #[pyo3(signature = (input_ids, attention_mask=None, token_groups=None, config=None))]
+    fn run_with_cache(
+        &mut self,
+        py: Python<'_>,
+        input_ids: &Bound<'_, PyAny>,
+        attention_mask: Option<&Bound<'_, PyAny>>,
+        token_groups: Option<&Bound<'_, PyAny>>,
+        config: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(PyObject, ActivationCache)> {
+        let ids = tensor_from_py(input_ids)?;
+        let mask = match attention_mask {
+            Some(m) => tensor_from_py(m)?,
+            None => ids.ones_like(),
+        };
+        let groups = self::token_groups(py, token_groups)?;
+        let config = extraction_config(py, config)?;
+        let (logits, cache) = self.inner.run_with_cache(&ids, &mask, &groups, &config).map_err(torch_err)?;
+        Ok((tensor_to_py(py, &logits)?, ActivationCache { inner: cache }))
+    }
+}
+
+/// The native module (`hookrs._native`).
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<HookedModule>()?;
+    m.add_class::<ActivationCache>()?;
+    m.add_class::<ValueWithInfo>()?;
+    Ok(())
+}

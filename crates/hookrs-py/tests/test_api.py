@@ -1,0 +1,112 @@
+"""`import hookrs`: the Python API against the Rust engine (through the CLI's saved cache) and
+easyroutine's interface. Run by `cargo xtask py` (part of `cargo xtask ci`)."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hookrs
+
+ROOT = Path(__file__).resolve().parents[3]
+MODELS = ROOT / "target" / "test-models"
+
+
+def model_path(family="llama"):
+    p = MODELS / f"{family}.pt"
+    if not p.exists():
+        subprocess.run([sys.executable, str(ROOT / "xtask/python/export.py"), "--random", family, "--seed", "0", "--out", str(p)], check=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hookrs.HookedModule.load(str(model_path()))
+
+
+def test_sites_and_description(model):
+    comps = [s["component"] for s in model.sites()]
+    assert "model.layers[0].self_attn.attention_matrix_hook.output" in comps
+    d = model.description
+    assert d["num_hidden_layers"] == 2 and d["templates"]["residual_stream_hook_name"] == "model.layers[{}].output"
+
+
+def test_run_with_cache_equals_the_rust_api(model, tmp_path):
+    ids = torch.tensor([[5, 9, 12, 40, 7, 3]])
+    cfg = hookrs.ExtractionConfig(extract_resid_out=True, extract_attn_pattern=True, extract_head_queries=True)
+    logits, cache = model.run_with_cache(ids, torch.ones_like(ids), [[0, 1], [-1]], cfg)
+    assert logits.shape == (1, 6, 256)
+    assert torch.equal(logits, model.forward(ids))
+    # the same call through the CLI (the Rust API), saved and read back
+    out = tmp_path / "rust.safetensors"
+    hookrs_bin = ROOT / "target" / "debug" / "hookrs"
+    subprocess.run([str(hookrs_bin), "extract", "--model", str(model_path()), "--input-ids", "[[5,9,12,40,7,3]]", "--token-groups", "[[0,1],[-1]]",
+                    "--extract", "resid_out,attn_pattern,head_queries,logits", "--out", str(out)], check=True, capture_output=True)
+    rust = hookrs.ActivationCache.load(str(out))
+    for k in cache.keys():
+        if isinstance(cache[k], torch.Tensor):
+            assert torch.equal(cache[k], rust[k]), k
+    assert cache["pattern_L0H1"].shape == (1, 3, 3)
+
+
+def test_tensors_cross_without_copies(model):
+    c = hookrs.ActivationCache()
+    t = torch.arange(6.0).view(2, 3)
+    c["resid_out_0"] = t
+    back = c["resid_out_0"]
+    assert back.data_ptr() == t.data_ptr()
+    t[0, 0] = 42.0
+    assert c["resid_out_0"][0, 0].item() == 42.0
+
+
+def test_activation_cache_is_easyroutines(tmp_path):
+    c = hookrs.ActivationCache()
+    c["resid_out_0"] = torch.ones(1, 2, 4)
+    c["pair"] = (torch.zeros(1), torch.ones(1))
+    c["stats"] = {"mean": torch.zeros(2), "n": [torch.ones(1)]}
+    c["note"] = {"a": [1, 2], "b": "x"}
+    c.add_with_info("head_out_L0H0", torch.ones(1, 1, 4), "Shape: batch d")
+    assert "resid_out_0" in c and len(c) == 5
+    assert list(c.keys()) == ["resid_out_0", "pair", "stats", "note", "head_out_L0H0"]
+    assert isinstance(c["pair"], tuple) and c["note"] == {"a": [1, 2], "b": "x"}
+    v = c["head_out_L0H0"]
+    assert isinstance(v, hookrs.ValueWithInfo) and v.info() == "Shape: batch d"
+    other = hookrs.ActivationCache()
+    for k in c.keys():
+        other[k] = c[k]
+    c.cat(other)
+    assert c["resid_out_0"].shape == (2, 2, 4)
+    assert "B" in c.memory_size()
+    c.save(str(tmp_path / "c.safetensors"))
+    back = hookrs.ActivationCache.load(str(tmp_path / "c.safetensors"))
+    assert torch.equal(back["resid_out_0"], c["resid_out_0"])
+    again = pickle.loads(pickle.dumps(c))
+    assert torch.equal(again["resid_out_0"], c["resid_out_0"])
+    torch.save(c, tmp_path / "c.pt")
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=False)["resid_out_0"], c["resid_out_0"])
+    del c["note"]
+    assert "note" not in c
+
+
+def test_errors_are_python_exceptions_with_the_rust_message(model):
+    ids = torch.tensor([[5, 9]])
+    with pytest.raises(ValueError, match="out of range"):
+        model.run_with_cache(ids, None, [[0, 7]], hookrs.ExtractionConfig(extract_resid_out=True))
+    with pytest.raises(ValueError, match="closest: extract_resid_out"):
+        hookrs.ExtractionConfig(extract_resid_outt=True)
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        model.forward([[5, 9]])
+    with pytest.raises(ValueError, match="cannot store a"):
+        hookrs.ActivationCache()["x"] = object()
+    with pytest.raises(KeyError):
+        hookrs.ActivationCache()["missing"]
+    with pytest.raises((ValueError, RuntimeError), match="TorchScript|No such file|cannot"):
+        hookrs.HookedModule.load("/nonexistent.pt")
+    with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+        hookrs.HookedModule.load(str(model_path()), device="gpu")
+    # the module is still usable
+    assert model.forward(ids).shape == (1, 2, 256)
