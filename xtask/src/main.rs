@@ -55,8 +55,10 @@ fn dispatch(args: &[String]) -> Result<()> {
 /// The README's test command: setup, all tests, all parity runs.
 fn ci() -> Result<()> {
     setup::setup()?;
-    run(cargo().args(["test", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--workspace", "--doc"]))?;
+    // hookrs-py is a Python extension module (its symbols come from the Python that imports
+    // it): built by setup, tested by its pytest suite (py_tests), not by a Rust test harness
+    run(cargo().args(["test", "--workspace", "--all-targets", "--exclude", "hookrs-py"]))?;
+    run(cargo().args(["test", "--workspace", "--doc", "--exclude", "hookrs-py"]))?;
     py_tests()?;
     parity(&[])?;
     Ok(())
