@@ -37,24 +37,6 @@ impl Clone for Slot {
     }
 }
 
-/// A cache whose copies to host memory may still be running: see
-/// [`ActivationCache::to_host_async`].
-#[must_use = "the copies are only complete after wait()"]
-pub struct PendingHostCopy {
-    cache: ActivationCache,
-    devices: Vec<usize>,
-}
-
-impl PendingHostCopy {
-    /// Waits for the copies (one synchronisation per device involved) and returns the host cache.
-    pub fn wait(self) -> ActivationCache {
-        for d in &self.devices {
-            tch::Cuda::synchronize(*d as i64);
-        }
-        self.cache
-    }
-}
-
 /// easyroutine's `ActivationCache`.
 ///
 /// ```
@@ -233,40 +215,25 @@ impl ActivationCache {
         self.to(Device::Cpu)
     }
 
-    /// Starts copying every tensor that lives on a GPU into pinned host memory, without
-    /// waiting: the copies are queued behind the work already on the device, so the caller can
-    /// queue the next forward pass while they run. Read the result only through
-    /// [`PendingHostCopy::wait`], which synchronises once for the whole cache. Tensors already
-    /// on the CPU are shared as they are.
+    /// The same cache with every tensor replaced by `f(tensor)`, visited in a fixed order
+    /// (entries in insertion order, and inside each value depth first). Non-tensor values are
+    /// kept. The building block of conversions such as [`to_float_kind`](Self::to_float_kind)
+    /// or a copy to host memory.
     ///
     /// ```
     /// use hook_cache::ActivationCache;
     /// use tch::{Device, Kind, Tensor};
     /// let mut c = ActivationCache::new();
     /// c.insert("resid_out_0", Tensor::ones([1, 2], (Kind::Float, Device::Cpu)));
-    /// let host = c.to_host_async().unwrap().wait();
-    /// assert!(host.tensor("resid_out_0").unwrap().equal(c.tensor("resid_out_0").unwrap()));
+    /// let doubled = c.map_tensors(|t| Ok(t * 2)).unwrap();
+    /// assert_eq!(doubled.tensor("resid_out_0").unwrap().sum(Kind::Float).double_value(&[]), 4.0);
     /// ```
-    pub fn to_host_async(&self) -> Result<PendingHostCopy> {
-        let mut devices = Vec::new();
-        let mut copy_one = |t: &Tensor| -> Result<Tensor> {
-            match t.device() {
-                Device::Cuda(i) => {
-                    if !devices.contains(&i) {
-                        devices.push(i);
-                    }
-                    let host = Tensor::f_empty(t.size(), (t.kind(), Device::Cpu))?.f_pin_memory(t.device())?;
-                    // `_copy_from(src, dst, non_blocking)`: a copy queued on the current stream
-                    Ok(t.f_internal_copy_from(&host, true)?)
-                }
-                _ => Ok(t.shallow_clone()),
-            }
-        };
+    pub fn map_tensors(&self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<ActivationCache> {
         let mut out = self.clone();
         for slot in out.entries.values_mut() {
-            slot.value = slot.value.map_tensors(&mut copy_one)?;
+            slot.value = slot.value.map_tensors(&mut f)?;
         }
-        Ok(PendingHostCopy { cache: out, devices })
+        Ok(out)
     }
 
     /// The same cache with every floating-point tensor converted to `kind` (integer tensors,
@@ -284,11 +251,7 @@ impl ActivationCache {
     /// assert_eq!(f.tensor("input_ids").unwrap().kind(), Kind::Int64);
     /// ```
     pub fn to_float_kind(&self, kind: Kind) -> Result<ActivationCache> {
-        let mut out = self.clone();
-        for slot in out.entries.values_mut() {
-            slot.value = slot.value.map_tensors(&mut |t| Ok(if t.is_floating_point() && t.kind() != kind { t.f_to_kind(kind)? } else { t.shallow_clone() }))?;
-        }
-        Ok(out)
+        self.map_tensors(|t| Ok(if t.is_floating_point() && t.kind() != kind { t.f_to_kind(kind)? } else { t.shallow_clone() }))
     }
 
     /// Drops the slack of aggregation buffers (each aggregated tensor becomes a compact copy).

@@ -37,6 +37,6 @@ pub mod value;
 
 pub use aggregate::Aggregation;
 pub use chunks::{ChunkDir, ChunkEntry, ChunkManifest, ChunkWriter};
-pub use cache::{ActivationCache, PendingHostCopy};
+pub use cache::ActivationCache;
 pub use error::{CacheError, Result};
 pub use value::CacheValue;

@@ -15,20 +15,8 @@ use std::ffi::c_void;
 
 use tch::Tensor;
 
-use crate::error::{Result, TorchError};
+use crate::error::Result;
 use crate::ffi::{self, AtTensor};
-
-fn shim_error(err: *mut std::ffi::c_char) -> TorchError {
-    let msg = if err.is_null() {
-        String::from("DLPack exchange failed")
-    } else {
-        // SAFETY: the shim returns NUL-terminated strings from malloc, freed once here.
-        let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().lines().next().unwrap_or("").to_string();
-        unsafe { ffi::hookrs_free(err.cast()) };
-        s
-    };
-    TorchError::Torch(tch::TchError::Torch(msg))
-}
 
 /// A DLPack view of `t` (shares its memory and keeps it alive). The caller owns the returned
 /// `DLManagedTensor*`: hand it to a consumer, or free it with [`delete`].
@@ -37,7 +25,7 @@ pub fn to_dlpack(t: &Tensor) -> Result<*mut c_void> {
     // SAFETY: `t` outlives the call; the shim only reads it and catches every exception.
     let status = unsafe { ffi::hookrs_to_dlpack(t.as_ptr() as *mut AtTensor, &mut out, &mut err) };
     if status != 0 {
-        return Err(shim_error(err));
+        return Err(crate::script::shim_error(err, "DLPack exchange failed"));
     }
     Ok(out)
 }
@@ -52,7 +40,7 @@ pub unsafe fn from_dlpack(managed: *mut c_void) -> Result<Tensor> {
     // SAFETY: the caller guarantees `managed`; the shim catches every exception.
     let status = unsafe { ffi::hookrs_from_dlpack(managed, &mut out, &mut err) };
     if status != 0 {
-        return Err(shim_error(err));
+        return Err(crate::script::shim_error(err, "DLPack exchange failed"));
     }
     // SAFETY: on success `out` is a heap at::Tensor* whose ownership moves to us.
     Ok(unsafe { Tensor::from_ptr(out) })

@@ -32,4 +32,7 @@ extern "C" {
     pub fn hookrs_from_dlpack(managed: *mut c_void, out: *mut *mut AtTensor, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_to_dlpack(t: *mut AtTensor, out: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_dlpack_delete(managed: *mut c_void);
+    pub fn hookrs_host_copy(srcs: *mut *mut AtTensor, n: i64, dsts: *mut *mut AtTensor, out_handle: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_host_copy_wait(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_host_copy_free(handle: *mut c_void);
 }

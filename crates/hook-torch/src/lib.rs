@@ -13,6 +13,7 @@
 //! | [`error`] | [`TorchError`] |
 //! | [`backend`] | which libtorch device backends this process has loaded |
 //! | [`dlpack`] | zero-copy tensor exchange with the Python `torch` in the same process |
+//! | [`transfer`] | cache copies from a GPU to host memory on a side stream, beside the next batch |
 //! | `script` | the instrumented TorchScript module, owned through the shim (no save/reload) |
 //! | `ffi` | the C ABI of the shim that rewrites the graphs (`src/shim/hookrs_shim.cpp`) |
 //!
@@ -29,6 +30,7 @@ mod script;
 pub mod intervention;
 pub mod module;
 pub mod site;
+pub mod transfer;
 
 pub use description::{ModelDescription, WeightLayout};
 pub use error::{Result, TorchError};

@@ -55,6 +55,13 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").to_string()
 }
 
+/// The error of a failed shim call: the first line of its message (`fallback` when it sent
+/// none). Frees the message.
+pub(crate) fn shim_error(err: *mut c_char, fallback: &str) -> TorchError {
+    let msg = first_line(&take(err));
+    TorchError::Torch(tch::TchError::Torch(if msg.is_empty() { fallback.to_string() } else { msg }))
+}
+
 /// What `hookrs_load` returns.
 pub(crate) struct Loaded {
     pub module: ScriptModule,
@@ -91,7 +98,7 @@ impl ScriptModule {
         // SAFETY: the tensors outlive the call; the shim only reads them and catches every exception.
         let status = unsafe { ffi::hookrs_forward(self.ptr, ids.as_ptr() as *mut AtTensor, mask.as_ptr() as *mut AtTensor, &mut out, &mut err) };
         if status != 0 {
-            return Err(TorchError::Torch(tch::TchError::Torch(first_line(&take(err)))));
+            return Err(shim_error(err, "the shim call failed"));
         }
         // SAFETY: on success `out` is a heap at::Tensor* whose ownership moves to us.
         Ok(unsafe { Tensor::from_ptr(out) })
@@ -110,7 +117,7 @@ impl ScriptModule {
         // SAFETY: `visit` does not unwind (it only pushes), ctx lives for the call.
         let status = unsafe { ffi::hookrs_parameters(self.ptr, visit, (&mut list as *mut Vec<(String, Tensor)>).cast(), &mut err) };
         if status != 0 {
-            return Err(TorchError::Torch(tch::TchError::Torch(first_line(&take(err)))));
+            return Err(shim_error(err, "the shim call failed"));
         }
         Ok(list)
     }
@@ -121,7 +128,7 @@ impl ScriptModule {
         // SAFETY: valid pointers; the shim catches every exception.
         let status = unsafe { ffi::hookrs_device_constants(self.ptr, &mut json, &mut err) };
         if status != 0 {
-            return Err(TorchError::Torch(tch::TchError::Torch(first_line(&take(err)))));
+            return Err(shim_error(err, "the shim call failed"));
         }
         serde_json::from_str(&take(json)).map_err(|e| TorchError::Torch(tch::TchError::Torch(format!("bad device list from the shim: {e}"))))
     }

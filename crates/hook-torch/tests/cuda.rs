@@ -26,7 +26,7 @@ fn a_cpu_export_runs_on_cuda_with_the_cpu_values() {
     let constants = m.graph_device_constants().unwrap();
     assert!(constants.iter().all(|d| d == "cuda:0"), "{constants:?}");
     let (_, gpu) = m.run_with_cache(&ids, &mask, &g, &cfg).unwrap();
-    let host = gpu.to_host_async().unwrap().wait();
+    let host = hook_torch::transfer::to_host_async(&gpu).unwrap().wait().unwrap();
     for (k, v) in cpu.iter() {
         for (a, b) in v.tensors().iter().zip(host.get(k).unwrap().tensors()) {
             assert_eq!(b.device(), Device::Cpu, "{k}");
@@ -44,4 +44,37 @@ fn a_cuda_export_runs_on_the_cpu_and_on_cuda() {
     let on_gpu = HookedModule::load(&traced, Device::Cuda(0)).unwrap().forward(&ids, &mask).unwrap().to_device(Device::Cpu);
     assert!(on_cpu.equal(&want));
     assert!(on_gpu.allclose(&want, 1e-4, 1e-4, false));
+}
+
+#[test]
+fn side_stream_copies_overlapping_the_next_batch_give_the_cpu_values() {
+    assert!(tch::Cuda::is_available(), "the cuda-tests feature needs a CUDA device");
+    let cfg = ExtractionConfig::default().with_flags(&["resid_out", "attn_pattern", "head_out"]).unwrap();
+    let g: TokenGroups = "[(0, 1), (-1,)]".parse().unwrap();
+    let (ids, mask) = common::inputs();
+    let mut cpu = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let mut gpu = HookedModule::load(common::model("llama"), Device::Cuda(0)).unwrap();
+    // batches that differ (rolled ids), each copy waited for only after the next forward is
+    // queued: the allocator would reuse a freed source's memory for that forward
+    let mut pending: Option<(usize, hook_torch::transfer::HostCopy)> = None;
+    let mut check = |k: usize, host: hook_cache::ActivationCache| {
+        let ids_k = ids.roll([k as i64], [1]);
+        let (_, want) = cpu.run_with_cache(&ids_k, &mask, &g, &cfg).unwrap();
+        for (key, v) in want.iter() {
+            for (a, b) in v.tensors().iter().zip(host.get(key).unwrap().tensors()) {
+                assert_eq!(b.device(), Device::Cpu, "{key}");
+                assert!(a.allclose(b, 1e-4, 1e-4, false), "batch {k} {key}");
+            }
+        }
+    };
+    for k in 0..8 {
+        let (_, cache) = gpu.run_with_cache(&ids.roll([k as i64], [1]), &mask, &g, &cfg).unwrap();
+        let copy = hook_torch::transfer::to_host_async(&cache).unwrap();
+        drop(cache);
+        if let Some((j, previous)) = pending.replace((k, copy)) {
+            check(j, previous.wait().unwrap());
+        }
+    }
+    let (j, last) = pending.take().unwrap();
+    check(j, last.wait().unwrap());
 }

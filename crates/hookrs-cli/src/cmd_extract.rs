@@ -314,7 +314,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut string_tokens = Vec::new();
     // GPU runs: batch k's cache is copied to host while batch k+1 runs; waited for after it
     let to_host = device != tch::Device::Cpu && a.cache_device == "cpu";
-    let mut pending: Option<hook_cache::PendingHostCopy> = None;
+    let mut pending: Option<hook_torch::transfer::HostCopy> = None;
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
         let g = batch_groups(groups.as_ref(), batch, *i)?;
@@ -324,8 +324,8 @@ pub fn run(a: Args) -> Result<()> {
         batch_index.push(serde_json::json!([i, batch.len()]));
         string_tokens.extend(batch.iter().map(|e| serde_json::json!(e.tokens)));
         if to_host {
-            if let Some(previous) = pending.replace(cache.to_host_async()?) {
-                hook_cache::ragged::cat_ragged(&mut all, previous.wait())?;
+            if let Some(previous) = pending.replace(hook_torch::transfer::to_host_async(&cache)?) {
+                hook_cache::ragged::cat_ragged(&mut all, previous.wait()?)?;
             }
         } else {
             hook_cache::ragged::cat_ragged(&mut all, cache)?;
@@ -333,7 +333,7 @@ pub fn run(a: Args) -> Result<()> {
         bar.inc(1);
     }
     if let Some(last) = pending.take() {
-        hook_cache::ragged::cat_ragged(&mut all, last.wait())?;
+        hook_cache::ragged::cat_ragged(&mut all, last.wait()?)?;
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();

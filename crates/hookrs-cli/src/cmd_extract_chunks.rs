@@ -130,13 +130,13 @@ pub fn run(
             let (_, mut cache) = crate::cmd_extract::run_batch(model, &ids, &mask, &g, config, a)
                 .with_context(|| format!("examples {:?}", idxs.iter().map(|&i| next + i as u64).collect::<Vec<_>>()))?;
             crate::cmd_extract::mark_all_tokens(&mut cache, groups, lengths[idxs[0]])?;
-            parts.push(if to_host { Part::Copying(cache.to_host_async()?) } else { Part::Ready(cache) });
+            parts.push(if to_host { Part::Copying(hook_torch::transfer::to_host_async(&cache)?) } else { Part::Ready(cache) });
         }
         let mut joined = ActivationCache::new();
         for p in parts {
             let c = match p {
                 Part::Ready(c) => c,
-                Part::Copying(c) => c.wait(),
+                Part::Copying(c) => c.wait()?,
             };
             hook_cache::ragged::cat_ragged(&mut joined, c)?;
         }
@@ -180,7 +180,7 @@ pub fn run(
 /// A batch's cache: ready, or still being copied to host memory.
 enum Part {
     Ready(ActivationCache),
-    Copying(hook_cache::PendingHostCopy),
+    Copying(hook_torch::transfer::HostCopy),
 }
 
 /// One window's bookkeeping: its batches (dataset indices) and string tokens.
