@@ -52,6 +52,38 @@ pub struct ModelDescription {
     /// Templates the family does not have, each with the reason (NeoX: no resid_mid).
     #[serde(default)]
     pub unavailable: BTreeMap<String, String>,
+    /// The dtype of the weights and activations: `float32`, `bfloat16` or `float16` (the
+    /// export's `--dtype`, or what [`HookedModule::to_kind`](crate::HookedModule::to_kind)
+    /// converted it to).
+    #[serde(default = "float32")]
+    pub dtype: String,
+}
+
+fn float32() -> String {
+    "float32".into()
+}
+
+/// The model dtypes by their torch names, as the exporter and `--dtype` flags write them.
+pub const MODEL_DTYPES: &[(&str, tch::Kind)] =
+    &[("float32", tch::Kind::Float), ("bfloat16", tch::Kind::BFloat16), ("float16", tch::Kind::Half)];
+
+/// The kind of a model dtype name (`bfloat16` → `Kind::BFloat16`).
+///
+/// ```
+/// assert_eq!(hook_torch::description::kind_of("float16"), Some(tch::Kind::Half));
+/// assert_eq!(hook_torch::description::kind_of("int8"), None);
+/// ```
+pub fn kind_of(name: &str) -> Option<tch::Kind> {
+    MODEL_DTYPES.iter().find(|(n, _)| *n == name).map(|(_, k)| *k)
+}
+
+/// The torch name of a model dtype (`Kind::Half` → `float16`).
+///
+/// ```
+/// assert_eq!(hook_torch::description::dtype_name(tch::Kind::BFloat16), Some("bfloat16"));
+/// ```
+pub fn dtype_name(kind: tch::Kind) -> Option<&'static str> {
+    MODEL_DTYPES.iter().find(|(_, k)| *k == kind).map(|(n, _)| *n)
 }
 
 fn rms() -> String {
@@ -157,6 +189,7 @@ impl Default for ModelDescription {
             layernorm_type: rms(),
             parallel_attn_mlp: false,
             unavailable: BTreeMap::new(),
+            dtype: float32(),
         }
     }
 }

@@ -32,6 +32,8 @@ extern "C" {
     pub fn hookrs_from_dlpack(managed: *mut c_void, out: *mut *mut AtTensor, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_to_dlpack(t: *mut AtTensor, out: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_dlpack_delete(managed: *mut c_void);
+    pub fn hookrs_retarget_dtype(m: *mut c_void, from: i64, to: i64, changed: *mut i64, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_dtype_constants(m: *mut c_void, out_json: *mut *mut c_char, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_host_copy(srcs: *mut *mut AtTensor, n: i64, dsts: *mut *mut AtTensor, out_handle: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_host_copy_wait(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_host_copy_free(handle: *mut c_void);

@@ -130,6 +130,8 @@ pub struct HookedModule {
     params: HashMap<String, Tensor>,
     /// graph site id -> index into `sites` (usize::MAX: a site not exposed)
     id_to_index: Vec<usize>,
+    /// The export's dtype, once [`HookedModule::to_kind`] converted the module.
+    converted_from: Option<Kind>,
 }
 
 impl std::fmt::Debug for HookedModule {
@@ -187,6 +189,7 @@ impl HookedModule {
             device,
             params,
             id_to_index: index_of_id,
+            converted_from: None,
         })
     }
 
@@ -212,6 +215,76 @@ impl HookedModule {
     /// device the archive was traced on.
     pub fn graph_device_constants(&self) -> Result<Vec<String>> {
         self.module.device_constants()
+    }
+
+    /// The dtype named by each constant `dtype` argument in the module's graphs (`Float`,
+    /// `BFloat16`, `Half`, `Long`, ...), one entry per use: what tracing baked in, and what
+    /// [`HookedModule::to_kind`] rewrites.
+    pub fn graph_dtype_constants(&self) -> Result<Vec<String>> {
+        self.module.dtype_constants()
+    }
+
+    /// The dtype of the weights and activations (float32, bfloat16 or float16): the
+    /// description's, else the most common floating dtype of the parameters.
+    pub fn kind(&self) -> Kind {
+        if let Some(k) = self.description.as_ref().and_then(|d| crate::description::kind_of(&d.dtype)) {
+            return k;
+        }
+        let mut counts: Vec<(Kind, usize)> = Vec::new();
+        for t in self.params.values().filter(|t| t.is_floating_point()) {
+            match counts.iter_mut().find(|(k, _)| *k == t.kind()) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((t.kind(), 1)),
+            }
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k).unwrap_or(Kind::Float)
+    }
+
+    /// Converts the module to another dtype, as `model.to(torch.float16)` would: its weights,
+    /// and the dtype constants tracing baked into its graphs (`x.to(input_dtype)`, the
+    /// attention masks' `torch.finfo(dtype).min`), so an archive exported in one half
+    /// precision runs in the other, or in float32. Tensors the export kept in another dtype
+    /// on purpose (float32 upcasts in norms and softmax) stay.
+    ///
+    /// A float32 export cannot be converted to half precision: its graphs do not tell the
+    /// computations meant to stay in float32 from those in the model's dtype (both are
+    /// float32 there). Export in bfloat16 or float16 instead (`export --dtype`); converting
+    /// from either works in every direction.
+    ///
+    /// ```no_run
+    /// let mut m = hook_torch::HookedModule::load("llama-bf16.pt", tch::Device::Cpu).unwrap();
+    /// m.to_kind(tch::Kind::Half).unwrap();
+    /// assert!(m.graph_dtype_constants().unwrap().iter().all(|d| d != "BFloat16"));
+    /// ```
+    pub fn to_kind(&mut self, kind: Kind) -> Result<()> {
+        let from = self.kind();
+        let Some(to_name) = crate::description::dtype_name(kind) else {
+            return Err(TorchError::Input(format!("cannot run a model in {kind:?}: use float32, bfloat16 or float16")));
+        };
+        if from == kind {
+            return Ok(());
+        }
+        if from == Kind::Float && self.converted_from.is_some() {
+            return Err(TorchError::Input(format!(
+                "this module was converted to float32 from its {} export, and its graphs no longer tell float32 upcasts from \
+                 the model's dtype: load the archive again and convert it to {to_name} directly",
+                self.converted_from.and_then(crate::description::dtype_name).unwrap_or("half-precision")
+            )));
+        }
+        if from == Kind::Float {
+            return Err(TorchError::Input(format!(
+                "this archive was exported in float32 and cannot be converted to {to_name}: its graphs do not tell the \
+                 computations meant to stay in float32 (norm and softmax upcasts) from those in the model's dtype; \
+                 export it with `--dtype {to_name}` (or bfloat16/float16: those convert to any dtype)"
+            )));
+        }
+        self.module.retarget_dtype(from, kind)?;
+        self.converted_from.get_or_insert(from);
+        self.params = self.module.parameters()?.into_iter().collect();
+        if let Some(d) = self.description.as_mut() {
+            d.dtype = to_name.to_string();
+        }
+        Ok(())
     }
 
     /// The device the module runs on.

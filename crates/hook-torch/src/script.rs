@@ -62,6 +62,16 @@ pub(crate) fn shim_error(err: *mut c_char, fallback: &str) -> TorchError {
     TorchError::Torch(tch::TchError::Torch(if msg.is_empty() { fallback.to_string() } else { msg }))
 }
 
+/// c10's `ScalarType` code of a model dtype.
+fn scalar_type(kind: tch::Kind) -> Result<i64> {
+    match kind {
+        tch::Kind::Half => Ok(5),
+        tch::Kind::Float => Ok(6),
+        tch::Kind::BFloat16 => Ok(15),
+        k => Err(TorchError::Input(format!("{k:?} is not a model dtype (float32, bfloat16 or float16)"))),
+    }
+}
+
 /// What `hookrs_load` returns.
 pub(crate) struct Loaded {
     pub module: ScriptModule,
@@ -131,5 +141,28 @@ impl ScriptModule {
             return Err(shim_error(err, "the shim call failed"));
         }
         serde_json::from_str(&take(json)).map_err(|e| TorchError::Torch(tch::TchError::Torch(format!("bad device list from the shim: {e}"))))
+    }
+
+    /// The dtype named by each constant `dtype` argument in the module's graphs.
+    pub(crate) fn dtype_constants(&self) -> Result<Vec<String>> {
+        let (mut json, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: valid pointers; the shim catches every exception.
+        let status = unsafe { ffi::hookrs_dtype_constants(self.ptr, &mut json, &mut err) };
+        if status != 0 {
+            return Err(shim_error(err, "the shim call failed"));
+        }
+        serde_json::from_str(&take(json)).map_err(|e| TorchError::Torch(tch::TchError::Torch(format!("bad dtype list from the shim: {e}"))))
+    }
+
+    /// Converts the tensors and graph constants of dtype `from` to `to` (see the shim's
+    /// `retarget_dtype`); returns how many changed.
+    pub(crate) fn retarget_dtype(&mut self, from: tch::Kind, to: tch::Kind) -> Result<i64> {
+        let (mut changed, mut err) = (0i64, std::ptr::null_mut());
+        // SAFETY: valid pointers; the shim catches every exception.
+        let status = unsafe { ffi::hookrs_retarget_dtype(self.ptr, scalar_type(from)?, scalar_type(to)?, &mut changed, &mut err) };
+        if status != 0 {
+            return Err(shim_error(err, "converting the module's dtype failed"));
+        }
+        Ok(changed)
     }
 }

@@ -68,6 +68,11 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Run the model in this dtype: `model` (the default: the dtype it was exported in),
+    /// float32, bfloat16 or float16. A bfloat16 or float16 export converts to any of them; a
+    /// float32 export runs only in float32 (export with --dtype for half precision).
+    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
+    pub dtype: String,
     /// Where the cache is gathered: cpu (the default; with --device cuda each batch is copied to
     /// pinned host memory while the next batch runs) or the model's device (keeps it on the GPU).
     #[arg(long, value_parser = ["cpu", "model"], default_value = "cpu")]
@@ -288,7 +293,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some("all")) => None,
         _ => Some(TokenGroups::last()),
     };
-    let mut model = HookedModule::load(&a.model, device)?;
+    let mut model = inputs::load_model(&a.model, device, &a.dtype)?;
     if !is_single_file(&a.out) {
         return crate::cmd_extract_chunks::run(&a, &mut model, source, &config, groups.as_ref(), chunk_size, device, shard);
     }

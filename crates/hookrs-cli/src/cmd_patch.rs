@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use hook_core::{HookContext, HookIo, TokenGroups};
-use hook_torch::{BoxedHook, ExtractionConfig, HookedModule, Intervention, PatchValue};
+use hook_torch::{BoxedHook, ExtractionConfig, Intervention, PatchValue};
 use tch::Tensor;
 
 use crate::inputs;
@@ -42,6 +42,11 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Run the model in this dtype: `model` (the default: the dtype it was exported in),
+    /// float32, bfloat16 or float16. A bfloat16 or float16 export converts to any of them; a
+    /// float32 export runs only in float32 (export with --dtype for half precision).
+    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
+    pub dtype: String,
     /// Output prefix: writes RESULT.json and RESULT.png.
     #[arg(long)]
     pub out: PathBuf,
@@ -77,7 +82,7 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let (answer, wrong) = (one_token(&tok, "--answer", &a.answer)?, one_token(&tok, "--wrong", &a.wrong)?);
-    let mut m = HookedModule::load(&a.model, device)?;
+    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
     let d = m.require_description()?.clone();
     let (c_ids, c_mask) = inputs::pad(&[&clean], device);
     let (x_ids, x_mask) = inputs::pad(&[&corrupted], device);

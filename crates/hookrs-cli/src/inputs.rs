@@ -352,6 +352,16 @@ pub fn pad(batch: &[&Example], device: Device) -> (Tensor, Tensor) {
 }
 
 /// `cpu`, `cuda`, `cuda:N` ([`hook_torch::backend::parse_device`]).
+/// Loads and instruments `path` on `device`, converted to `dtype` unless it is `model`.
+pub fn load_model(path: &std::path::Path, device: Device, dtype: &str) -> Result<hook_torch::HookedModule> {
+    let mut m = hook_torch::HookedModule::load(path, device)?;
+    if dtype != "model" {
+        let kind = hook_torch::description::kind_of(dtype).ok_or_else(|| anyhow::anyhow!("--dtype {dtype:?}: expected model, float32, bfloat16 or float16"))?;
+        m.to_kind(kind)?;
+    }
+    Ok(m)
+}
+
 pub fn device(s: &str) -> Result<Device> {
     hook_torch::backend::parse_device(s).map_err(|_| anyhow::anyhow!("--device {s:?}: expected cpu, cuda or cuda:N"))
 }

@@ -193,6 +193,18 @@ fn half_precision_exports_extract_in_their_dtype_or_the_one_asked_for() {
         let o = hookrs(&["inspect", s(&out)]);
         assert!(stdout(&o).contains(&format!("resid_out_1: {want} [1, 1, 64]")), "{dtype}: {}", stdout(&o));
     }
+    // the model itself converted: --dtype float16 on the bfloat16 export
+    let out = dir.path().join("as-f16.safetensors");
+    let o = hookrs(&["extract", "--model", s(&model), "--text", "the cat sat", "--extract", "resid_out", "--dtype", "float16", "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&hookrs(&["inspect", s(&out)])).contains("resid_out_1: Half [1, 1, 64]"));
+    // a float32 export cannot run in half precision: a clear error naming the export flag
+    let f32_model = dir.path().join("gpt2-f32.pt");
+    let st = Command::new(common::python()).arg(root.join("xtask/python/export.py")).args(["--random", "gpt2", "--out"]).arg(&f32_model).status().unwrap();
+    assert!(st.success());
+    let o = hookrs(&["extract", "--model", s(&f32_model), "--text", "the cat", "--dtype", "bfloat16", "--out", s(&dir.path().join("y.safetensors"))]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("export it with `--dtype bfloat16`"), "{}", stderr(&o));
     let o = hookrs(&["extract", "--model", s(&model), "--text", "the cat", "--cache-dtype", "f32", "--out", s(&dir.path().join("x.safetensors"))]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("possible values: model, float32, bfloat16, float16"), "{}", stderr(&o));

@@ -335,6 +335,18 @@ fn token_groups(py: Python<'_>, groups: Option<&Bound<'_, PyAny>>) -> PyResult<T
     serde_json::from_str(&text).map_err(|e| PyValueError::new_err(format!("token_groups must be lists of positions such as [[0, 1], [-1]]: {e}")))
 }
 
+/// A model dtype given as a name (`"bfloat16"`) or a `torch.dtype`.
+fn model_kind(dtype: &Bound<'_, PyAny>) -> PyResult<tch::Kind> {
+    let name = dtype.str()?.to_string();
+    let name = name.strip_prefix("torch.").unwrap_or(&name);
+    let name = match name {
+        "float" => "float32",
+        "half" => "float16",
+        n => n,
+    };
+    hook_torch::description::kind_of(name).ok_or_else(|| PyValueError::new_err(format!("dtype {name:?}: expected float32, bfloat16 or float16")))
+}
+
 fn extraction_config(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<ExtractionConfig> {
     let Some(c) = config else { return Ok(ExtractionConfig::default()) };
     let c = if c.hasattr("to_dict")? { c.call_method0("to_dict")? } else { c.clone() };
@@ -344,12 +356,22 @@ fn extraction_config(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyRes
 
 #[pymethods]
 impl HookedModule {
-    /// Loads and instruments an export on `device` (`cpu`, `cuda`, `cuda:N`).
+    /// Loads and instruments an export on `device` (`cpu`, `cuda`, `cuda:N`), converted to
+    /// `dtype` when given (`"float32"`, `"bfloat16"`, `"float16"`, or a `torch.dtype`).
     #[staticmethod]
-    #[pyo3(signature = (path, device="cpu"))]
-    fn load(path: &str, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, device="cpu", dtype=None))]
+    fn load(path: &str, device: &str, dtype: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let device = hook_torch::backend::parse_device(device).map_err(torch_err)?;
-        Ok(Self { inner: hook_torch::HookedModule::load(path, device).map_err(torch_err)? })
+        let mut inner = hook_torch::HookedModule::load(path, device).map_err(torch_err)?;
+        if let Some(d) = dtype {
+            inner.to_kind(model_kind(d)?).map_err(torch_err)?;
+        }
+        Ok(Self { inner })
+    }
+
+    /// `model.to(dtype)`: converts the weights and the graphs' dtype constants (see `load`).
+    fn to(&mut self, dtype: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.to_kind(model_kind(dtype)?).map_err(torch_err)
     }
 
     /// Every hookable site: dicts of component, kind and layer.

@@ -29,6 +29,23 @@ pub fn model(family: &str) -> PathBuf {
     path
 }
 
+/// The tiny random model of `family` exported in `dtype` (`bfloat16`, `float16`).
+pub fn model_in(family: &str, dtype: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("target/test-models").join(format!("{family}@{dtype}.pt"));
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let status = Command::new(python())
+            .arg(root.join("xtask/python/export.py"))
+            .args(["--random", family, "--seed", "0", "--dtype", dtype, "--out"])
+            .arg(&path)
+            .status()
+            .expect("the venv's python runs (run `cargo xtask setup`)");
+        assert!(status.success(), "exporting the {family} test model in {dtype} failed");
+    }
+    path
+}
+
 /// The project venv's Python (`HOOKRS_PYTHON_VENV` overrides it).
 pub fn python() -> PathBuf {
     std::env::var("HOOKRS_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|_| venv_python())
