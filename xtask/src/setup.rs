@@ -82,7 +82,7 @@ pub fn setup() -> Result<PathBuf> {
     link(&root.join(".libtorch"), &torch_dir)?;
     eprintln!("setup: torch {version} at {}", torch_dir.display());
     eprintln!("setup: .libtorch -> {}", torch_dir.display());
-    install_python_package(&python, &torch_dir)?;
+    install_python_package(&torch_dir)?;
     Ok(python)
 }
 
@@ -90,7 +90,7 @@ pub fn setup() -> Result<PathBuf> {
 /// to the package's Python sources and points the venv at them with a `.pth` file (an
 /// editable install, as `maturin develop` makes; `maturin build` in crates/hookrs-py makes a
 /// wheel).
-pub fn install_python_package(python: &Path, torch_dir: &Path) -> Result<()> {
+pub fn install_python_package(torch_dir: &Path) -> Result<()> {
     let root = project_root();
     run(crate::cargo().args(["build", "--quiet", "-p", "hookrs-py"])).context("building the hookrs Python extension (crates/hookrs-py) failed")?;
     let built = root.join("target/debug/libhookrs_py.so");
@@ -99,7 +99,6 @@ pub fn install_python_package(python: &Path, torch_dir: &Path) -> Result<()> {
     // site-packages is torch's parent
     let site = torch_dir.parent().context("torch has a parent folder")?;
     std::fs::write(site.join("hookrs.pth"), format!("{}\n", package.display()))?;
-    let _ = python;
     eprintln!("setup: import hookrs -> {}", package.display());
     Ok(())
 }

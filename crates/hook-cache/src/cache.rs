@@ -377,6 +377,41 @@ impl ActivationCache {
         Ok(r)
     }
 
+    /// Enters deferred mode without a closure (for bindings whose context managers have an
+    /// enter and an exit, such as Python's `with cache.deferred_mode():`). Pair it with
+    /// [`finish_deferred`](Self::finish_deferred); deferred mode does not nest.
+    ///
+    /// ```
+    /// use hook_cache::ActivationCache;
+    /// use tch::{Device, Kind, Tensor};
+    /// let mut all = ActivationCache::new();
+    /// all.start_deferred().unwrap();
+    /// for _ in 0..2 {
+    ///     let mut b = ActivationCache::new();
+    ///     b.insert("logits", Tensor::zeros([1, 3], (Kind::Float, Device::Cpu)));
+    ///     all.cat(b).unwrap();
+    /// }
+    /// assert!(all.start_deferred().is_err(), "no nesting");
+    /// all.finish_deferred().unwrap();
+    /// assert_eq!(all.tensor("logits").unwrap().size(), vec![2, 3]);
+    /// ```
+    pub fn start_deferred(&mut self) -> Result<()> {
+        if self.deferred.is_some() {
+            return Err(CacheError::Mode("the cache is already in deferred mode (it does not nest)".into()));
+        }
+        self.deferred = Some(Vec::new());
+        Ok(())
+    }
+
+    /// Leaves deferred mode: aggregates the batches collected since
+    /// [`start_deferred`](Self::start_deferred). Outside deferred mode it does nothing.
+    pub fn finish_deferred(&mut self) -> Result<()> {
+        for batch in self.deferred.take().unwrap_or_default() {
+            self.cat(batch)?;
+        }
+        Ok(())
+    }
+
     // ---- views -----------------------------------------------------------------------------
 
     /// `map_to_dict(key)`: for each entry `name -> positions` of `mapping_index`, the columns

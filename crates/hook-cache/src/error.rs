@@ -36,6 +36,10 @@ pub enum CacheError {
         suggestions: Vec<String>,
     },
 
+    /// An operation the cache's current mode does not allow (deferred mode entered twice).
+    #[error("{0}")]
+    Mode(String),
+
     /// A value of the wrong kind for the operation.
     #[error("`{key}`: {message}")]
     WrongKind {

@@ -130,8 +130,12 @@ pub struct HookedModule {
     params: HashMap<String, Tensor>,
     /// graph site id -> index into `sites` (usize::MAX: a site not exposed)
     id_to_index: Vec<usize>,
-    /// The export's dtype, once [`HookedModule::to_kind`] converted the module.
-    converted_from: Option<Kind>,
+    /// The archive, and the dtype it was exported in (what [`HookedModule::to_kind`]
+    /// converts from).
+    path: std::path::PathBuf,
+    export_kind: Kind,
+    /// A forward has run (graph executors then hold optimized copies of the graphs).
+    has_run: bool,
 }
 
 impl std::fmt::Debug for HookedModule {
@@ -179,7 +183,7 @@ impl HookedModule {
             sites.push(info);
         }
         let params = module.parameters()?.into_iter().collect();
-        Ok(HookedModule {
+        let mut m = HookedModule {
             module,
             hooks: (0..sites.len()).map(|_| Vec::new()).collect(),
             sites,
@@ -189,8 +193,12 @@ impl HookedModule {
             device,
             params,
             id_to_index: index_of_id,
-            converted_from: None,
-        })
+            path: path.to_path_buf(),
+            export_kind: Kind::Float,
+            has_run: false,
+        };
+        m.export_kind = m.kind();
+        Ok(m)
     }
 
     /// Every hookable site, in module order.
@@ -249,7 +257,10 @@ impl HookedModule {
     /// A float32 export cannot be converted to half precision: its graphs do not tell the
     /// computations meant to stay in float32 from those in the model's dtype (both are
     /// float32 there). Export in bfloat16 or float16 instead (`export --dtype`); converting
-    /// from either works in every direction.
+    /// from either works in every direction, any number of times: after a forward pass or a
+    /// first conversion, the module is reloaded from its archive and converted from the
+    /// export's dtype (hooks stay attached), because graph executors keep optimized copies of
+    /// the graphs that later edits would miss.
     ///
     /// ```no_run
     /// let mut m = hook_torch::HookedModule::load("llama-bf16.pt", tch::Device::Cpu).unwrap();
@@ -257,29 +268,33 @@ impl HookedModule {
     /// assert!(m.graph_dtype_constants().unwrap().iter().all(|d| d != "BFloat16"));
     /// ```
     pub fn to_kind(&mut self, kind: Kind) -> Result<()> {
-        let from = self.kind();
+        let current = self.kind();
         let Some(to_name) = crate::description::dtype_name(kind) else {
             return Err(TorchError::Input(format!("cannot run a model in {kind:?}: use float32, bfloat16 or float16")));
         };
-        if from == kind {
+        if current == kind {
             return Ok(());
         }
-        if from == Kind::Float && self.converted_from.is_some() {
-            return Err(TorchError::Input(format!(
-                "this module was converted to float32 from its {} export, and its graphs no longer tell float32 upcasts from \
-                 the model's dtype: load the archive again and convert it to {to_name} directly",
-                self.converted_from.and_then(crate::description::dtype_name).unwrap_or("half-precision")
-            )));
-        }
-        if from == Kind::Float {
+        let export = self.export_kind;
+        if export == Kind::Float {
             return Err(TorchError::Input(format!(
                 "this archive was exported in float32 and cannot be converted to {to_name}: its graphs do not tell the \
                  computations meant to stay in float32 (norm and softmax upcasts) from those in the model's dtype; \
                  export it with `--dtype {to_name}` (or bfloat16/float16: those convert to any dtype)"
             )));
         }
-        self.module.retarget_dtype(from, kind)?;
-        self.converted_from.get_or_insert(from);
+        if current != export || self.has_run {
+            // Start again from the archive: its graphs hold the export's own constants (after a
+            // conversion to float32 they no longer tell upcasts apart), and no graph executor
+            // has optimized a copy of them yet (a forward caches one that later edits miss).
+            // Sites are the same, so the hooks stay.
+            let Loaded { module, .. } = ScriptModule::load(&self.path, self.device, &device_name(self.device))?;
+            self.module = module;
+            self.has_run = false;
+        }
+        if kind != export {
+            self.module.retarget_dtype(export, kind)?;
+        }
         self.params = self.module.parameters()?.into_iter().collect();
         if let Some(d) = self.description.as_mut() {
             d.dtype = to_name.to_string();
@@ -412,6 +427,7 @@ impl HookedModule {
         let mut waiting = if stop_when_done { armed.iter().filter(|&&a| a != 0).count() } else { usize::MAX };
         let mut fired = vec![false; armed.len()];
         let mut stopped = false;
+        self.has_run = true;
         let HookedModule { module, sites, hooks, id_to_index, .. } = self;
         let mut error: Option<TorchError> = None;
         let mut call_index = 0usize;

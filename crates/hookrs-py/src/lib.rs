@@ -7,9 +7,10 @@
 //!
 //! | here | what it holds |
 //! |---|---|
-//! | [`HookedModule`] | `load`, `sites`, `description`, `run_with_cache`, `forward` |
-//! | [`ActivationCache`] | the dictionary surface, `cat`, `save`/`load`, `memory_size`, pickling |
+//! | [`HookedModule`] | `load`, `to`, `sites`, `description`, `forward`, `run_with_cache`, `run_with_interventions`, `add_hook` with Python callables |
+//! | [`ActivationCache`] | the dictionary surface, `cat`, `register_aggregation`, `deferred_mode`, `add_metadata`, `save`/`load`, `memory_size`, pickling |
 //! | [`ValueWithInfo`] | a value with its info string, as easyroutine's |
+//! | [`HookHandle`], [`DeferredMode`] | `add_hook`'s handle; `with cache.deferred_mode():` |
 //! | `convert` functions | tensors by DLPack, cache values to and from Python objects |
 //!
 //! Errors: bad input is a `ValueError`, everything else a `RuntimeError`, each with the Rust
@@ -284,6 +285,62 @@ impl ActivationCache {
         Ok(d.into_any().unbind())
     }
 
+    /// Aggregates keys starting with `key` with `function(old, new) -> aggregated` in later
+    /// `cat` calls (easyroutine's `register_aggregation`); `old` is None for the first batch.
+    /// An exception inside it fails that `cat` with its message, and the cache is unchanged.
+    fn register_aggregation(&mut self, key: String, function: PyObject) -> PyResult<()> {
+        Python::with_gil(|py| {
+            if !function.bind(py).is_callable() {
+                return Err(PyTypeError::new_err("register_aggregation takes a callable (old, new) -> aggregated"));
+            }
+            Ok(())
+        })?;
+        let f = move |old: Option<CacheValue>, new: CacheValue| -> Result<CacheValue, String> {
+            Python::with_gil(|py| {
+                let old = match old {
+                    Some(v) => value_to_py(py, &v)?,
+                    None => py.None(),
+                };
+                let r = function.call1(py, (old, value_to_py(py, &new)?))?;
+                value_from_py(r.bind(py))
+            })
+            .map_err(|e: PyErr| format!("the aggregation function raised {e}"))
+        };
+        self.inner.register_aggregation(key, hook_cache::Aggregation::Custom(std::sync::Arc::new(f)));
+        Ok(())
+    }
+
+    /// `with cache.deferred_mode():` — batches given to `cat` inside the block are kept and
+    /// aggregated once, when it ends (easyroutine's deferred mode).
+    fn deferred_mode(slf: Py<Self>) -> DeferredMode {
+        DeferredMode { cache: slf }
+    }
+
+    /// Stores `metadata`: target token positions, model name, extraction config and
+    /// interventions (easyroutine's `add_metadata`; values that are not JSON are stored as
+    /// their `str`).
+    #[pyo3(signature = (target_token_positions, model_name, extraction_config=None, interventions=None))]
+    fn add_metadata(
+        &mut self,
+        py: Python<'_>,
+        target_token_positions: &Bound<'_, PyAny>,
+        model_name: &str,
+        extraction_config: Option<&Bound<'_, PyAny>>,
+        interventions: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let json = |v: Option<&Bound<'_, PyAny>>| -> PyResult<serde_json::Value> {
+            let Some(v) = v else { return Ok(serde_json::Value::Null) };
+            let v = if v.hasattr("to_dict")? { v.call_method0("to_dict")? } else { v.clone() };
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("default", py.import("builtins")?.getattr("str")?)?;
+            let text: String = py.import("json")?.call_method("dumps", (v,), Some(&kwargs))?.extract()?;
+            serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))
+        };
+        self.inner
+            .add_metadata(json(Some(target_token_positions))?, model_name, json(extraction_config)?, json(interventions)?)
+            .map_err(cache_err)
+    }
+
     /// Human-readable size of one key or of everything.
     #[pyo3(signature = (key=None))]
     fn memory_size(&self, key: Option<&str>) -> String {
@@ -321,12 +378,92 @@ impl ActivationCache {
     }
 }
 
+/// The context manager `ActivationCache.deferred_mode()` returns.
+#[pyclass(module = "hookrs._native", unsendable)]
+pub struct DeferredMode {
+    cache: Py<ActivationCache>,
+}
+
+#[pymethods]
+impl DeferredMode {
+    fn __enter__(&self, py: Python<'_>) -> PyResult<Py<ActivationCache>> {
+        self.cache.borrow_mut(py).inner.start_deferred().map_err(cache_err)?;
+        Ok(self.cache.clone_ref(py))
+    }
+
+    /// Aggregates the collected batches (also when the block raised: nothing is lost).
+    fn __exit__(&self, py: Python<'_>, _t: PyObject, _v: PyObject, _tb: PyObject) -> PyResult<bool> {
+        self.cache.borrow_mut(py).inner.finish_deferred().map_err(cache_err)?;
+        Ok(false)
+    }
+}
+
 // ---- HookedModule ---------------------------------------------------------------------------
 
 /// A TorchScript export instrumented for hooks (`cargo xtask export`).
 #[pyclass(module = "hookrs._native", unsendable)]
 pub struct HookedModule {
     inner: hook_torch::HookedModule,
+    /// The exception a Python hook raised in the current forward, re-raised after it.
+    raised: Raised,
+}
+
+/// Where a Python hook leaves its exception for the forward's caller.
+type Raised = std::sync::Arc<std::sync::Mutex<Option<PyErr>>>;
+
+/// A handle to a hook added with `HookedModule.add_hook`; pass it to `remove_hook`.
+#[pyclass(module = "hookrs._native")]
+pub struct HookHandle {
+    inner: hook_torch::HookHandle,
+    site: String,
+}
+
+#[pymethods]
+impl HookHandle {
+    fn __repr__(&self) -> String {
+        format!("HookHandle({:?})", self.site)
+    }
+}
+
+/// A Python callable as a hook: called with the site's tensor (a `torch.Tensor` sharing its
+/// memory); a returned tensor replaces it, `None` keeps it (in-place edits then stand). An
+/// exception is kept in `raised` and fails the forward.
+fn python_hook(function: PyObject, raised: Raised) -> impl hook_core::Hook<Tensor> + Send + 'static {
+    move |ctx: &hook_core::HookContext<'_>, io: &hook_core::HookIo<Tensor>| -> hook_core::Result<Option<Tensor>> {
+        let x = io.main_tensor()?;
+        let result = Python::with_gil(|py| -> PyResult<Option<Tensor>> {
+            let r = function.call1(py, (tensor_to_py(py, x)?,))?;
+            if r.is_none(py) {
+                return Ok(None);
+            }
+            tensor_from_py(r.bind(py)).map(Some).map_err(|e| PyTypeError::new_err(format!("the hook must return a torch.Tensor or None: {e}")))
+        });
+        result.map_err(|e| {
+            let message = Python::with_gil(|py| e.value(py).repr().map(|r| r.to_string()).unwrap_or_else(|_| e.to_string()));
+            *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            hook_core::CoreError::Hook { component: ctx.component.to_string(), message: format!("the Python hook raised {message}") }
+        })
+    }
+}
+
+impl HookedModule {
+    /// The error of a failed forward: the Python exception a hook raised (with its
+    /// traceback), else the engine's.
+    fn failed(&self, e: TorchError) -> PyErr {
+        match self.raised.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(raised) => raised,
+            None => torch_err(e),
+        }
+    }
+
+    fn inputs(input_ids: &Bound<'_, PyAny>, attention_mask: Option<&Bound<'_, PyAny>>) -> PyResult<(Tensor, Tensor)> {
+        let ids = tensor_from_py(input_ids)?;
+        let mask = match attention_mask {
+            Some(m) => tensor_from_py(m)?,
+            None => ids.ones_like(),
+        };
+        Ok((ids, mask))
+    }
 }
 
 fn token_groups(py: Python<'_>, groups: Option<&Bound<'_, PyAny>>) -> PyResult<TokenGroups> {
@@ -366,7 +503,7 @@ impl HookedModule {
         if let Some(d) = dtype {
             inner.to_kind(model_kind(d)?).map_err(torch_err)?;
         }
-        Ok(Self { inner })
+        Ok(Self { inner, raised: Default::default() })
     }
 
     /// `model.to(dtype)`: converts the weights and the graphs' dtype constants (see `load`).
@@ -396,16 +533,34 @@ impl HookedModule {
         json_to_py(py, &serde_json::to_value(d).map_err(|e| PyRuntimeError::new_err(e.to_string()))?)
     }
 
-    /// The logits of a forward pass without hooks.
+    /// The logits of a forward pass (with the hooks added by `add_hook`).
     #[pyo3(signature = (input_ids, attention_mask=None))]
     fn forward(&mut self, py: Python<'_>, input_ids: &Bound<'_, PyAny>, attention_mask: Option<&Bound<'_, PyAny>>) -> PyResult<PyObject> {
-        let ids = tensor_from_py(input_ids)?;
-        let mask = match attention_mask {
-            Some(m) => tensor_from_py(m)?,
-            None => ids.ones_like(),
-        };
-        let logits = tch::no_grad(|| self.inner.forward(&ids, &mask)).map_err(torch_err)?;
+        let (ids, mask) = Self::inputs(input_ids, attention_mask)?;
+        let logits = tch::no_grad(|| self.inner.forward(&ids, &mask)).map_err(|e| self.failed(e))?;
         tensor_to_py(py, &logits)
+    }
+
+    /// Adds `function(tensor) -> tensor | None` on a site (`model.layers[0].mlp.output`; see
+    /// `sites()`). It runs in every later forward until removed; a returned tensor of another
+    /// shape, or an exception, fails that forward (the exception is re-raised with its
+    /// traceback) and the module stays usable.
+    fn add_hook(&mut self, py: Python<'_>, site: &str, function: PyObject) -> PyResult<HookHandle> {
+        if !function.bind(py).is_callable() {
+            return Err(PyTypeError::new_err(format!("add_hook({site:?}, ...): expected a callable (tensor) -> tensor or None")));
+        }
+        let h = self.inner.add_hook(site, python_hook(function, self.raised.clone())).map_err(torch_err)?;
+        Ok(HookHandle { inner: h, site: site.to_string() })
+    }
+
+    /// Removes a hook; False when it was already removed.
+    fn remove_hook(&mut self, handle: PyRef<'_, HookHandle>) -> bool {
+        self.inner.remove_hook(handle.inner)
+    }
+
+    /// Removes every hook.
+    fn clear_hooks(&mut self) {
+        self.inner.clear_hooks()
     }
 
     /// easyroutine's forward with an ExtractionConfig: `(logits, cache)`. `token_groups` are
@@ -420,16 +575,96 @@ impl HookedModule {
         token_groups: Option<&Bound<'_, PyAny>>,
         config: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(PyObject, ActivationCache)> {
-        let ids = tensor_from_py(input_ids)?;
-        let mask = match attention_mask {
-            Some(m) => tensor_from_py(m)?,
-            None => ids.ones_like(),
-        };
+        let (ids, mask) = Self::inputs(input_ids, attention_mask)?;
         let groups = self::token_groups(py, token_groups)?;
         let config = extraction_config(py, config)?;
-        let (logits, cache) = self.inner.run_with_cache(&ids, &mask, &groups, &config).map_err(torch_err)?;
+        let (logits, cache) = self.inner.run_with_cache(&ids, &mask, &groups, &config).map_err(|e| self.failed(e))?;
         Ok((tensor_to_py(py, &logits)?, ActivationCache { inner: cache }))
     }
+
+    /// The logits with interventions active for this forward only. `interventions` are
+    /// `hookrs.Intervention`s (easyroutine's form), or dicts of the engine's form:
+    /// `{"kind": "resid", "component": ..., "positions": [...], "patch": tensor | None}`,
+    /// `{"kind": "qkv", "which": "queries"|"keys"|"values", "layer", "head", "positions", "patch"}`,
+    /// `{"kind": "attn", "layer", "head", "q_positions", "k_positions", "multiplication_value",
+    /// "apply_softmax", "patch"}`, `{"kind": "heads", "layer", "heads": [...]}`.
+    #[pyo3(signature = (input_ids, attention_mask=None, interventions=None))]
+    fn run_with_interventions(
+        &mut self,
+        py: Python<'_>,
+        input_ids: &Bound<'_, PyAny>,
+        attention_mask: Option<&Bound<'_, PyAny>>,
+        interventions: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyObject> {
+        let (ids, mask) = Self::inputs(input_ids, attention_mask)?;
+        let ivs = match interventions {
+            Some(list) => {
+                let seq = ids.size().last().copied().unwrap_or(0);
+                let desc = if list.try_iter()?.any(|i| i.map(|i| !i.is_instance_of::<PyDict>()).unwrap_or(false)) {
+                    Some(self.description(py)?)
+                } else {
+                    None
+                };
+                list.try_iter()?
+                    .map(|i| {
+                        let i = i?;
+                        match (&desc, i.is_instance_of::<PyDict>()) {
+                            (Some(d), false) => intervention_from_py(&i.call_method1("to_dict", (d, seq))?),
+                            _ => intervention_from_py(&i),
+                        }
+                    })
+                    .collect::<PyResult<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
+        let logits = self.inner.run_with_interventions(&ids, &mask, &ivs).map_err(|e| self.failed(e))?;
+        tensor_to_py(py, &logits)
+    }
+}
+
+/// One intervention dict (see `run_with_interventions`).
+fn intervention_from_py(obj: &Bound<'_, PyAny>) -> PyResult<hook_torch::Intervention> {
+    use hook_torch::{Intervention, PatchValue};
+    let d = obj.downcast::<PyDict>().map_err(|_| PyTypeError::new_err("an intervention is a dict (hookrs.Intervention(...).to_dict())"))?;
+    let kind: String = field(d, "kind")?;
+    let positions = |name: &str| -> PyResult<Vec<i64>> { field(d, name) };
+    let patch = || -> PyResult<PatchValue> {
+        match d.get_item("patch")? {
+            None => Ok(PatchValue::Ablation),
+            Some(v) if v.is_none() => Ok(PatchValue::Ablation),
+            Some(v) if v.extract::<String>().map(|s| s == "ablation").unwrap_or(false) => Ok(PatchValue::Ablation),
+            Some(v) => Ok(PatchValue::Values(tensor_from_py(&v)?)),
+        }
+    };
+    Ok(match kind.as_str() {
+        "resid" => Intervention::Resid { component: field(d, "component")?, positions: positions("positions")?, patch: patch()? },
+        "qkv" => {
+            let which: String = field(d, "which")?;
+            let which = match which.as_str() {
+                "queries" | "q" => hook_ops::Qkv::Query,
+                "keys" | "k" => hook_ops::Qkv::Key,
+                "values" | "v" => hook_ops::Qkv::Value,
+                w => return Err(PyValueError::new_err(format!("intervention which={w:?}: expected queries, keys or values"))),
+            };
+            Intervention::QkvHead { layer: field(d, "layer")?, which, positions: positions("positions")?, head: field(d, "head")?, patch: patch()? }
+        }
+        "attn" => Intervention::AttentionMatrix {
+            layer: field(d, "layer")?,
+            q_positions: positions("q_positions")?,
+            k_positions: positions("k_positions")?,
+            head: field(d, "head")?,
+            multiplication_value: d.get_item("multiplication_value")?.map(|v| v.extract()).transpose()?.unwrap_or(0.0),
+            patch: patch()?,
+            apply_softmax: d.get_item("apply_softmax")?.map(|v| v.extract()).transpose()?.unwrap_or(false),
+        },
+        "heads" => Intervention::Heads { layer: field(d, "layer")?, heads: field(d, "heads")? },
+        k => return Err(PyValueError::new_err(format!("intervention kind {k:?}: expected resid, qkv, attn or heads"))),
+    })
+}
+
+fn field<'py, T: pyo3::FromPyObject<'py>>(d: &Bound<'py, PyDict>, name: &str) -> PyResult<T> {
+    let v = d.get_item(name)?.ok_or_else(|| PyValueError::new_err(format!("the intervention has no {name:?} field")))?;
+    v.extract().map_err(|e| PyValueError::new_err(format!("intervention field {name:?}: {e}")))
 }
 
 /// The native module (`hookrs._native`).
@@ -438,5 +673,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HookedModule>()?;
     m.add_class::<ActivationCache>()?;
     m.add_class::<ValueWithInfo>()?;
+    m.add_class::<HookHandle>()?;
+    m.add_class::<DeferredMode>()?;
     Ok(())
 }

@@ -110,3 +110,22 @@ def test_errors_are_python_exceptions_with_the_rust_message(model):
         hookrs.HookedModule.load(str(model_path()), device="gpu")
     # the module is still usable
     assert model.forward(ids).shape == (1, 2, 256)
+
+
+def test_a_half_precision_export_loads_in_another_dtype():
+    p = MODELS / "llama@bfloat16.pt"
+    if not p.exists():
+        subprocess.run([sys.executable, str(ROOT / "xtask/python/export.py"), "--random", "llama", "--seed", "0", "--dtype", "bfloat16",
+                        "--out", str(p)], check=True)
+    ids = torch.tensor([[5, 9, 12, 40]])
+    m = hookrs.HookedModule.load(str(p), dtype=torch.float16)
+    assert m.description["dtype"] == "float16"
+    assert m.forward(ids).dtype == torch.float16
+    m.to("float32")
+    assert m.forward(ids).dtype == torch.float32
+    m.to(torch.bfloat16)
+    assert torch.equal(m.forward(ids), hookrs.HookedModule.load(str(p)).forward(ids))
+    with pytest.raises(ValueError, match="--dtype bfloat16"):
+        hookrs.HookedModule.load(str(model_path()), dtype="bfloat16")
+    with pytest.raises(ValueError, match="expected float32, bfloat16 or float16"):
+        hookrs.HookedModule.load(str(p), dtype=torch.int8)

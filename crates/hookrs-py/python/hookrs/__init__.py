@@ -7,11 +7,22 @@
     logits, cache = model.run_with_cache(ids, torch.ones_like(ids), [[0, 1], [-1]], config)
     cache["resid_out_0"].shape                                   # torch tensors, no copies
 
-Errors from the engine are ValueError (bad input) or RuntimeError, with the Rust message.
-"""
-from ._native import ActivationCache, HookedModule, ValueWithInfo
+    # edit activations: a Python function on a site, or easyroutine's Intervention
+    handle = model.add_hook("model.layers[0].mlp.output", lambda t: t * 0)
+    model.remove_hook(handle)
+    iv = hookrs.Intervention(type="full", activation="resid_out_0", token_positions=["last"])
+    logits = model.run_with_interventions(ids, torch.ones_like(ids), [iv])
 
-__all__ = ["ActivationCache", "ExtractionConfig", "HookedModule", "ValueWithInfo"]
+Errors from the engine are ValueError (bad input) or RuntimeError, with the Rust message;
+an exception raised inside a hook propagates with its traceback.
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union
+
+from ._native import ActivationCache, DeferredMode, HookHandle, HookedModule, ValueWithInfo
+
+__all__ = ["ActivationCache", "DeferredMode", "ExtractionConfig", "HookHandle", "HookedModule", "Intervention", "ValueWithInfo"]
 
 _FIELDS = {
     **{f: False for f in [
@@ -46,3 +57,92 @@ class ExtractionConfig:
     def __repr__(self):
         on = {k: v for k, v in self.to_dict().items() if v != _FIELDS[k]}
         return f"ExtractionConfig({', '.join(f'{k}={v!r}' for k, v in on.items())})"
+
+
+_RESID_TEMPLATES = {
+    "resid_out": "residual_stream_hook_name",
+    "resid_in": "residual_stream_input_hook_name",
+    "resid_mid": "intermediate_stream_hook_name",
+    "attn_in": "attn_in_hook_name",
+    "attn_out": "attn_out_hook_name",
+    "mlp_out": "mlp_out_hook_name",
+}
+
+
+@dataclass
+class Intervention:
+    """easyroutine's Intervention, with the same fields and the same activation names:
+
+    - ``resid_out_N``, ``resid_in_N``, ``resid_mid_N``, ``attn_in_N``, ``attn_out_N``,
+      ``mlp_out_N`` with ``type="full"``: overwrite (or zero) the token positions;
+    - ``head_queries_LxHy``, ``head_keys_LxHy``, ``head_values_LxHy`` with ``type="full"``: one
+      head of layer x (fused q/k/v projections included);
+    - ``pattern_LxHy`` with ``type="columns"`` (keys at the positions, every query), ``"rows"``
+      (queries at the positions, every key) or ``"grid"`` (``token_positions=(queries, keys)``):
+      the attention pattern of head y, multiplied by ``multiplication_value`` or patched.
+
+    Token positions are ints (negative from the end), ``"last"`` or ``"all"``.
+    ``patching_values`` is a tensor, or None / ``"ablation"`` for zeros."""
+
+    type: str
+    activation: str
+    token_positions: Any
+    patching_values: Optional[Any] = None
+    multiplication_value: float = 0.0
+    apply_softmax: bool = False
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+    def to_dict(self, description, seq_len):
+        """The engine's form of this intervention for a model (its ``description``) and a
+        batch of ``seq_len`` positions."""
+        def positions(tokens):
+            out = []
+            for t in tokens:
+                if isinstance(t, bool) or not isinstance(t, (int, str)):
+                    raise ValueError(f"{self.activation}: token position {t!r}: expected an int, 'last' or 'all'")
+                if t == "last":
+                    out.append(-1)
+                elif t == "all":
+                    out.extend(range(-seq_len, 0))
+                elif isinstance(t, str):
+                    raise ValueError(f"{self.activation}: token position {t!r}: expected an int, 'last' or 'all'")
+                else:
+                    out.append(t)
+            return out
+
+        patch = self.patching_values
+        if isinstance(patch, str) and patch != "ablation":
+            raise ValueError(f"{self.activation}: patching_values {patch!r}: expected a tensor, None or 'ablation'")
+        m = re.fullmatch(r"(resid_out|resid_in|resid_mid|attn_in|attn_out|mlp_out)_(\d+)", self.activation)
+        if m:
+            self._require_type("full")
+            template = description["templates"][_RESID_TEMPLATES[m.group(1)]]
+            return {"kind": "resid", "component": template.format(int(m.group(2))), "positions": positions(self.token_positions), "patch": patch}
+        m = re.fullmatch(r"head_(queries|keys|values)_L(\d+)H(\d+)", self.activation)
+        if m:
+            self._require_type("full")
+            return {"kind": "qkv", "which": m.group(1), "layer": int(m.group(2)), "head": int(m.group(3)),
+                    "positions": positions(self.token_positions), "patch": patch}
+        m = re.fullmatch(r"pattern_L(\d+)H(\d+)", self.activation)
+        if m:
+            every = list(range(-seq_len, 0))
+            if self.type == "columns":
+                q, k = every, positions(self.token_positions)
+            elif self.type == "rows":
+                q, k = positions(self.token_positions), every
+            elif self.type == "grid":
+                if not (isinstance(self.token_positions, tuple) and len(self.token_positions) == 2):
+                    raise ValueError(f"{self.activation}: a grid intervention takes token_positions=(query positions, key positions)")
+                q, k = positions(self.token_positions[0]), positions(self.token_positions[1])
+            else:
+                raise ValueError(f"{self.activation}: intervention type {self.type!r} on a pattern: hookrs supports columns, rows and grid")
+            return {"kind": "attn", "layer": int(m.group(1)), "head": int(m.group(2)), "q_positions": q, "k_positions": k,
+                    "multiplication_value": float(self.multiplication_value), "apply_softmax": bool(self.apply_softmax), "patch": patch}
+        raise ValueError(f"intervention on {self.activation!r}: expected resid_out_N, resid_in_N, resid_mid_N, attn_in_N, attn_out_N, "
+                         "mlp_out_N, head_queries_LxHy, head_keys_LxHy, head_values_LxHy or pattern_LxHy")
+
+    def _require_type(self, want):
+        if self.type != want:
+            raise ValueError(f"intervention on {self.activation!r}: type {self.type!r} is not supported there; use type={want!r}")
