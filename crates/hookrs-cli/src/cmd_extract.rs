@@ -118,9 +118,9 @@ pub fn parse_chunk_size(s: &str) -> Result<ChunkSize> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--chunk-size {s:?}: expected a number of examples (e.g. 1000) or a size (e.g. 256MiB)"))?;
+    let n: u64 = num.parse().map_err(|_| crate::usage!("--chunk-size {s:?}: expected a number of examples (e.g. 1000) or a size (e.g. 256MiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" => return if n == 0 { bail!("--chunk-size must be at least 1 example") } else { Ok(ChunkSize::Examples(n)) },
+        "" => return if n == 0 { Err(crate::usage!("--chunk-size must be at least 1 example")) } else { Ok(ChunkSize::Examples(n)) },
         "b" => 1,
         "k" | "kb" => 1000,
         "kib" => 1 << 10,
@@ -128,9 +128,9 @@ pub fn parse_chunk_size(s: &str) -> Result<ChunkSize> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => bail!("--chunk-size {s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"),
+        other => return Err(crate::usage!("--chunk-size {s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)")),
     };
-    let bytes = n.checked_mul(mult).filter(|&b| b > 0).ok_or_else(|| anyhow::anyhow!("--chunk-size {s:?}: must be between 1 byte and 2^64"))?;
+    let bytes = n.checked_mul(mult).filter(|&b| b > 0).ok_or_else(|| crate::usage!("--chunk-size {s:?}: must be between 1 byte and 2^64"))?;
     Ok(ChunkSize::Bytes(bytes))
 }
 
@@ -175,7 +175,7 @@ impl Shard {
 
 /// `K/N`, or `auto` from the scheduler's environment (`env` looks a variable up).
 pub fn parse_shard(s: &str, shard_count: Option<usize>, env: impl Fn(&str) -> Option<String>) -> Result<Shard> {
-    let num = |name: &str, v: String| -> Result<usize> { v.trim().parse().map_err(|_| anyhow::anyhow!("--shard auto: {name}={v:?} is not a number")) };
+    let num = |name: &str, v: String| -> Result<usize> { v.trim().parse().map_err(|_| crate::usage!("--shard auto: {name}={v:?} is not a number")) };
     let (k, n) = if s.trim() == "auto" {
         if let Some(id) = env("SLURM_ARRAY_TASK_ID") {
             let id = num("SLURM_ARRAY_TASK_ID", id)?;
@@ -184,20 +184,20 @@ pub fn parse_shard(s: &str, shard_count: Option<usize>, env: impl Fn(&str) -> Op
                 .map(|v| num("SLURM_ARRAY_TASK_COUNT", v))
                 .transpose()?
                 .or(shard_count)
-                .ok_or_else(|| anyhow::anyhow!("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: pass --shard-count N"))?;
-            (id.checked_sub(min).ok_or_else(|| anyhow::anyhow!("--shard auto: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))?, count)
+                .ok_or_else(|| crate::usage!("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: pass --shard-count N"))?;
+            (id.checked_sub(min).ok_or_else(|| crate::usage!("--shard auto: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))?, count)
         } else if let Some(id) = env("JOB_COMPLETION_INDEX") {
-            let count = shard_count.ok_or_else(|| anyhow::anyhow!("--shard auto under a Kubernetes Indexed Job needs --shard-count N (the job's completions)"))?;
+            let count = shard_count.ok_or_else(|| crate::usage!("--shard auto under a Kubernetes Indexed Job needs --shard-count N (the job's completions)"))?;
             (num("JOB_COMPLETION_INDEX", id)?, count)
         } else {
-            bail!("--shard auto: neither SLURM_ARRAY_TASK_ID (a Slurm array) nor JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) is set: pass --shard K/N");
+            return Err(crate::usage!("--shard auto: neither SLURM_ARRAY_TASK_ID (a Slurm array) nor JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) is set: pass --shard K/N"));
         }
     } else {
-        let (k, n) = s.split_once('/').ok_or_else(|| anyhow::anyhow!("--shard {s:?}: expected K/N, e.g. 0/4, or auto"))?;
-        (k.trim().parse().context("--shard: K is not a number")?, n.trim().parse().context("--shard: N is not a number")?)
+        let (k, n) = s.split_once('/').ok_or_else(|| crate::usage!("--shard {s:?}: expected K/N, e.g. 0/4, or auto"))?;
+        (k.trim().parse().map_err(|_| crate::usage!("--shard {s:?}: K is not a number"))?, n.trim().parse().map_err(|_| crate::usage!("--shard {s:?}: N is not a number"))?)
     };
     if n == 0 || k >= n {
-        bail!("--shard {s}: expected 0 <= K < N (got K={k}, N={n})");
+        return Err(crate::usage!("--shard {s}: expected 0 <= K < N (got K={k}, N={n})"));
     }
     Ok(Shard { index: k, count: n })
 }
@@ -263,7 +263,7 @@ pub fn run_batch(model: &mut HookedModule, ids: &tch::Tensor, mask: &tch::Tensor
 
 pub fn run(a: Args) -> Result<()> {
     if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
+        return Err(crate::usage!("--batch-size must be at least 1"));
     }
     let device = inputs::device(&a.device)?;
     let shard = match a.shard.as_deref() {
@@ -283,12 +283,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     let flags: Vec<&str> = a.extract.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
     let logits_asked = logits_asked || flags.iter().any(|f| *f == "logits" || *f == "save_logits");
-    config = ExtractionConfig { save_logits: logits_asked, ..config }.with_flags(&flags)?;
+    config = ExtractionConfig { save_logits: logits_asked, ..config }.with_flags(&flags).map_err(|e| crate::usage!("--extract: {e}"))?;
     let source = inputs::Source::from_flags(&a.text, a.prompts.as_deref(), a.input_ids.as_deref(), &a.column, a.on_bad_line)?;
     let chunk_size = parse_chunk_size(&a.chunk_size)?;
     let groups: Option<TokenGroups> = match (&a.token_groups, a.tokens.as_deref()) {
         (Some(j), _) => Some(
-            serde_json::from_str(j).map_err(|e| anyhow::anyhow!("--token-groups is not a JSON list of lists of positions: {e} (e.g. '[[0,1],[-1]]')"))?,
+            serde_json::from_str(j).map_err(|e| crate::usage!("--token-groups is not a JSON list of lists of positions: {e} (e.g. '[[0,1],[-1]]')"))?,
         ),
         (None, Some("all")) => None,
         _ => Some(TokenGroups::last()),

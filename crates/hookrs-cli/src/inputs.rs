@@ -71,14 +71,14 @@ impl Source {
     pub fn from_flags(text: &[String], prompts: Option<&Path>, input_ids: Option<&str>, column: &str, on_bad_line: BadLine) -> Result<Source> {
         let given = usize::from(!text.is_empty()) + usize::from(prompts.is_some()) + usize::from(input_ids.is_some());
         if given != 1 {
-            bail!("give exactly one of --text, --prompts or --input-ids (got {given})");
+            return Err(crate::usage!("give exactly one of --text, --prompts or --input-ids (got {given})"));
         }
         if let Some(json) = input_ids {
             let ids: Vec<Vec<i64>> = serde_json::from_str(json).map_err(|e| {
-                anyhow::anyhow!("--input-ids is not a JSON list of lists of token ids: {e} (e.g. '[[1,5,9],[3,4]]')")
+                crate::usage!("--input-ids is not a JSON list of lists of token ids: {e} (e.g. '[[1,5,9],[3,4]]')")
             })?;
             if ids.is_empty() || ids.iter().any(Vec::is_empty) {
-                bail!("--input-ids needs at least one example, each with at least one token");
+                return Err(crate::usage!("--input-ids needs at least one example, each with at least one token"));
             }
             return Ok(Source::Ids(ids));
         }
@@ -356,12 +356,12 @@ pub fn pad(batch: &[&Example], device: Device) -> (Tensor, Tensor) {
 pub fn load_model(path: &std::path::Path, device: Device, dtype: &str) -> Result<hook_torch::HookedModule> {
     let mut m = hook_torch::HookedModule::load(path, device)?;
     if dtype != "model" {
-        let kind = hook_torch::description::kind_of(dtype).ok_or_else(|| anyhow::anyhow!("--dtype {dtype:?}: expected model, float32, bfloat16 or float16"))?;
+        let kind = hook_torch::description::kind_of(dtype).ok_or_else(|| crate::usage!("--dtype {dtype:?}: expected model, float32, bfloat16 or float16"))?;
         m.to_kind(kind)?;
     }
     Ok(m)
 }
 
 pub fn device(s: &str) -> Result<Device> {
-    hook_torch::backend::parse_device(s).map_err(|_| anyhow::anyhow!("--device {s:?}: expected cpu, cuda or cuda:N"))
+    hook_torch::backend::parse_device(s).map_err(|_| crate::usage!("--device {s:?}: expected cpu, cuda or cuda:N"))
 }

@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 
 /// Interpretability hooks for TorchScript transformers: read and edit activations, from the shell.
 #[derive(Parser, Debug)]
-#[command(name = "hookrs", version, about, long_about = None)]
+#[command(name = "hookrs", version, about, long_about = None, after_help = "Exit codes: 0 ok; 1 runtime error (the model, the data or a file said no); 2 usage error (a missing or unknown flag, or a flag value that does not parse: bad JSON in --input-ids or --token-groups, a bad --shard, --chunk-size, --device or --extract name).")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -110,8 +110,38 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hookrs: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// A malformed command line that clap itself cannot see: a flag's value that does not parse
+/// (bad JSON in --input-ids or --token-groups, a bad --shard, --chunk-size or --device, an
+/// unknown --extract name) or flags that do not go together. Exits 2, like clap's own usage
+/// errors; every other failure exits 1.
+#[derive(Debug)]
+pub(crate) struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// `usage!("--shard {s}: ...")`: an [`anyhow::Error`] that exits 2.
+macro_rules! usage {
+    ($($t:tt)*) => { anyhow::Error::new(crate::Usage(format!($($t)*))) };
+}
+pub(crate) use usage;
+
+/// The exit code of a failed command: 2 for a usage error, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<Usage>()) {
+        2
+    } else {
+        1
     }
 }
 

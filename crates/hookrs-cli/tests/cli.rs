@@ -93,33 +93,46 @@ fn patch_writes_json_and_png() {
 }
 
 #[test]
-fn errors_say_what_is_wrong_and_exit_1() {
+fn errors_say_what_is_wrong_and_exit_1_at_runtime_or_2_for_usage() {
     let (dir, m) = workdir();
     let out = dir.path().join("never.safetensors");
     let tok = dir.path().join("llama.tokenizer.json");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    // usage: a flag's value that does not parse, or flags that do not go together (exit 2)
+    let usage: Vec<(Vec<&str>, &str)> = vec![
         (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2],[3,]]", "--out", s(&out)], "--input-ids is not a JSON list of lists of token ids: trailing comma at line 1 column 11"),
-        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,999]]", "--out", s(&out)], "token id 999 is out of the vocabulary: valid ids are 0..256"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[]", "--out", s(&out)], "--input-ids needs at least one example"),
         (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--extract", "resid", "--out", s(&out)], "unknown extraction `resid`; closest: resid_in, resid_mid, resid_out"),
-        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--token-groups", "[[0,5]]", "--out", s(&out)], "token position 5 (group 0) is out of range"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--token-groups", "[[0,", "--out", s(&out)], "--token-groups is not a JSON list of lists of positions"),
         (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--shard", "2/2", "--out", s(&out)], "expected 0 <= K < N"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--shard", "a/2", "--out", s(&out)], "K is not a number"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--shard", "half", "--out", s(&out)], "expected K/N"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--chunk-size", "12 parsecs", "--out", s(&out)], "unknown unit"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--batch-size", "0", "--out", s(&out)], "--batch-size must be at least 1"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--device", "gpu", "--out", s(&out)], "expected cpu, cuda or cuda:N"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--text", "a", "--out", s(&out)], "give exactly one of --text, --prompts or --input-ids"),
+        (vec!["extract", "--model", s(&m)], "--out"),
+    ];
+    // runtime: the values parse, but the model, the data or the files say no (exit 1)
+    let runtime: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,999]]", "--out", s(&out)], "token id 999 is out of the vocabulary: valid ids are 0..256"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--token-groups", "[[0,5]]", "--out", s(&out)], "token position 5 (group 0) is out of range"),
+        (vec!["extract", "--model", s(&m), "--prompts", "/nonexistent.jsonl", "--out", s(&out)], "no such file"),
         (vec!["plot", s(&out), "--key", "x", "--out", s(&out)], "never.safetensors: No such file"),
         (vec!["sites", s(&tok)], "as a TorchScript module"),
     ];
-    for (args, want) in cases {
-        let o = hookrs(&args);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
-        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
-        assert!(!out.exists(), "nothing written under --out on failure");
+    for (code, cases) in [(2, usage), (1, runtime)] {
+        for (args, want) in cases {
+            let o = hookrs(&args);
+            assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));
+            assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+            assert!(!out.exists(), "nothing written under --out on failure");
+        }
     }
     // a model without a tokenizer asked for --text
     std::fs::remove_file(dir.path().join("llama.tokenizer.json")).unwrap();
     let o = hookrs(&["extract", "--model", s(&m), "--text", "hello", "--out", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--text needs a tokenizer") && stderr(&o).contains("use --input-ids") || stderr(&o).contains("pass token ids with --input-ids"), "{}", stderr(&o));
-    // usage errors exit 2
-    let o = hookrs(&["extract", "--model", s(&m)]);
-    assert_eq!(o.status.code(), Some(2));
     let o = hookrs(&["patch", "--model", s(&m), "--clean", "a", "--corrupted", "b", "--answer", "a", "--wrong", "b", "--component", "neurons", "--out", "x"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("[possible values: resid_out, attn_out, mlp_out, heads]"), "{}", stderr(&o));
