@@ -132,7 +132,10 @@ fn parity(which: &[String]) -> Result<()> {
         match w {
             "ops" => parity::suite(&python, "ops", "hook-ops")?,
             "cache" => parity::cache(&python)?,
-            "models" => parity::suite(&python, "models", "hook-torch")?,
+            "models" => {
+                parity::suite(&python, "models", "hook-torch")?;
+                parity::python_api(&python)?;
+            }
             other => bail!("unknown parity suite `{other}`: expected one of {}", all.join(", ")),
         }
     }

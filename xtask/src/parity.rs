@@ -32,3 +32,11 @@ pub fn cache(python: &Path) -> Result<()> {
     run(Command::new(python).arg(root.join("xtask/python/parity_cache.py")).arg("verify").arg(root.join("target/parity/cache")))
         .context("Python could not read back a cache saved by hook-cache as easyroutine's state")
 }
+
+/// The Python API against the Rust API: every model case again through `import hookrs`,
+/// compared bitwise with what the Rust runner returned (`xtask/python/parity_python.py`).
+pub fn python_api(python: &Path) -> Result<()> {
+    let root = project_root();
+    run(Command::new(python).arg(root.join("xtask/python/parity_python.py")).arg(root.join("target/parity/models")))
+        .context("the Python API returned other tensors than the Rust API (see DIFFER lines above)")
+}

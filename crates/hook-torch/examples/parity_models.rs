@@ -5,7 +5,10 @@
 //! model), runs `run_with_cache` on the exported TorchScript model with the same input ids and
 //! token groups, and compares keys (in order), shapes and values within [`ATOL`].
 //!
-//! Usage: `parity_models CASE_DIR [--write docs/parity.md]`
+//! Usage: `parity_models CASE_DIR [--write docs/parity.md]`. It also saves what hookrs returned
+//! for every case (`CASE_DIR/hookrs.safetensors`, keys `family/case/entry`; each case's key
+//! order in `hookrs.keys.json`): the Python API's
+//! check (`xtask/python/parity_python.py`) compares `import hookrs` against it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -155,6 +158,8 @@ fn real_main() -> anyhow::Result<bool> {
     let (mut pass, mut explained, mut fail) = (0, 0, 0);
     let mut rows = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
+    let mut returned: Vec<(String, Tensor)> = Vec::new();
+    let mut order: IndexMap<String, Vec<String>> = IndexMap::new();
     for case in spec["cases"].as_array().context("no cases")? {
         let family = case["family"].as_str().unwrap_or_default();
         let name = case["name"].as_str().unwrap_or_default();
@@ -182,6 +187,8 @@ fn real_main() -> anyhow::Result<bool> {
             Err(e) => (f64::NAN, format!("FAIL: {e}")),
             Ok((_, cache)) => {
                 let got = flat_cache(&cache);
+                returned.extend(got.iter().map(|(k, t)| (format!("{family}/{name}/{k}"), t.contiguous())));
+                order.insert(format!("{family}/{name}"), got.keys().cloned().collect());
                 let tol = tolerance(case["dtype"].as_str().unwrap_or("float32"));
                 match compare(&got, &want, tol) {
                     (d, Some(why)) => (d, format!("FAIL: {why}")),
@@ -248,6 +255,8 @@ fn real_main() -> anyhow::Result<bool> {
         s.push('\n');
     }
     println!("{s}");
+    Tensor::write_safetensors(&returned.iter().map(|(k, t)| (k.as_str(), t)).collect::<Vec<_>>(), dir.join("hookrs.safetensors"))?;
+    std::fs::write(dir.join("hookrs.keys.json"), serde_json::to_string(&order)?)?; // safetensors sorts its keys
     if let Some(path) = write {
         write_section(&path, "models", &s)?;
         eprintln!("parity models: wrote {}", path.display());

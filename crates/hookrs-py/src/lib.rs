@@ -456,6 +456,27 @@ impl HookedModule {
         }
     }
 
+    /// `hookrs.Intervention`s (resolved against the description and the batch's length) or
+    /// engine dicts, as hook-torch interventions.
+    fn interventions(&self, py: Python<'_>, list: Option<&Bound<'_, PyAny>>, ids: &Tensor) -> PyResult<Vec<hook_torch::Intervention>> {
+        let Some(list) = list else { return Ok(Vec::new()) };
+        let seq = ids.size().last().copied().unwrap_or(0);
+        let mut desc = None;
+        let mut out = Vec::new();
+        for item in list.try_iter()? {
+            let item = item?;
+            if item.is_instance_of::<PyDict>() {
+                out.push(intervention_from_py(&item)?);
+            } else {
+                if desc.is_none() {
+                    desc = Some(self.description(py)?);
+                }
+                out.push(intervention_from_py(&item.call_method1("to_dict", (desc.as_ref().expect("set above"), seq))?)?);
+            }
+        }
+        Ok(out)
+    }
+
     fn inputs(input_ids: &Bound<'_, PyAny>, attention_mask: Option<&Bound<'_, PyAny>>) -> PyResult<(Tensor, Tensor)> {
         let ids = tensor_from_py(input_ids)?;
         let mask = match attention_mask {
@@ -537,7 +558,9 @@ impl HookedModule {
     #[pyo3(signature = (input_ids, attention_mask=None))]
     fn forward(&mut self, py: Python<'_>, input_ids: &Bound<'_, PyAny>, attention_mask: Option<&Bound<'_, PyAny>>) -> PyResult<PyObject> {
         let (ids, mask) = Self::inputs(input_ids, attention_mask)?;
-        let logits = tch::no_grad(|| self.inner.forward(&ids, &mask)).map_err(|e| self.failed(e))?;
+        let inner = &mut self.inner;
+        // the GIL is released while libtorch runs (Python hooks take it back): autograd refuses to run under it
+        let logits = py.allow_threads(move || tch::no_grad(|| inner.forward(&ids, &mask))).map_err(|e| self.failed(e))?;
         tensor_to_py(py, &logits)
     }
 
@@ -566,7 +589,10 @@ impl HookedModule {
     /// easyroutine's forward with an ExtractionConfig: `(logits, cache)`. `token_groups` are
     /// easyroutine's lists of positions (`[[0, 1], [-1]]`, negative from the end; default the
     /// last token); `config` an `hookrs.ExtractionConfig` or a dict of its fields.
-    #[pyo3(signature = (input_ids, attention_mask=None, token_groups=None, config=None))]
+    /// `interventions` (as in `run_with_interventions`) are active during the extraction;
+    /// `vocabulary_index` is the logit `keep_gradient` differentiates (easyroutine's).
+    #[pyo3(signature = (input_ids, attention_mask=None, token_groups=None, config=None, interventions=None, vocabulary_index=None))]
+    #[allow(clippy::too_many_arguments)]
     fn run_with_cache(
         &mut self,
         py: Python<'_>,
@@ -574,11 +600,20 @@ impl HookedModule {
         attention_mask: Option<&Bound<'_, PyAny>>,
         token_groups: Option<&Bound<'_, PyAny>>,
         config: Option<&Bound<'_, PyAny>>,
+        interventions: Option<&Bound<'_, PyAny>>,
+        vocabulary_index: Option<i64>,
     ) -> PyResult<(PyObject, ActivationCache)> {
         let (ids, mask) = Self::inputs(input_ids, attention_mask)?;
         let groups = self::token_groups(py, token_groups)?;
         let config = extraction_config(py, config)?;
-        let (logits, cache) = self.inner.run_with_cache(&ids, &mask, &groups, &config).map_err(|e| self.failed(e))?;
+        let ivs = self.interventions(py, interventions, &ids)?;
+        let inner = &mut self.inner;
+        let (logits, cache) = py
+            .allow_threads(move || {
+                let options = hook_torch::RunOptions { vocabulary_index, interventions: &ivs, ..Default::default() };
+                inner.run_with_cache_options(&ids, &mask, &groups, &config, options)
+            })
+            .map_err(|e| self.failed(e))?;
         Ok((tensor_to_py(py, &logits)?, ActivationCache { inner: cache }))
     }
 
@@ -597,27 +632,9 @@ impl HookedModule {
         interventions: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyObject> {
         let (ids, mask) = Self::inputs(input_ids, attention_mask)?;
-        let ivs = match interventions {
-            Some(list) => {
-                let seq = ids.size().last().copied().unwrap_or(0);
-                let desc = if list.try_iter()?.any(|i| i.map(|i| !i.is_instance_of::<PyDict>()).unwrap_or(false)) {
-                    Some(self.description(py)?)
-                } else {
-                    None
-                };
-                list.try_iter()?
-                    .map(|i| {
-                        let i = i?;
-                        match (&desc, i.is_instance_of::<PyDict>()) {
-                            (Some(d), false) => intervention_from_py(&i.call_method1("to_dict", (d, seq))?),
-                            _ => intervention_from_py(&i),
-                        }
-                    })
-                    .collect::<PyResult<Vec<_>>>()?
-            }
-            None => Vec::new(),
-        };
-        let logits = self.inner.run_with_interventions(&ids, &mask, &ivs).map_err(|e| self.failed(e))?;
+        let ivs = self.interventions(py, interventions, &ids)?;
+        let inner = &mut self.inner;
+        let logits = py.allow_threads(move || inner.run_with_interventions(&ids, &mask, &ivs)).map_err(|e| self.failed(e))?;
         tensor_to_py(py, &logits)
     }
 }
@@ -641,9 +658,9 @@ fn intervention_from_py(obj: &Bound<'_, PyAny>) -> PyResult<hook_torch::Interven
         "qkv" => {
             let which: String = field(d, "which")?;
             let which = match which.as_str() {
-                "queries" | "q" => hook_ops::Qkv::Query,
-                "keys" | "k" => hook_ops::Qkv::Key,
-                "values" | "v" => hook_ops::Qkv::Value,
+                "queries" | "query" | "q" => hook_ops::Qkv::Query,
+                "keys" | "key" | "k" => hook_ops::Qkv::Key,
+                "values" | "value" | "v" => hook_ops::Qkv::Value,
                 w => return Err(PyValueError::new_err(format!("intervention which={w:?}: expected queries, keys or values"))),
             };
             Intervention::QkvHead { layer: field(d, "layer")?, which, positions: positions("positions")?, head: field(d, "head")?, patch: patch()? }
