@@ -162,6 +162,8 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
     println!("| hookrs: plain TorchScript forward | {plain:.1} | 1.00 |");
     println!("| hookrs: instrumented, no hooks | {idle:.1} | {:.3}x plain |", idle / plain);
     println!("| hookrs: full extraction ({} entries) | {full:.1} | {:.3}x plain |", json_num(&ours, "keys")?, full / plain);
+    let from_python = python_api_full_ms(python, &model, &b, &s, &o.device)?;
+    println!("| hookrs from Python: the same `run_with_cache` through `import hookrs` | {from_python:.1} | {:.3}x the Rust call |", from_python / full);
     if o.easyroutine {
         eprintln!("bench models: timing easyroutine (eager plain, full extraction)...");
         let py = Command::new(python).arg(root.join("xtask/python/bench_models.py")).arg(&config).arg("0").args([&b, &s, &o.device]).output()?;
@@ -175,6 +177,30 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
         println!("| full extraction, easyroutine / hookrs | | {:.2}x faster |", er_full / full);
     }
     Ok(())
+}
+
+/// The full extraction timed from Python (`xtask/python/bench_python_api.py`) with a release
+/// build of the extension, so both sides run optimized Rust: the package is copied to
+/// target/bench/python with the release `.so`, ahead of the venv's editable install on
+/// PYTHONPATH.
+fn python_api_full_ms(python: &Path, model: &Path, batch: &str, seq: &str, device: &str) -> Result<f64> {
+    let root = project_root();
+    eprintln!("bench models: timing run_with_cache from Python (release build of crates/hookrs-py)...");
+    run(cargo().args(["build", "--quiet", "--release", "-p", "hookrs-py"]))?;
+    let pkg = root.join("target/bench/python/hookrs");
+    std::fs::create_dir_all(&pkg)?;
+    std::fs::copy(root.join("crates/hookrs-py/python/hookrs/__init__.py"), pkg.join("__init__.py"))?;
+    std::fs::copy(root.join("target/release/libhookrs_py.so"), pkg.join("_native.abi3.so"))?;
+    let out = Command::new(python)
+        .arg(root.join("xtask/python/bench_python_api.py"))
+        .arg(model)
+        .args([batch, seq, device])
+        .env("PYTHONPATH", root.join("target/bench/python"))
+        .output()?;
+    if !out.status.success() {
+        bail!("bench_python_api.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    json_num(&String::from_utf8(out.stdout)?, "python_full_ms")
 }
 
 /// `cargo xtask bench dataset [--prompts N] [--scale K]`: `hookrs extract` end to end against

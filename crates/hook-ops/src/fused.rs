@@ -79,13 +79,13 @@ fn part_view(x: &Tensor, fused: QkvLayout, which: Qkv, layout: &HeadLayout) -> R
             expected: format!("a fused q/k/v projection output of width {total} (queries {} + keys {} + values {})", w[0], w[1], w[2]),
         });
     }
+    // (callers return before this for separate projections: there is nothing to split)
     match fused {
-        QkvLayout::Separate => Ok(x.shallow_clone()),
         QkvLayout::Concat => {
             let start: i64 = w[..which.index() as usize].iter().sum();
             Ok(x.f_narrow(-1, start, w[which.index() as usize])?)
         }
-        QkvLayout::PerHead => {
+        QkvLayout::PerHead | QkvLayout::Separate => {
             if layout.num_kv_heads != layout.num_heads {
                 return Err(OpsError::Shape {
                     arg: "activation",

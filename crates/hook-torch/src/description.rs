@@ -143,23 +143,6 @@ impl ModelDescription {
         }
     }
 
-    /// The queries, keys or values in `x`, the main tensor of the site
-    /// [`ModelDescription::qkv_template`] names: `x` itself with separate projections, the
-    /// right part of it with a fused one.
-    ///
-    /// ```
-    /// use tch::{Device, Kind, Tensor};
-    /// let d = hook_torch::ModelDescription {
-    ///     num_attention_heads: 2, num_key_value_heads: 2, head_dim: 2,
-    ///     qkv_layout: hook_ops::QkvLayout::Concat, ..hook_torch::ModelDescription::default()
-    /// };
-    /// let x = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([1, 1, 12]);
-    /// assert_eq!(d.qkv_part(&x, hook_ops::Qkv::Value).unwrap().double_value(&[0, 0, 0]), 8.0);
-    /// ```
-    pub fn qkv_part(&self, x: &Tensor, which: Qkv) -> Result<Tensor> {
-        Ok(hook_ops::fused::qkv_part(x, self.qkv_layout, which, &self.layout()?)?)
-    }
-
     /// The attention output projection's weight as `[d_model, heads * head_dim]` (nn.Linear's
     /// layout, whatever the model stores).
     pub fn o_proj_weight(&self, stored: &Tensor) -> Tensor {

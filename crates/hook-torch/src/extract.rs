@@ -357,14 +357,25 @@ impl HookedModule {
             let b = self.parameter(&d.component("attn_out_proj_bias", l)?).map(Tensor::shallow_clone);
             Ok((d.o_proj_weight(w), b))
         };
-        let resid_hook = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize| -> Result<()> {
+        // q/k/v sites: the part of a fused projection's output, or the whole output
+        let fused = d.qkv_layout;
+        let part = move |x: &Tensor, which: Qkv| hook_ops::fused::qkv_part(x, fused, which, &layout);
+        // `[batch, seq, d]` at the token groups, of the main tensor or (`which`) of its q/k/v part
+        let resid_of = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize, which: Option<Qkv>| -> Result<()> {
             let info = avg.then_some(resid::AVG_INFO);
             hooks.push((
                 comp(template, layer)?,
-                extractor(&cache, &pads, vec![g.clone()], move |x, g| Ok(vec![Keyed { key: key.clone(), value: resid::resid(x, &g[0], avg)?, info }])),
+                extractor(&cache, &pads, vec![g.clone()], move |x, g| {
+                    let x = match which {
+                        Some(w) => part(x, w)?,
+                        None => x.shallow_clone(),
+                    };
+                    Ok(vec![Keyed { key: key.clone(), value: resid::resid(&x, &g[0], avg)?, info }])
+                }),
             ));
             Ok(())
         };
+        let resid_hook = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize| resid_of(hooks, template, key, layer, None);
         // Registration order follows easyroutine's create_hooks, so the keys of one site come in its order.
         for l in 0..n_layers {
             if config.extract_resid_out {
@@ -399,12 +410,9 @@ impl HookedModule {
         } else if config.extract_embed {
             resid_hook(&mut hooks, "embed_tokens", "input_embeddings".into(), 0)?;
         }
-        // q/k/v sites: the part of a fused projection's output, or the whole output. Listed in
-        // forward order (q, k, v): separate projections fire in that order whatever the
-        // registration order, and hooks on one fused site run in registration order, so the
-        // cache keys come in the same order on every family.
-        let fused = d.qkv_layout;
-        let part = move |x: &Tensor, which: Qkv| hook_ops::fused::qkv_part(x, fused, which, &layout);
+        // q/k/v sites, listed in forward order (q, k, v): separate projections fire in that
+        // order whatever the registration order, and hooks on one fused site run in
+        // registration order, so the cache keys come in the same order on every family.
         for (flag, which, prefix) in [
             (config.extract_head_queries, Qkv::Query, "head_queries_"),
             (config.extract_head_keys, Qkv::Key, "head_keys_"),
@@ -427,12 +435,7 @@ impl HookedModule {
         ] {
             if flag {
                 for l in 0..n_layers {
-                    let key = keys::layer_head_free_key(prefix, l);
-                    let info = avg.then_some(resid::AVG_INFO);
-                    hooks.push((
-                        comp(ModelDescription::qkv_template(which), l)?,
-                        extractor(&cache, &pads, vec![g.clone()], move |x, g| Ok(vec![Keyed { key: key.clone(), value: resid::resid(&part(x, which)?, &g[0], avg)?, info }])),
-                    ));
+                    resid_of(&mut hooks, ModelDescription::qkv_template(which), keys::layer_head_free_key(prefix, l), l, Some(which))?;
                 }
             }
         }
