@@ -320,6 +320,7 @@ pub fn run(a: Args) -> Result<()> {
     // GPU runs: batch k's cache is copied to host while batch k+1 runs; waited for after it
     let to_host = device != tch::Device::Cpu && a.cache_device == "cpu";
     let mut pending: Option<hook_torch::transfer::HostCopy> = None;
+    let (mut done, total) = (0u64, batches.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
     for (i, batch) in &batches {
         let (ids, mask) = inputs::pad(batch, device);
         let g = batch_groups(groups.as_ref(), batch, *i)?;
@@ -336,6 +337,8 @@ pub fn run(a: Args) -> Result<()> {
             hook_cache::ragged::cat_ragged(&mut all, cache)?;
         }
         bar.inc(1);
+        done += batch.len() as u64;
+        crate::progress::report(done, Some(total));
     }
     if let Some(last) = pending.take() {
         hook_cache::ragged::cat_ragged(&mut all, last.wait()?)?;

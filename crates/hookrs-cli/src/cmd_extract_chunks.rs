@@ -150,6 +150,7 @@ pub fn run(
         n_examples += window.len() as u64;
         next += window.len() as u64;
         bar.inc(window.len() as u64);
+        crate::progress::report(next - lo, (hi != u64::MAX).then(|| hi - lo));
         state.absorb(joined, window.len() as u64, record)?;
         bar.set_message(format!("{} chunks", state.w.manifest().chunks.len()));
     }

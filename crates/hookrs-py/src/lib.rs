@@ -684,6 +684,33 @@ fn field<'py, T: pyo3::FromPyObject<'py>>(d: &Bound<'py, PyDict>, name: &str) ->
     v.extract().map_err(|e| PyValueError::new_err(format!("intervention field {name:?}: {e}")))
 }
 
+/// Runs one `hookrs` command line in this process (`["extract", "--model", ...]`, without the
+/// program name), the GIL released; `progress(done, total)` is called as examples complete
+/// (`total` None when unknown). A usage error raises ValueError, a runtime error
+/// RuntimeError, each with the command's message; `--help` returns its text.
+#[pyfunction]
+#[pyo3(signature = (args, progress=None))]
+fn cli(py: Python<'_>, args: Vec<String>, progress: Option<PyObject>) -> PyResult<Option<String>> {
+    let listener: Option<hookrs_cli::progress::Listener> = progress.map(|f| -> hookrs_cli::progress::Listener {
+        Box::new(move |done, total| {
+            Python::with_gil(|py| {
+                // a failing progress callback must not stop the run
+                let _ = f.call1(py, (done, total));
+            })
+        })
+    });
+    let previous = hookrs_cli::progress::set(listener);
+    let argv: Vec<String> = std::iter::once("hookrs".to_string()).chain(args).collect();
+    let result = py.allow_threads(move || hookrs_cli::run(argv));
+    hookrs_cli::progress::set(previous);
+    match result {
+        Ok(()) => Ok(None),
+        Err(f) if f.code == 0 => Ok(Some(f.message)),
+        Err(f) if f.code == 2 => Err(PyValueError::new_err(f.message)),
+        Err(f) => Err(PyRuntimeError::new_err(f.message)),
+    }
+}
+
 /// The native module (`hookrs._native`).
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -692,5 +719,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ValueWithInfo>()?;
     m.add_class::<HookHandle>()?;
     m.add_class::<DeferredMode>()?;
+    m.add_function(wrap_pyfunction!(cli, m)?)?;
     Ok(())
 }

@@ -20,9 +20,86 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Union
 
-from ._native import ActivationCache, DeferredMode, HookHandle, HookedModule, ValueWithInfo
+import json
+import sys
 
-__all__ = ["ActivationCache", "DeferredMode", "ExtractionConfig", "HookHandle", "HookedModule", "Intervention", "ValueWithInfo"]
+from ._native import ActivationCache, DeferredMode, HookHandle, HookedModule, ValueWithInfo, cli
+
+__all__ = ["ActivationCache", "DeferredMode", "ExtractionConfig", "HookHandle", "HookedModule", "Intervention", "ValueWithInfo", "cli",
+           "extract"]
+
+
+def extract(model, out, *, progress=True, **options):
+    """`hookrs extract` from Python, in this process: long runs over datasets, written as they go.
+
+    ``model`` is an export, ``out`` a ``.safetensors`` file or a chunk directory (streamed,
+    resumable). Every option of the command is a keyword, named as the flag without its dashes
+    (``prompts="data.parquet"``, ``column="text"``, ``extract=["resid_out", "attn_pattern"]``,
+    ``token_groups=[[0], [-1]]``, ``input_ids=[[1, 5, 9]]``, ``text=["a", "b"]``, ``tokens="all"``,
+    ``batch_size=8``, ``max_batch_tokens=4096``, ``chunk_size="256MiB"``, ``shard="0/4"``,
+    ``device="cuda"``, ``dtype="float16"``, ``cache_dtype="float32"``, ``overwrite=True``, ...;
+    ``hookrs.cli(["extract", "--help"])`` lists them). ``progress`` is True (a bar: tqdm's
+    when installed, else a line on stderr), False, or a callable ``(done, total)``.
+
+    Returns ``out``; open it with ``hookrs.ActivationCache.load(out)`` (or lazily, a key at a
+    time, with ``xtask/python/load_cache.py``). A bad option raises ValueError, a failed run
+    RuntimeError; a chunk directory keeps every chunk completed before the failure."""
+    argv = ["extract", "--model", str(model), "--out", str(out)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif key in ("input_ids", "token_groups"):
+            argv += [flag, json.dumps(value)]
+        elif key == "extract" and not isinstance(value, str):
+            argv += [flag, ",".join(value)]
+        elif key == "text" and not isinstance(value, str):
+            for t in value:
+                argv += [flag, t]
+        else:
+            argv += [flag, str(value)]
+    bar = _progress(progress)
+    try:
+        cli(argv, bar)
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    return out
+
+
+def _progress(progress):
+    """A callable (done, total) drawing a progress bar, or None."""
+    if progress is False or progress is None:
+        return None
+    if callable(progress) and progress is not True:
+        return progress
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+
+    class Bar:
+        def __init__(self):
+            self.bar = None
+
+        def __call__(self, done, total):
+            if tqdm is not None:
+                if self.bar is None:
+                    self.bar = tqdm(total=total, unit="example", desc="hookrs extract")
+                self.bar.update(done - self.bar.n)
+            else:
+                of = f"/{total}" if total else ""
+                print(f"\rhookrs extract: {done}{of} examples", end="", file=sys.stderr, flush=True)
+
+        def close(self):
+            if self.bar is not None:
+                self.bar.close()
+            elif tqdm is None:
+                print(file=sys.stderr)
+
+    return Bar()
 
 _FIELDS = {
     **{f: False for f in [

@@ -1,0 +1,164 @@
+//! # hookrs-cli
+//!
+//! The `hookrs` command (`src/main.rs` is its binary): extraction, activation patching and
+//! pictures from the shell. As a library, [`run`] runs one command line in-process (the Python
+//! package's `hookrs.extract` calls it), and [`progress`] reports how far a run is.
+//!
+//! Exit codes: 0 ok, 2 usage (clap's errors and flag values that do not parse: [`Usage`]),
+//! 1 runtime error. Nothing is written under `--out` unless the command succeeded (writes go
+//! to a temporary file renamed at the end).
+
+pub mod progress;
+mod heatmap;
+mod inputs;
+mod cmd_devices;
+mod cmd_extract;
+mod cmd_extract_chunks;
+mod cmd_inspect;
+mod cmd_merge;
+mod cmd_patch;
+mod cmd_plot;
+mod cmd_sites;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Interpretability hooks for TorchScript transformers: read and edit activations, from the shell.
+#[derive(Parser, Debug)]
+#[command(name = "hookrs", version, about, long_about = None, after_help = "Exit codes: 0 ok; 1 runtime error (the model, the data or a file said no); 2 usage error (a missing or unknown flag, or a flag value that does not parse: bad JSON in --input-ids or --token-groups, a bad --shard, --chunk-size, --device or --extract name).")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Every hookable component, grouped by layer, with the model description.
+    Sites {
+        /// A TorchScript model exported by `cargo xtask export`.
+        model: PathBuf,
+        /// Print JSON instead of a listing.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The devices this build can run on (CPU, CUDA backend and GPUs), and why not when it cannot.
+    Devices {
+        /// Print JSON instead of a listing.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run prompts through a model and save the activations (easyroutine cache keys).
+    Extract(cmd_extract::Args),
+    /// Keys, shapes, dtypes, info strings, metadata and memory of a saved cache.
+    Inspect {
+        /// A cache file or chunk directory written by `hookrs extract` or hook-cache.
+        cache: PathBuf,
+    },
+    /// Merge shard caches (from `extract --shard K/N`) in dataset order, or chunk directories
+    /// (from `extract --out DIR`) one after another, into one file.
+    Merge {
+        /// The merged cache to write.
+        out: PathBuf,
+        /// The shard caches, or chunk directories.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Activation patching sweep with the logit-difference metric (clean = 1, corrupted = 0).
+    Patch(cmd_patch::Args),
+    /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
+    Plot {
+        /// The cache file or chunk directory.
+        cache: PathBuf,
+        /// The key to draw, e.g. pattern_L0H1.
+        #[arg(long)]
+        key: String,
+        /// Which example of the batch.
+        #[arg(long, default_value_t = 0)]
+        example: i64,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// A failed command: its exit code (2 usage, 1 runtime) and message.
+#[derive(Debug)]
+pub struct Failure {
+    /// 2 for a usage error, 1 for a runtime error.
+    pub code: u8,
+    /// What went wrong, as the binary prints it after `hookrs: error: ` (clap's own text for
+    /// its usage errors, and for `--help` / `--version`, with code 0).
+    pub message: String,
+    /// clap's error, when clap refused the command line (or answered `--help`).
+    pub clap: Option<clap::Error>,
+}
+
+/// Runs one command line (`["hookrs", "extract", "--model", ...]`: the first item is the
+/// program name) in this process.
+///
+/// ```
+/// let f = hookrs_cli::run(["hookrs", "extract", "--out", "x.safetensors"]).unwrap_err();
+/// assert_eq!(f.code, 2);
+/// assert!(f.message.contains("--model"));
+/// ```
+pub fn run<I, T>(args: I) -> Result<(), Failure>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(|e| Failure { code: e.exit_code() as u8, message: e.render().to_string(), clap: Some(e) })?;
+    let result = match cli.command {
+        Command::Sites { model, json } => cmd_sites::run(&model, json),
+        Command::Devices { json } => cmd_devices::run(json),
+        Command::Extract(a) => cmd_extract::run(a),
+        Command::Inspect { cache } => cmd_inspect::run(&cache),
+        Command::Merge { out, inputs } => cmd_merge::run(&out, &inputs),
+        Command::Patch(a) => cmd_patch::run(a),
+        Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
+    };
+    result.map_err(|e| Failure { code: exit_code(&e), message: format!("{e:#}"), clap: None })
+}
+
+/// A malformed command line that clap itself cannot see: a flag's value that does not parse
+/// (bad JSON in --input-ids or --token-groups, a bad --shard, --chunk-size or --device, an
+/// unknown --extract name) or flags that do not go together. Exits 2, like clap's own usage
+/// errors; every other failure exits 1.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// `usage!("--shard {s}: ...")`: an [`anyhow::Error`] that exits 2.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! usage {
+    ($($t:tt)*) => { anyhow::Error::new($crate::Usage(format!($($t)*))) };
+}
+
+/// The exit code of a failed command: 2 for a usage error, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<Usage>()) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder (atomic rename).
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(())
+}
