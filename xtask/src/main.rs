@@ -21,7 +21,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|parity [ops|cache|models]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|parity [ops|cache|models]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +44,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("export") => export(rest),
         Some("bench") => bench(rest),
         Some("py") => py(),
+        Some("wheel") => wheel(rest),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -60,6 +61,7 @@ fn ci() -> Result<()> {
     run(cargo().args(["test", "--workspace", "--all-targets", "--exclude", "hookrs-py"]))?;
     run(cargo().args(["test", "--workspace", "--doc", "--exclude", "hookrs-py"]))?;
     py_tests()?;
+    wheel(&["--debug".to_string()])?;
     parity(&[])?;
     Ok(())
 }
@@ -76,6 +78,45 @@ fn py_tests() -> Result<()> {
     let root = project_root();
     run(Command::new(&python).args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]).arg(root.join("crates/hookrs-py/tests")))
         .context("the Python package's tests failed (crates/hookrs-py/tests)")
+}
+
+/// `cargo xtask wheel [--debug]`: `maturin build` of crates/hookrs-py into target/wheels (a
+/// release build unless --debug), then a smoke test of the wheel itself: installed into an
+/// empty folder that shadows the venv's editable install, imported, a model loaded and run.
+fn wheel(args: &[String]) -> Result<()> {
+    let python = setup::setup()?;
+    let root = project_root();
+    let maturin = python.with_file_name("maturin");
+    let out = root.join("target/wheels");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut build = Command::new(&maturin);
+    build.args(["build", "--compatibility", "linux", "--auditwheel", "skip", "--out"]).arg(&out).current_dir(root.join("crates/hookrs-py"));
+    if !args.iter().any(|a| a == "--debug") {
+        build.arg("--release");
+    }
+    run(&mut build).context("maturin build of crates/hookrs-py failed")?;
+    let wheel = std::fs::read_dir(&out)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("maturin wrote no wheel")?;
+    let target = root.join("target/wheel-check");
+    let _ = std::fs::remove_dir_all(&target);
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"]).arg(&target).arg(&wheel))?;
+    let model = root.join("target/test-models/llama.pt");
+    if !model.exists() {
+        run(Command::new(&python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--out"]).arg(&model))?;
+    }
+    let check = r#"
+import sys, torch, hookrs
+assert hookrs.__file__.startswith(sys.argv[1]), f"imported {hookrs.__file__}, not the wheel's"
+m = hookrs.HookedModule.load(sys.argv[2])
+ids = torch.tensor([[5, 9, 12]])
+logits, cache = m.run_with_cache(ids, None, [[-1]], hookrs.ExtractionConfig(extract_resid_out=True))
+assert logits.shape == (1, 3, 256) and cache["resid_out_0"].shape == (1, 1, 64)
+print(f"wheel: {sys.argv[3]} imports and runs")
+"#;
+    run(Command::new(&python).args(["-c", check]).arg(&target).arg(&model).arg(wheel.file_name().unwrap_or_default()).env("PYTHONPATH", &target))
+        .context("the wheel does not import and run")
 }
 
 /// The README's first command: setup, then an end-to-end session on a built-in tiny model:

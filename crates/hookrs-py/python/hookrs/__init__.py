@@ -23,6 +23,8 @@ from typing import Any, List, Optional, Union
 import json
 import sys
 
+import torch  # noqa: F401  loads libtorch (and its CUDA backend) that the native module links
+
 from ._native import ActivationCache, DeferredMode, HookHandle, HookedModule, ValueWithInfo, cli
 
 __all__ = ["ActivationCache", "DeferredMode", "ExtractionConfig", "HookHandle", "HookedModule", "Intervention", "ValueWithInfo", "cli",
