@@ -156,6 +156,10 @@ def description(model, family, source, architecture):
         "has_o_proj_bias": bool(getattr(c, "attention_bias", False) or family == "gpt2"),
         "layernorm_type": lay["norm"],
         "layernorm_eps": float(getattr(final_norm, "eps", None) or getattr(final_norm, "variance_epsilon", None) or 1e-5),
+        # Gemma's RMSNorm scales by (1 + weight); the others by weight
+        "norm_weight_offset": 1.0 if type(final_norm).__name__.startswith("Gemma") else 0.0,
+        # Gemma 2 caps the logits with tanh after the LM head (a logit lens does not)
+        "final_logit_softcapping": getattr(c, "final_logit_softcapping", None),
         "qkv_layout": lay["qkv"],
         "o_proj_weight_layout": lay["o_weight"],
         "parallel_attn_mlp": lay["parallel"],

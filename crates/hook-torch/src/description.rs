@@ -57,6 +57,20 @@ pub struct ModelDescription {
     /// converted it to).
     #[serde(default = "float32")]
     pub dtype: String,
+    /// The final norm's epsilon.
+    #[serde(default = "eps")]
+    pub layernorm_eps: f64,
+    /// What the final RMSNorm adds to its weight before scaling: 1 for Gemma (`x * (1 + w)`),
+    /// 0 elsewhere.
+    #[serde(default)]
+    pub norm_weight_offset: f64,
+    /// Gemma 2's tanh cap on the logits (`cap * tanh(logits / cap)`), when the model has one.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+}
+
+fn eps() -> f64 {
+    1e-5
 }
 
 fn float32() -> String {
@@ -173,6 +187,9 @@ impl Default for ModelDescription {
             parallel_attn_mlp: false,
             unavailable: BTreeMap::new(),
             dtype: float32(),
+            layernorm_eps: eps(),
+            norm_weight_offset: 0.0,
+            final_logit_softcapping: None,
         }
     }
 }

@@ -1,0 +1,18 @@
+//! # hook-analysis
+//!
+//! Analysis researchers run on an [`ActivationCache`](hook_cache::ActivationCache), on top of
+//! hook-cache and hook-torch.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`lens`] | [`LogitLens`]: easyroutine's `LogitLens.compute` (logits, logit differences, accuracy of intermediate residuals through the final norm and the unembedding) |
+//! | [`norm`] | [`FinalNorm`]: the model's final norm applied with statistics cached at extraction (`last_layernorm`) |
+//! | [`error`] | [`AnalysisError`] |
+
+pub mod error;
+pub mod lens;
+pub mod norm;
+
+pub use error::{AnalysisError, Result};
+pub use lens::{Direction, LogitLens, Metric};
+pub use norm::{FinalNorm, NormKind, NormStats};
