@@ -21,7 +21,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|parity [ops|cache|models]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -163,7 +163,7 @@ fn demo() -> Result<()> {
 }
 
 fn parity(which: &[String]) -> Result<()> {
-    let all = ["ops", "cache", "models"];
+    let all = ["ops", "cache", "models", "lens"];
     let chosen: Vec<&str> = if which.is_empty() { all.to_vec() } else { which.iter().map(String::as_str).collect() };
     let python = setup::venv_python()?;
     if !python.exists() {
@@ -177,6 +177,7 @@ fn parity(which: &[String]) -> Result<()> {
                 parity::suite(&python, "models", "hook-torch")?;
                 parity::python_api(&python)?;
             }
+            "lens" => parity::suite(&python, "lens", "hook-analysis")?,
             other => bail!("unknown parity suite `{other}`: expected one of {}", all.join(", ")),
         }
     }
