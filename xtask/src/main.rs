@@ -147,6 +147,7 @@ fn demo() -> Result<()> {
     )?;
     step("every token of one prompt, for a picture", &["extract", "--model", &m, "--text", "when mary and john went to the store", "--extract", "attn_pattern", "--tokens", "all", "--out", &o("pattern.safetensors")])?;
     step("an attention pattern", &["plot", &o("pattern.safetensors"), "--key", "pattern_L1H0", "--out", &o("pattern_L1H0.png")])?;
+    step("the logit lens: what each layer predicts at each position", &["lens", "--model", &m, "--text", "the capital of france is paris", "--out", &o("lens")])?;
     step(
         "activation patching: which layer and position carry the answer",
         &[
@@ -155,7 +156,7 @@ fn demo() -> Result<()> {
         ],
     )?;
     println!("\ndemo: outputs in {}:", out.display());
-    for f in ["llama.pt", "cache.safetensors", "pattern.safetensors", "pattern_L1H0.png", "patching.json", "patching.png"] {
+    for f in ["llama.pt", "cache.safetensors", "pattern.safetensors", "pattern_L1H0.png", "lens.json", "lens.png", "patching.json", "patching.png"] {
         println!("  {}", out.join(f).display());
     }
     println!("from Python: import sys; sys.path.insert(0, \"xtask/python\"); from load_cache import load_cache; load_cache(\"out/demo/cache.safetensors\")");

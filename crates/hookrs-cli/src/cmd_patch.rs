@@ -52,7 +52,7 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-fn one_token(tok: &tokenizers::Tokenizer, flag: &str, s: &str) -> Result<i64> {
+pub(crate) fn one_token(tok: &tokenizers::Tokenizer, flag: &str, s: &str) -> Result<i64> {
     let e = inputs::encode(tok, s, false)?;
     if e.ids.len() != 1 {
         bail!("{flag} {s:?} is {} tokens ({:?}): it must be exactly one token", e.ids.len(), e.tokens.unwrap_or_default());
@@ -177,7 +177,7 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn strip(p: &Path) -> PathBuf {
+pub(crate) fn strip(p: &Path) -> PathBuf {
     match p.extension().and_then(|e| e.to_str()) {
         Some("json") | Some("png") => p.with_extension(""),
         _ => p.to_path_buf(),

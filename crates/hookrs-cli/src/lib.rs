@@ -15,6 +15,7 @@ mod cmd_devices;
 mod cmd_extract;
 mod cmd_extract_chunks;
 mod cmd_inspect;
+mod cmd_lens;
 mod cmd_merge;
 mod cmd_patch;
 mod cmd_plot;
@@ -64,6 +65,9 @@ pub enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// The logit lens of one prompt: per layer and position, the top token and its probability
+    /// (or --answer/--wrong's logit difference), as a heatmap PNG and JSON.
+    Lens(cmd_lens::Args),
     /// Activation patching sweep with the logit-difference metric (clean = 1, corrupted = 0).
     Patch(cmd_patch::Args),
     /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
@@ -115,6 +119,7 @@ where
         Command::Inspect { cache } => cmd_inspect::run(&cache),
         Command::Merge { out, inputs } => cmd_merge::run(&out, &inputs),
         Command::Patch(a) => cmd_patch::run(a),
+        Command::Lens(a) => cmd_lens::run(a),
         Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
     };
     result.map_err(|e| Failure { code: exit_code(&e), message: format!("{e:#}"), clap: None })

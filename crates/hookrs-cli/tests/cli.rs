@@ -34,7 +34,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn help_texts() {
-    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"]] {
+    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"]] {
         let o = hookrs(&cmd);
         assert!(o.status.success());
         insta::assert_snapshot!(format!("help_{}", cmd[0].trim_start_matches('-')), stdout(&o));
@@ -237,4 +237,41 @@ fn a_closed_stdout_ends_quietly() {
     drop(child.stdout.take()); // the reader goes away before hookrs writes
     let o = child.wait_with_output().unwrap();
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_logit_lens_of_a_prompt_ends_at_the_models_own_prediction() {
+    let (dir, m) = workdir();
+    let prefix = dir.path().join("lens");
+    let o = hookrs(&["lens", "--model", s(&m), "--input-ids", "[5,9,12,40,7]", "--out", s(&prefix)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(v["row_labels"], serde_json::json!(["L0", "L1"]));
+    assert!(prefix.with_extension("png").exists());
+    // the model's logits at every position, through extract
+    let logits_file = dir.path().join("logits.safetensors");
+    let o = hookrs(&["extract", "--model", s(&m), "--input-ids", "[[5,9,12,40,7]]", "--tokens", "all", "--extract", "logits", "--out", s(&logits_file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let logits = hook_cache::ActivationCache::load(&logits_file).unwrap().tensor("logits").unwrap().get(0);
+    let (p, top) = logits.softmax(-1, tch::Kind::Float).max_dim(-1, false);
+    let last = &v["values"][1];
+    for t in 0..5 {
+        assert!((last[t].as_f64().unwrap() - p.double_value(&[t as i64])).abs() < 1e-5, "position {t}");
+        assert_eq!(v["top_token_ids"][1][t], serde_json::json!(top.int64_value(&[t as i64])), "position {t}");
+        assert!(v["top_tokens"][1][t].as_str().is_some_and(|t| !t.is_empty()));
+    }
+    // --answer/--wrong: the logit difference, which at the last layer is the model's
+    let o = hookrs(&["lens", "--model", s(&m), "--text", "the cat sat", "--answer", "cat", "--wrong", "sat", "--out", s(&prefix)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(v["metric"], "logit_diff");
+    assert_eq!(v["col_labels"], serde_json::json!(["the", "cat", "sat"]));
+    // usage errors
+    let o = hookrs(&["lens", "--model", s(&m), "--input-ids", "[5,", "--out", s(&prefix)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = hookrs(&["lens", "--model", s(&m), "--input-ids", "[5]", "--answer", "cat", "--out", s(&prefix)]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = hookrs(&["lens", "--model", s(&m), "--input-ids", "[5, 999]", "--out", s(&prefix)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("out of the vocabulary"), "{}", stderr(&o));
 }
