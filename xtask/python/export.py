@@ -64,13 +64,16 @@ VOCAB = 256
 #   o_weight    out_in: nn.Linear's [out, in]; in_out: GPT-2's Conv1D, transposed.
 #   parallel    attention and MLP read the same residual (NeoX's use_parallel_residual): no
 #               resid_mid exists.
+#   attn_add    the module whose output the residual stream adds for attention and for the MLP
+#   mlp_add     (default: the output projections; Gemma 2/3 and OLMo 2 norm them first:
+#               their post-norms). Residual decomposition and direct logit attribution read them.
 LLAMA = dict(layers="model.layers", attn="self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj", mlp_in="post_attention_layernorm.output",
              mlp_out="mlp.down_proj", final_norm="model.norm", embed="model.embed_tokens", unembed="lm_head", qkv="separate", o_weight="out_in",
              norm="RMS", parallel=False)
 LAYOUTS = {
-    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gemma3": LLAMA, "qwen3": LLAMA,
-    "gemma2": dict(LLAMA, mlp_in="pre_feedforward_layernorm.output"),
-    "olmo2": dict(LLAMA, mlp_in="mlp.input"),
+    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gemma3": dict(LLAMA, attn_add="post_attention_layernorm", mlp_add="post_feedforward_layernorm"), "qwen3": LLAMA,
+    "gemma2": dict(LLAMA, mlp_in="pre_feedforward_layernorm.output", attn_add="post_attention_layernorm", mlp_add="post_feedforward_layernorm"),
+    "olmo2": dict(LLAMA, mlp_in="mlp.input", attn_add="post_attention_layernorm", mlp_add="post_feedforward_layernorm"),
     "phi3": dict(LLAMA, q="qkv_proj", k="qkv_proj", v="qkv_proj", qkv="concat"),
     "gpt2": dict(layers="transformer.h", attn="attn", q="c_attn", k="c_attn", v="c_attn", o="c_proj", mlp_in="ln_2.output", mlp_out="mlp.c_proj",
                  final_norm="transformer.ln_f", embed="transformer.wte", unembed="lm_head", qkv="concat", o_weight="in_out", norm="LayerNorm",
@@ -119,6 +122,9 @@ def templates(lay, parallel_reason=None):
         "attn_matrix_hook_name": f"{a}.attention_matrix_hook.output",
         "attn_matrix_pre_softmax_hook_name": f"{a}.attention_matrix_pre_softmax_hook.output",
         "mlp_out_hook_name": f"{L}.{lay['mlp_out']}.output",
+        # what the residual stream adds (decomposition, attribution): post-norms where a family has them
+        "attn_resid_add_hook_name": f"{L}.{lay.get('attn_add') or lay['attn'] + '.' + lay['o']}.output",
+        "mlp_resid_add_hook_name": f"{L}.{lay.get('mlp_add') or lay['mlp_out']}.output",
         "last_layernorm_hook_name": f"{lay['final_norm']}.input",
         "embed_tokens": f"{lay['embed']}.output",
         "attn_out_proj_weight": f"{P}.{lay['attn']}.{lay['o']}.weight",

@@ -132,7 +132,12 @@ impl LogitLens {
         Ok(found.into_iter().map(|(_, k)| k).collect())
     }
 
-    /// The direction's vector in the unembedding (`[d_model]`).
+    /// The direction's vector in the unembedding (`[d_model]`); an error for a token id out of
+    /// the vocabulary.
+    pub fn direction_vector(&self, d: Direction) -> Result<Tensor> {
+        self.direction(d)
+    }
+
     fn direction(&self, d: Direction) -> Result<Tensor> {
         let vocab = self.unembed.size()[0];
         let row = |t: i64| {

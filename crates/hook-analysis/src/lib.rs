@@ -6,13 +6,16 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`lens`] | [`LogitLens`]: easyroutine's `LogitLens.compute` (logits, logit differences, accuracy of intermediate residuals through the final norm and the unembedding) |
+//! | [`attribution`] | [`Decomposition`]: the final residual split into embedding, attention (or heads) and MLP parts; direct logit attribution through the frozen final norm |
 //! | [`norm`] | [`FinalNorm`]: the model's final norm applied with statistics cached at extraction (`last_layernorm`) |
 //! | [`error`] | [`AnalysisError`] |
 
+pub mod attribution;
 pub mod error;
 pub mod lens;
 pub mod norm;
 
+pub use attribution::Decomposition;
 pub use error::{AnalysisError, Result};
 pub use lens::{Direction, LogitLens, Metric};
 pub use norm::{FinalNorm, NormKind, NormStats};
