@@ -149,6 +149,10 @@ fn demo() -> Result<()> {
     step("an attention pattern", &["plot", &o("pattern.safetensors"), "--key", "pattern_L1H0", "--out", &o("pattern_L1H0.png")])?;
     step("the logit lens: what each layer predicts at each position", &["lens", "--model", &m, "--text", "the capital of france is paris", "--out", &o("lens")])?;
     step(
+        "direct logit attribution: which heads and MLPs push paris over rome",
+        &["attribute", "--model", &m, "--text", "the capital of france is", "--answer", "paris", "--wrong", "rome", "--heads", "--out", &o("attribution")],
+    )?;
+    step(
         "activation patching: which layer and position carry the answer",
         &[
             "patch", "--model", &m, "--clean", "when mary and john went to the store john gave a drink to", "--corrupted",
@@ -156,7 +160,7 @@ fn demo() -> Result<()> {
         ],
     )?;
     println!("\ndemo: outputs in {}:", out.display());
-    for f in ["llama.pt", "cache.safetensors", "pattern.safetensors", "pattern_L1H0.png", "lens.json", "lens.png", "patching.json", "patching.png"] {
+    for f in ["llama.pt", "cache.safetensors", "pattern.safetensors", "pattern_L1H0.png", "lens.json", "lens.png", "attribution.json", "attribution.png", "patching.json", "patching.png"] {
         println!("  {}", out.join(f).display());
     }
     println!("from Python: import sys; sys.path.insert(0, \"xtask/python\"); from load_cache import load_cache; load_cache(\"out/demo/cache.safetensors\")");

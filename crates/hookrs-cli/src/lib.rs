@@ -14,6 +14,7 @@ mod inputs;
 mod cmd_devices;
 mod cmd_extract;
 mod cmd_extract_chunks;
+mod cmd_attribute;
 mod cmd_inspect;
 mod cmd_lens;
 mod cmd_merge;
@@ -68,6 +69,9 @@ pub enum Command {
     /// The logit lens of one prompt: per layer and position, the top token and its probability
     /// (or --answer/--wrong's logit difference), as a heatmap PNG and JSON.
     Lens(cmd_lens::Args),
+    /// Direct logit attribution of one prompt: what the embedding, each layer's attention (or
+    /// head) and MLP add to logit(answer) - logit(wrong), through the frozen final norm.
+    Attribute(cmd_attribute::Args),
     /// Activation patching sweep with the logit-difference metric (clean = 1, corrupted = 0).
     Patch(cmd_patch::Args),
     /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
@@ -120,6 +124,7 @@ where
         Command::Merge { out, inputs } => cmd_merge::run(&out, &inputs),
         Command::Patch(a) => cmd_patch::run(a),
         Command::Lens(a) => cmd_lens::run(a),
+        Command::Attribute(a) => cmd_attribute::run(a),
         Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
     };
     result.map_err(|e| Failure { code: exit_code(&e), message: format!("{e:#}"), clap: None })

@@ -34,7 +34,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn help_texts() {
-    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"]] {
+    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"], vec!["attribute", "--help"]] {
         let o = hookrs(&cmd);
         assert!(o.status.success());
         insta::assert_snapshot!(format!("help_{}", cmd[0].trim_start_matches('-')), stdout(&o));
@@ -274,4 +274,28 @@ fn the_logit_lens_of_a_prompt_ends_at_the_models_own_prediction() {
     let o = hookrs(&["lens", "--model", s(&m), "--input-ids", "[5, 999]", "--out", s(&prefix)]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("out of the vocabulary"), "{}", stderr(&o));
+}
+
+#[test]
+fn attribution_parts_sum_to_the_models_logit_difference() {
+    let (dir, m) = workdir();
+    let prefix = dir.path().join("attr");
+    for heads in [false, true] {
+        let mut args = vec!["attribute", "--model", s(&m), "--text", "the cat sat on the", "--answer", "mat", "--wrong", "cat", "--out", s(&prefix)];
+        if heads {
+            args.push("--heads");
+        }
+        let o = hookrs(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("embed"), "{}", stdout(&o));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
+        let (sum, model) = (v["sum"].as_f64().unwrap(), v["model_logit_diff"].as_f64().unwrap());
+        assert!((sum - model).abs() < 1e-4 * model.abs().max(1.0), "heads {heads}: {sum} vs {model}");
+        assert_eq!(v["values"].as_array().unwrap().len(), 2, "a row per layer");
+        assert_eq!(v["col_labels"].as_array().unwrap().len(), if heads { 5 } else { 2 });
+        assert!(prefix.with_extension("png").exists());
+    }
+    let o = hookrs(&["attribute", "--model", s(&m), "--text", "the cat", "--answer", "mat", "--wrong", "cat", "--position", "-9", "--out", s(&prefix)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("out of range"), "{}", stderr(&o));
 }

@@ -1,0 +1,99 @@
+//! `hookrs attribute`: direct logit attribution of one prompt — how much the embedding, each
+//! layer's attention (or each head) and each MLP add directly to logit(answer) - logit(wrong)
+//! at a position, through the final norm with its scale frozen. Prints the top parts, writes a
+//! layers × parts heatmap and JSON.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use hook_analysis::{Decomposition, Direction, LogitLens};
+
+use crate::inputs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    pub text: String,
+    /// The answer token (one token).
+    #[arg(long)]
+    pub answer: String,
+    /// The wrong-answer token (one token).
+    #[arg(long)]
+    pub wrong: String,
+    /// Split each layer's attention into its heads (through W_O) and the output bias.
+    #[arg(long)]
+    pub heads: bool,
+    /// The position whose logits are attributed (negative from the end).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub position: i64,
+    /// How many parts to print, largest |attribution| first.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for example).
+    #[arg(long)]
+    pub no_special_tokens: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Run the model in this dtype (see `hookrs extract --help`).
+    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
+    pub dtype: String,
+    /// Output prefix: writes PREFIX.json and PREFIX.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = inputs::device(&a.device)?;
+    let tok = inputs::tokenizer_for(&a.model)?
+        .with_context(|| format!("attribute needs the model's tokenizer (looked for {:?})", inputs::tokenizer_candidates(&a.model)))?;
+    let example = inputs::encode(&tok, &a.text, !a.no_special_tokens)?;
+    let (answer, wrong) = (crate::cmd_patch::one_token(&tok, "--answer", &a.answer)?, crate::cmd_patch::one_token(&tok, "--wrong", &a.wrong)?);
+    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
+    let lens = LogitLens::from_model(&m)?;
+    let d = m.require_description()?.clone();
+    let (ids, mask) = inputs::pad(&[&example], device);
+    let parts = Decomposition::run(&mut m, &ids, &mask, &[a.position], a.heads)?;
+    let attr = parts.direct_logit_attribution(&lens, &[Direction::Diff(answer, wrong)])?;
+    let value = |t: &tch::Tensor| t.double_value(&[0, 0]);
+    let total: f64 = attr.iter().map(|(_, t)| value(t)).sum();
+    let logits = parts.logits.get(0).get(0);
+    let model_diff = logits.double_value(&[answer]) - logits.double_value(&[wrong]);
+    let mut ranked: Vec<(&str, f64)> = attr.iter().map(|(n, t)| (n.as_str(), value(t))).collect();
+    ranked.sort_by(|x, y| y.1.abs().total_cmp(&x.1.abs()));
+    println!("direct logit attribution of logit({}) - logit({}) at position {} ({} parts; sum {total:.4}, model {model_diff:.4}):", a.answer, a.wrong, a.position, attr.len());
+    for (n, v) in ranked.iter().take(a.top) {
+        println!("  {n:<16} {v:+.4}");
+    }
+    // layers × (heads | attn) + mlp
+    let layers = d.num_hidden_layers;
+    let cols: Vec<String> = if a.heads { (0..d.num_attention_heads).map(|h| format!("H{h}")).chain(["mlp".to_string()]).collect() } else { vec!["attn".into(), "mlp".into()] };
+    let get = |name: &str| attr.iter().find(|(n, _)| n == name).map(|(_, t)| value(t)).unwrap_or(0.0);
+    let values: Vec<Vec<f64>> = (0..layers)
+        .map(|l| {
+            let mut row: Vec<f64> = if a.heads { (0..d.num_attention_heads).map(|h| get(&format!("L{l}H{h}"))).collect() } else { vec![get(&format!("L{l} attn"))] };
+            row.push(get(&format!("L{l} mlp")));
+            row
+        })
+        .collect();
+    let row_labels: Vec<String> = (0..layers).map(|l| format!("L{l}")).collect();
+    let json = serde_json::json!({
+        "model": a.model, "text": a.text, "answer": a.answer, "wrong": a.wrong, "position": a.position,
+        "tokens": example.tokens, "input_ids": example.ids,
+        "parts": attr.iter().map(|(n, t)| serde_json::json!({"name": n, "attribution": value(t)})).collect::<Vec<_>>(),
+        "sum": total, "model_logit_diff": model_diff, "residual_error": parts.residual_error()?,
+        "rows": "layer", "row_labels": row_labels, "col_labels": cols, "values": values,
+        "semantics": "each part's direct contribution to logit(answer) - logit(wrong) through the final norm with its scale frozen (TransformerLens logit_attrs); parts sum to the logit difference before any soft-capping",
+    });
+    let base = crate::cmd_patch::strip(&a.out);
+    let (json_path, png_path) = (base.with_extension("json"), base.with_extension("png"));
+    let title = format!("direct logit attribution (embed {:+.3})", get("embed"));
+    crate::heatmap::draw(&values, &row_labels, &cols, &title, &png_path)?;
+    crate::write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    println!("-> {} and {}", json_path.display(), png_path.display());
+    Ok(())
+}
