@@ -50,6 +50,8 @@ unsafe extern "C" fn callback(site: i64, x: *mut AtTensor, out: *mut *mut AtTens
     match r {
         Ok(Ok(None)) => 0,
         Ok(Ok(Some(mut new))) => {
+            // SAFETY: `out` is the shim's out-parameter, valid for this call; ownership of the
+            // tensor moves to the shim (hence the forget below).
             unsafe { *out = new.as_mut_ptr() };
             std::mem::forget(new);
             0
@@ -69,6 +71,7 @@ unsafe extern "C" fn callback(site: i64, x: *mut AtTensor, out: *mut *mut AtTens
 
 fn install_callback() {
     static ONCE: Once = Once::new();
+    // SAFETY: `callback` is an `extern "C"` function that catches every panic; set once.
     ONCE.call_once(|| unsafe { ffi::hookrs_set_callback(callback) });
 }
 
@@ -507,6 +510,8 @@ impl HookedModule {
         // SAFETY: `armed` outlives the forward; the previous table is restored right after it.
         unsafe { ffi::hookrs_set_armed(table, armed.len() as i64, &mut prev_table, &mut prev_len) };
         let out = module.forward(&ids, &mask);
+        // SAFETY: restores the table that was armed before this forward (still alive: its owner
+        // is an outer forward on this thread, or it is null).
         unsafe { ffi::hookrs_set_armed(prev_table, prev_len, &mut std::ptr::null(), &mut 0) };
         ACTIVE.with(|a| a.set(previous));
         if let Some(p) = PANIC.with(|p| p.borrow_mut().take()) {

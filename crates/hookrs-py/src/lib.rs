@@ -63,6 +63,7 @@ fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     // SAFETY: a "dltensor" capsule from torch holds an unconsumed DLManagedTensor*; renaming
     // it to "used_dltensor" tells torch's destructor it was consumed (the DLPack protocol).
     let t = unsafe { hook_torch::dlpack::from_dlpack(managed) }.map_err(torch_err)?;
+    // SAFETY: `capsule` is a live capsule object; the name is a 'static C string.
     unsafe { pyo3::ffi::PyCapsule_SetName(capsule.as_ptr(), USED_DLTENSOR.as_ptr()) };
     Ok(t)
 }

@@ -10,9 +10,17 @@ use tch::{Device, Kind, Tensor};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
+/// The workspace root (the folder holding `xtask/python/export.py`), from whichever crate
+/// includes this module.
+pub fn root() -> PathBuf {
+    let mut d = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    while !d.join("xtask/python/export.py").exists() && d.pop() {}
+    d
+}
+
 /// The path of the tiny random model of `family`, exported on first use.
 pub fn model(family: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = root();
     let dir = root.join("target/test-models");
     let path = dir.join(format!("{family}.pt"));
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -31,7 +39,7 @@ pub fn model(family: &str) -> PathBuf {
 
 /// The tiny random model of `family` exported in `dtype` (`bfloat16`, `float16`).
 pub fn model_in(family: &str, dtype: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = root();
     let path = root.join("target/test-models").join(format!("{family}@{dtype}.pt"));
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {
