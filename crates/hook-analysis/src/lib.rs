@@ -7,15 +7,18 @@
 //! |---|---|
 //! | [`lens`] | [`LogitLens`]: easyroutine's `LogitLens.compute` (logits, logit differences, accuracy of intermediate residuals through the final norm and the unembedding) |
 //! | [`attribution`] | [`Decomposition`]: the final residual split into embedding, attention (or heads) and MLP parts; direct logit attribution through the frozen final norm |
+//! | [`generate`] | [`generate()`](generate::generate): greedy and sampled decoding with interventions and steering vectors |
 //! | [`norm`] | [`FinalNorm`]: the model's final norm applied with statistics cached at extraction (`last_layernorm`) |
 //! | [`error`] | [`AnalysisError`] |
 
 pub mod attribution;
 pub mod error;
+pub mod generate;
 pub mod lens;
 pub mod norm;
 
 pub use attribution::Decomposition;
 pub use error::{AnalysisError, Result};
+pub use generate::{generate, GenerateOptions, Steering};
 pub use lens::{Direction, LogitLens, Metric};
 pub use norm::{FinalNorm, NormKind, NormStats};

@@ -15,6 +15,7 @@ mod cmd_devices;
 mod cmd_extract;
 mod cmd_extract_chunks;
 mod cmd_attribute;
+mod cmd_generate;
 mod cmd_inspect;
 mod cmd_lens;
 mod cmd_merge;
@@ -72,6 +73,9 @@ pub enum Command {
     /// Direct logit attribution of one prompt: what the embedding, each layer's attention (or
     /// head) and MLP add to logit(answer) - logit(wrong), through the frozen final norm.
     Attribute(cmd_attribute::Args),
+    /// Continue a prompt (greedy or sampled), optionally steered by a vector added to a layer's
+    /// residual stream at every generated position.
+    Generate(cmd_generate::Args),
     /// Activation patching sweep with the logit-difference metric (clean = 1, corrupted = 0).
     Patch(cmd_patch::Args),
     /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
@@ -125,6 +129,7 @@ where
         Command::Patch(a) => cmd_patch::run(a),
         Command::Lens(a) => cmd_lens::run(a),
         Command::Attribute(a) => cmd_attribute::run(a),
+        Command::Generate(a) => cmd_generate::run(a),
         Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
     };
     result.map_err(|e| Failure { code: exit_code(&e), message: format!("{e:#}"), clap: None })

@@ -34,7 +34,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn help_texts() {
-    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"], vec!["attribute", "--help"]] {
+    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"], vec!["attribute", "--help"], vec!["generate", "--help"]] {
         let o = hookrs(&cmd);
         assert!(o.status.success());
         insta::assert_snapshot!(format!("help_{}", cmd[0].trim_start_matches('-')), stdout(&o));
@@ -298,4 +298,34 @@ fn attribution_parts_sum_to_the_models_logit_difference() {
     let o = hookrs(&["attribute", "--model", s(&m), "--text", "the cat", "--answer", "mat", "--wrong", "cat", "--position", "-9", "--out", s(&prefix)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("out of range"), "{}", stderr(&o));
+}
+
+#[test]
+fn generate_greedy_sampled_and_steered() {
+    let (dir, m) = workdir();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["generate", "--model", s(&m), "--input-ids", "[5,9,12,40,7]", "--max-new-tokens", "6", "--json"];
+        args.extend_from_slice(extra);
+        let o = hookrs(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(stdout(&o).trim()).unwrap()
+    };
+    let greedy = run(&[]);
+    assert_eq!(greedy["prompt_ids"], serde_json::json!([5, 9, 12, 40, 7]));
+    assert_eq!(greedy["new_ids"].as_array().unwrap().len(), 6);
+    assert_eq!(run(&[]), greedy, "greedy is deterministic");
+    let sampled = run(&["--temperature", "1.5", "--seed", "3"]);
+    assert_eq!(run(&["--temperature", "1.5", "--seed", "3"]), sampled, "seeded");
+    let steer = dir.path().join("steer.safetensors");
+    tch::Tensor::write_safetensors(&[("v", &(tch::Tensor::ones([64], (tch::Kind::Float, tch::Device::Cpu)) * 30.0))], &steer).unwrap();
+    let steered = run(&["--steer", s(&steer), "--layer", "0"]);
+    assert_ne!(steered["new_ids"], greedy["new_ids"]);
+    let o = hookrs(&["generate", "--model", s(&m), "--input-ids", "[5,9]", "--steer", s(&steer), "--layer", "7"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("layers 0..2"), "{}", stderr(&o));
+    let o = hookrs(&["generate", "--model", s(&m), "--input-ids", "[5,9]", "--steer", s(&steer)]);
+    assert_eq!(o.status.code(), Some(2), "--steer needs --layer");
+    let o = hookrs(&["generate", "--model", s(&m), "--input-ids", "[5,999]"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("valid ids are 0..256"), "{}", stderr(&o));
 }

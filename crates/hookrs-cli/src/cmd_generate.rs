@@ -1,0 +1,108 @@
+//! `hookrs generate`: continue a prompt, greedy or sampled, optionally steered (a vector added
+//! to a layer's residual stream at every generated position).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use hook_analysis::{generate, GenerateOptions, Steering};
+
+use crate::inputs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it for --text).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long, conflicts_with = "input_ids")]
+    pub text: Option<String>,
+    /// The prompt as token ids: a JSON list (`[1,5,9]`, or `[[1,5,9]]`).
+    #[arg(long)]
+    pub input_ids: Option<String>,
+    /// How many tokens to add.
+    #[arg(long, default_value_t = 20)]
+    pub max_new_tokens: usize,
+    /// 0 (the default): greedy; otherwise sample at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probabilities reach p.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// The sampler's seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop after this token id.
+    #[arg(long)]
+    pub eos: Option<i64>,
+    /// A steering vector: a safetensors file holding one tensor of d_model values (e.g. a
+    /// difference of cached means), added to --layer's output at every generated position.
+    #[arg(long, requires = "layer")]
+    pub steer: Option<PathBuf>,
+    /// The layer whose output --steer is added to.
+    #[arg(long, requires = "steer")]
+    pub layer: Option<usize>,
+    /// Multiplies the steering vector.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub scale: f64,
+    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for example).
+    #[arg(long)]
+    pub no_special_tokens: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Run the model in this dtype (see `hookrs extract --help`).
+    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
+    pub dtype: String,
+    /// Print JSON: the prompt's and the new tokens' ids, and their text when a tokenizer is known.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = inputs::device(&a.device)?;
+    let tok = inputs::tokenizer_for(&a.model)?;
+    let prompt: Vec<i64> = match (&a.text, &a.input_ids) {
+        (Some(t), None) => {
+            let tok = tok.as_ref().with_context(|| format!("--text needs the model's tokenizer (looked for {:?}); pass --input-ids instead", inputs::tokenizer_candidates(&a.model)))?;
+            inputs::encode(tok, t, !a.no_special_tokens)?.ids
+        }
+        (None, Some(j)) => {
+            let v: serde_json::Value = serde_json::from_str(j).map_err(|e| crate::usage!("--input-ids is not a JSON list of token ids: {e} (e.g. '[1,5,9]')"))?;
+            let flat = match v {
+                serde_json::Value::Array(a) if a.len() == 1 && a[0].is_array() => a[0].clone(),
+                other => other,
+            };
+            serde_json::from_value(flat).map_err(|e| crate::usage!("--input-ids must be one prompt's token ids, e.g. '[1,5,9]': {e}"))?
+        }
+        _ => return Err(crate::usage!("give the prompt with --text or --input-ids")),
+    };
+    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
+    let vocab = m.require_description()?.vocab_size as i64;
+    if let Some(bad) = prompt.iter().find(|&&t| t < 0 || t >= vocab) {
+        anyhow::bail!("token id {bad} is out of the vocabulary: valid ids are 0..{vocab}");
+    }
+    let steering = match (&a.steer, a.layer) {
+        (Some(path), Some(layer)) => {
+            let tensors = tch::Tensor::read_safetensors(path).with_context(|| format!("reading --steer {}", path.display()))?;
+            let [(_, t)] = <[_; 1]>::try_from(tensors).map_err(|v: Vec<_>| anyhow::anyhow!("--steer {}: expected one tensor, found {}", path.display(), v.len()))?;
+            Some(Steering { layer, vector: t.flatten(0, -1).to_kind(tch::Kind::Float), scale: a.scale })
+        }
+        _ => None,
+    };
+    let o = GenerateOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, eos: a.eos };
+    let new = generate(&mut m, &prompt, &o, &[], steering.as_ref())?;
+    let decode = |ids: &[i64]| tok.as_ref().and_then(|t| t.decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).ok());
+    if a.json {
+        let v = serde_json::json!({"prompt_ids": prompt, "new_ids": new, "prompt_text": decode(&prompt), "new_text": decode(&new)});
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        match (decode(&prompt), decode(&new)) {
+            (Some(p), Some(n)) => println!("{p}[{n}]"),
+            _ => println!("{prompt:?} -> {new:?}"),
+        }
+    }
+    Ok(())
+}
