@@ -21,7 +21,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache [--secs N]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +45,8 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("bench") => bench(rest),
         Some("py") => py(),
         Some("wheel") => wheel(rest),
+        Some("soak") => soak(rest),
+        Some("fuzz") => fuzz(rest),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -62,6 +64,7 @@ fn ci() -> Result<()> {
     run(cargo().args(["test", "--workspace", "--doc", "--exclude", "hookrs-py"]))?;
     py_tests()?;
     wheel(&["--debug".to_string()])?;
+    soak(&["--forwards".to_string(), "100".to_string(), "--loads".to_string(), "10".to_string()])?;
     parity(&[])?;
     Ok(())
 }
@@ -78,6 +81,44 @@ fn py_tests() -> Result<()> {
     let root = project_root();
     run(Command::new(&python).args(["-m", "pytest", "-q", "-p", "no:cacheprovider"]).arg(root.join("crates/hookrs-py/tests")))
         .context("the Python package's tests failed (crates/hookrs-py/tests)")
+}
+
+/// `cargo xtask soak [--forwards N] [--loads N]` (defaults 10,000 and 1,000; CI runs 100 and
+/// 10): forwards with extraction, a hook and an intervention, then load/drop cycles, on the
+/// tiny llama (example `soak` of hook-torch). Prints the RSS figures; fails if a hook or an
+/// armed site is left behind.
+fn soak(args: &[String]) -> Result<()> {
+    let python = setup::setup()?;
+    let root = project_root();
+    let model = root.join("target/test-models/llama.pt");
+    if !model.exists() {
+        run(Command::new(&python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--out"]).arg(&model))?;
+    }
+    let out = cargo().args(["run", "--quiet", "-p", "hook-torch", "--example", "soak", "--"]).arg(&model).args(args).output()?;
+    if !out.status.success() {
+        bail!("the soak run failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let line = String::from_utf8(out.stdout)?;
+    println!("soak: {}", line.trim());
+    if !(line.contains("\"hooks_left\":0") && line.contains("\"armed_sites_left\":0")) {
+        bail!("the soak run left hooks or armed sites behind: {}", line.trim());
+    }
+    Ok(())
+}
+
+/// `cargo xtask fuzz TARGET [--secs N]`: the seeded mutation fuzzers for `TARGET` (`core`:
+/// token groups, component paths, head selections; `cache`: cache files and chunk manifests)
+/// for N seconds (default 60). `cargo xtask ci` runs each with its short fixed budget as part
+/// of the tests.
+fn fuzz(args: &[String]) -> Result<()> {
+    let secs = args.iter().position(|a| a == "--secs").and_then(|i| args.get(i + 1)).map(String::as_str).unwrap_or("60");
+    secs.parse::<u64>().map_err(|_| anyhow::anyhow!("--secs {secs:?}: expected a number of seconds"))?;
+    let krate = match args.first().map(String::as_str) {
+        Some("core") => "hook-core",
+        Some("cache") => "hook-cache",
+        other => bail!("fuzz target {other:?}: expected core or cache"),
+    };
+    run(cargo().args(["test", "--release", "-p", krate, "--test", "fuzz", "--", "--nocapture"]).env("HOOKRS_FUZZ_SECS", secs))
 }
 
 /// `cargo xtask wheel [--debug]`: `maturin build` of crates/hookrs-py into target/wheels (a

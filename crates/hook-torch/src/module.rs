@@ -88,6 +88,27 @@ pub fn site_calls_on_this_thread() -> u64 {
     unsafe { ffi::hookrs_point_calls() }
 }
 
+/// How many sites the shim's armed-site table of this thread covers: 0 outside a forward pass
+/// (each forward arms its sites and restores the previous table when it returns, errors
+/// included). A leak check for soak runs.
+///
+/// ```
+/// assert_eq!(hook_torch::module::armed_sites_on_this_thread(), 0);
+/// ```
+pub fn armed_sites_on_this_thread() -> usize {
+    let (mut prev, mut prev_len) = (std::ptr::null(), 0i64);
+    // SAFETY: swaps in an empty table and puts the previous one straight back.
+    unsafe {
+        ffi::hookrs_set_armed(std::ptr::null(), 0, &mut prev, &mut prev_len);
+        ffi::hookrs_set_armed(prev, prev_len, &mut std::ptr::null(), &mut 0);
+    }
+    if prev.is_null() {
+        0
+    } else {
+        prev_len as usize
+    }
+}
+
 /// Refuses a device this process cannot use, saying why.
 fn check_device(device: Device) -> Result<()> {
     if let Device::Cuda(n) = device {
@@ -352,6 +373,11 @@ impl HookedModule {
     /// Removes every hook.
     pub fn clear_hooks(&mut self) {
         self.hooks.iter_mut().for_each(Vec::clear);
+    }
+
+    /// How many hooks are attached (added with [`HookedModule::add_hook`] and not removed).
+    pub fn hook_count(&self) -> usize {
+        self.hooks.iter().map(Vec::len).sum()
     }
 
     /// Checks token ids and mask: `[batch, seq]` int64 ids below the vocabulary size, and a
