@@ -64,7 +64,7 @@ def easyroutine_worker(config_path, tokenizer, prompts, batch):
     lines = [l.strip() for l in open(prompts) if l.strip()]
     all_cache = ActivationCache()
     t = time.perf_counter()
-    n_tokens = 0
+    n_tokens = computed = 0
     with torch.no_grad():
         for s in range(0, len(lines), batch):
             enc = [tok.encode(x).ids for x in lines[s:s + batch]]
@@ -72,11 +72,39 @@ def easyroutine_worker(config_path, tokenizer, prompts, batch):
             ids = torch.tensor([[0] * (L - len(e)) + e for e in enc])
             mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
             n_tokens += sum(map(len, enc))
+            computed += L * len(enc)
             holder["c"] = ActivationCache()
             m(ids, attention_mask=mask)
             all_cache.cat(holder["c"])
     secs = time.perf_counter() - t
-    print(json.dumps({"secs": secs, "tokens": n_tokens, "keys": len(all_cache.keys())}))
+    print(json.dumps({"secs": secs, "tokens": n_tokens, "computed": computed, "keys": len(all_cache.keys())}))
+
+
+def linear_flops(config):
+    """Matmul FLOPs per computed token of the decoder layers' linear maps (q, k, v, o, gate, up,
+    down), which is what dominates the forward of the bench llama; the LM head is listed apart."""
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
+    return 2 * n * (2 * h * h + 2 * h * kv + 3 * h * i), 2 * h * config["vocab_size"]
+
+
+def sgemm_rate(config, rows=1024, reps=20):
+    """GFLOPS of this machine's torch.mm (2 threads) at the model's linear shapes: the ceiling
+    of any forward of this model here, eager or TorchScript."""
+    import torch
+    torch.set_num_threads(2)
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    mats = [(torch.randn(rows, k), torch.randn(k, n)) for k, n in shapes]
+    for a, b in mats:
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        for a, b in mats:
+            a @ b
+    secs = time.perf_counter() - t
+    return reps * sum(2 * rows * k * n for k, n in shapes) / secs / 1e9
 
 
 def main():
@@ -139,6 +167,14 @@ def main():
     print(f"| easyroutine loop (eager, hooks, ActivationCache.cat per batch; forward loop only) | {er_run['tokens']} | {er_run['secs']:.1f} | {er_tps:.0f} | {er['rss_mb']:.0f} | 1.00 |")
     tps = ours["tokens"] / ours["secs"]
     print(f"| hookrs extract, end to end (process start, read, tokenize, forward, write) | {ours['tokens']} | {ours['secs']:.1f} | {tps:.0f} | {ours['rss_mb']:.0f} | {tps / er_tps:.2f}x tokens/s, {ours['rss_mb'] / er['rss_mb']:.2f}x RSS |")
+    per_token, head = linear_flops(json.loads(Path(a.config).read_text()))
+    peak = sgemm_rate(json.loads(Path(a.config).read_text()))
+    er_rate = er_run["computed"] * (per_token + head) / er_run["secs"] / 1e9
+    our_rate = ours["tokens"] * ours["padding"] * per_token / ours["secs"] / 1e9
+    print(f"\n| compute (linear-layer matmuls) | computed tokens | GFLOP | GFLOPS | of this machine's sgemm |\n|---|---|---|---|---|\n"
+          f"| torch.mm at the model's shapes, 2 threads, same run | | | {peak:.1f} | 1.00 |\n"
+          f"| easyroutine loop (file order, LM head included) | {er_run['computed']} | {er_run['computed'] * (per_token + head) / 1e9:.0f} | {er_rate:.1f} | {er_rate / peak:.2f} |\n"
+          f"| hookrs extract (buckets, stops before the LM head), end to end | {ours['tokens'] * ours['padding']:.0f} | {ours['tokens'] * ours['padding'] * per_token / 1e9:.0f} | {our_rate:.1f} | {our_rate / peak:.2f} |")
     print(f"\n| padding (computed / real tokens) | value |\n|---|---|\n| length buckets (default) | {ours['padding']:.3f} |\n| file order (--no-sort) | {unsorted['padding']:.3f} |")
     print(f"\n| early stop: layer-1 patterns only | s | ratio |\n|---|---|---|\n| full forward (--full-forward) | {full['secs']:.1f} | 1.00 |\n| stops after layer 1 (default) | {stop['secs']:.1f} | {stop['secs'] / full['secs']:.2f}x |")
     if a.scale > 1:

@@ -42,7 +42,10 @@ pub struct Args {
     /// Run the model in this dtype (see `hookrs extract --help`).
     #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
     pub dtype: String,
-    /// Output prefix: writes PREFIX.json and PREFIX.png.
+    /// Draw the picture as SVG (PREFIX.svg) instead of PNG.
+    #[arg(long)]
+    pub svg: bool,
+    /// Output prefix: writes PREFIX.json and PREFIX.png (or .svg).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -90,9 +93,10 @@ pub fn run(a: Args) -> Result<()> {
         "semantics": "each part's direct contribution to logit(answer) - logit(wrong) through the final norm with its scale frozen (TransformerLens logit_attrs); parts sum to the logit difference before any soft-capping",
     });
     let base = crate::cmd_patch::strip(&a.out);
-    let (json_path, png_path) = (base.with_extension("json"), base.with_extension("png"));
-    let title = format!("direct logit attribution (embed {:+.3})", get("embed"));
-    crate::heatmap::draw(&values, &row_labels, &cols, &title, &png_path)?;
+    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.svg { "svg" } else { "png" }));
+    let title = format!("direct logit attribution to logit({}) - logit({}) (embedding {:+.3})", a.answer, a.wrong, get("embed"));
+    let labels = crate::heatmap::Labels { title: &title, x: "component", y: "layer", value: "logit difference", cells: None };
+    crate::heatmap::draw(&values, &row_labels, &cols, labels, &png_path)?;
     crate::write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("-> {} and {}", json_path.display(), png_path.display());
     Ok(())

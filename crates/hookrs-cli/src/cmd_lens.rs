@@ -37,7 +37,10 @@ pub struct Args {
     /// Run the model in this dtype (see `hookrs extract --help`).
     #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
     pub dtype: String,
-    /// Output prefix: writes PREFIX.json and PREFIX.png.
+    /// Draw the picture as SVG (PREFIX.svg) instead of PNG.
+    #[arg(long)]
+    pub svg: bool,
+    /// Output prefix: writes PREFIX.json and PREFIX.png (or .svg).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -112,8 +115,10 @@ pub fn run(a: Args) -> Result<()> {
         "semantics": "easyroutine LogitLens.compute: the final norm applied with the final residual's cached statistics (frozen), then the unembedding",
     });
     let base = crate::cmd_patch::strip(&a.out);
-    let (json_path, png_path) = (base.with_extension("json"), base.with_extension("png"));
-    crate::heatmap::draw(&values, &row_labels, &col_labels, &title, &png_path)?;
+    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.svg { "svg" } else { "png" }));
+    let value = if metric == "logit_diff" { "logit difference" } else { "probability" };
+    let labels = crate::heatmap::Labels { title: &title, x: "position (token)", y: "layer (resid_out)", value, cells: top.as_deref() };
+    crate::heatmap::draw(&values, &row_labels, &col_labels, labels, &png_path)?;
     crate::write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("{layers} layers x {seq} positions ({metric}) -> {} and {}", json_path.display(), png_path.display());
     Ok(())

@@ -47,7 +47,10 @@ pub struct Args {
     /// float32 export runs only in float32 (export with --dtype for half precision).
     #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
     pub dtype: String,
-    /// Output prefix: writes RESULT.json and RESULT.png.
+    /// Draw the picture as SVG (PREFIX.svg) instead of PNG.
+    #[arg(long)]
+    pub svg: bool,
+    /// Output prefix: writes RESULT.json and RESULT.png (or .svg).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -170,8 +173,11 @@ pub fn run(a: Args) -> Result<()> {
     });
     let base = strip(&a.out);
     let json_path = base.with_extension("json");
-    let png_path = base.with_extension("png");
-    crate::heatmap::draw(&values, &row_labels, &col_labels, &format!("patching {} ({} x {cols})", a.component, layers), &png_path)?;
+    let png_path = base.with_extension(if a.svg { "svg" } else { "png" });
+    let title = format!("activation patching of {}: share of the logit difference restored", a.component);
+    let x = if a.component == "heads" { "head" } else { "position (clean/corrupted token)" };
+    let labels = crate::heatmap::Labels { title: &title, x, y: "layer", value: "restored (clean = 1)", cells: None };
+    crate::heatmap::draw(&values, &row_labels, &col_labels, labels, &png_path)?;
     crate::write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("clean logit diff {ld_clean:.4}, corrupted {ld_corrupted:.4}; {layers} layers x {cols} -> {} and {}", json_path.display(), png_path.display());
     Ok(())
@@ -179,7 +185,7 @@ pub fn run(a: Args) -> Result<()> {
 
 pub(crate) fn strip(p: &Path) -> PathBuf {
     match p.extension().and_then(|e| e.to_str()) {
-        Some("json") | Some("png") => p.with_extension(""),
+        Some("json") | Some("png") | Some("svg") => p.with_extension(""),
         _ => p.to_path_buf(),
     }
 }

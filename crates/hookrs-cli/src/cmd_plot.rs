@@ -43,7 +43,16 @@ pub fn run(path: &Path, key: &str, example: i64, out: &Path) -> Result<()> {
             None => (0..n).map(|i| i.to_string()).collect(),
         }
     };
-    crate::heatmap::draw(&values, &label(r), &label(k), &format!("{key} (example {example})"), out)?;
+    let title = format!("{key} (example {example})");
+    let pattern = key.starts_with("pattern_");
+    let labels = crate::heatmap::Labels {
+        title: &title,
+        x: if pattern { "key position" } else { "column" },
+        y: if pattern { "query position" } else { "row" },
+        value: if pattern { "attention" } else { "value" },
+        cells: None,
+    };
+    crate::heatmap::draw(&values, &label(r), &label(k), labels, out)?;
     println!("{key}: {r} x {k} -> {}", out.display());
     Ok(())
 }

@@ -88,7 +88,7 @@ pub enum Command {
         /// Which example of the batch.
         #[arg(long, default_value_t = 0)]
         example: i64,
-        /// The PNG to write.
+        /// The picture to write: PNG, or SVG when the name ends in .svg.
         #[arg(long)]
         out: PathBuf,
     },
