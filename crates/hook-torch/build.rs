@@ -1,7 +1,7 @@
 //! Compiles the C++ shim (the `hookrs::point` op, the graph rewrite and the device retargeting)
 //! against the libtorch that torch-sys links (DEP_TCH_LIBTORCH_LIB, exported because torch-sys
-//! has `links = "tch"`), and links libtorch into every binary of this crate: rpath, and the
-//! CUDA backend with `--no-as-needed` (see the hook-build crate).
+//! has `links = "tch"`), and links libtorch into every binary of this crate with an rpath
+//! (see the hook-build crate; the CUDA backend is loaded at run time by `backend`).
 fn main() {
     let lib = hook_build::libtorch_lib().expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     let root = lib.parent().expect("lib/ has a parent").to_path_buf();

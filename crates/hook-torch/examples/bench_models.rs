@@ -48,11 +48,9 @@ fn main() -> anyhow::Result<()> {
         let mut v = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--device" => {
-                device = match v()?.as_str() {
-                    "cpu" => Device::Cpu,
-                    "cuda" => Device::Cuda(0),
-                    d => Device::Cuda(d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).with_context(|| format!("--device {d}: cpu, cuda or cuda:N"))?),
-                }
+                // loads the CUDA backend before libtorch's first CUDA query
+                let d = v()?;
+                device = hook_torch::backend::parse_device(&d).with_context(|| format!("--device {d}"))?;
             }
             "--batch" => batch = v()?.parse()?,
             "--seq" => seq = v()?.parse()?,

@@ -1,25 +1,155 @@
-//! Which libtorch device backends this process has, and which libraries a binary links.
+//! Which libtorch device backends this process has, and loading them when the machine has a GPU.
 //!
-//! libtorch registers its CUDA backend when `libtorch_cuda.so` is loaded. A binary whose
-//! linker dropped that library (`--as-needed`, since no symbol of it is referenced) never
-//! sees a GPU. The hook-build crate links it with `--no-as-needed`; these functions let tests
-//! and the `hookrs devices` command check that without a GPU.
+//! libtorch registers its CUDA backend when `libtorch_cuda.so` is loaded, and caches the
+//! answer the first time anything asks about CUDA. Loading that library costs about 260 MB
+//! of resident memory and a fraction of a second at start (the CUDA runtime, cuBLAS, cuDNN …
+//! come with it), which a CPU-only machine pays for nothing. So binaries do not link it; this
+//! module loads it (`dlopen`, next to the `libtorch_cpu.so` the process runs) **before
+//! `main`** when the machine has a GPU driver ([`gpu_driver_present`]), and on demand when a
+//! CUDA device is asked for ([`parse_device`], [`HookedModule::load`](crate::HookedModule::load),
+//! [`cuda_device_count`]). `HOOKRS_GPU_BACKEND=on|off` overrides the automatic choice.
+//! In Python, `import torch` has loaded it already.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// libtorch's device backend libraries, in the order they are tried.
+pub const BACKEND_LIBRARIES: &[&str] = &["libtorch_cuda.so", "libtorch_hip.so"];
+
+/// Whether this machine has a GPU driver libtorch could use: the NVIDIA device files or
+/// driver entry, WSL's GPU device, or ROCm's. Without one no CUDA or ROCm device can ever be
+/// found, so the backend is not loaded at start.
+///
+/// ```
+/// let _ = hook_torch::backend::gpu_driver_present(); // a few stat calls, never a panic
+/// ```
+pub fn gpu_driver_present() -> bool {
+    ["/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd"].iter().any(|p| Path::new(p).exists())
+}
+
+/// The folder of the `libtorch_cpu.so` this process runs (read from `/proc/self/maps`).
+fn libtorch_dir() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let line = maps.lines().find(|l| l.ends_with("/libtorch_cpu.so"))?;
+    let path = &line[line.find('/')?..];
+    Path::new(path).parent().map(Path::to_path_buf)
+}
+
+/// What [`load_gpu_backend`] did the first time (later calls return the same).
+static LOADED: Mutex<Option<Result<Option<PathBuf>, String>>> = Mutex::new(None);
+
+/// Loads libtorch's GPU backend (`libtorch_cuda.so`, or `libtorch_hip.so`) into this process,
+/// from the folder of its `libtorch_cpu.so`, once. `Ok(Some(path))`: loaded (now or before,
+/// by this function or by the dynamic loader); `Ok(None)`: this libtorch has no GPU backend
+/// (a CPU-only build); `Err`: the library is there but does not load (the loader's message).
+///
+/// Call it before anything asks libtorch about CUDA (`tch::Cuda::*`, `tch::manual_seed`):
+/// libtorch remembers the first answer. hookrs calls it wherever a CUDA device is named.
+///
+/// ```
+/// match hook_torch::backend::load_gpu_backend() {
+///     Ok(Some(lib)) => println!("GPU backend: {}", lib.display()),
+///     Ok(None) => println!("a CPU-only libtorch"),
+///     Err(e) => println!("the GPU backend does not load: {e}"),
+/// }
+/// ```
+pub fn load_gpu_backend() -> Result<Option<PathBuf>, String> {
+    let mut done = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = done.as_ref() {
+        return r.clone();
+    }
+    let r = load_now();
+    *done = Some(r.clone());
+    r
+}
+
+fn load_now() -> Result<Option<PathBuf>, String> {
+    if let Some(mapped) = mapped_backend() {
+        return Ok(Some(mapped));
+    }
+    let Some(dir) = libtorch_dir() else { return Ok(None) };
+    for name in BACKEND_LIBRARIES {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: dlopen of a path we checked exists; the handle is kept for the life of the
+        // process (libtorch's registrations point into the library). dlerror is read at once.
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            // SAFETY: dlerror returns a thread-local C string or null, read before any other dl call.
+            let msg = unsafe {
+                let e = libc::dlerror();
+                if e.is_null() { "unknown error".to_string() } else { std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned() }
+            };
+            return Err(format!("{} does not load: {msg}", path.display()));
+        }
+        return Ok(Some(path));
+    }
+    Ok(None)
+}
+
+/// The GPU backend library already mapped into this process, if any.
+fn mapped_backend() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let path = &l[l.find('/')?..];
+        BACKEND_LIBRARIES.iter().any(|b| path.ends_with(&format!("/{b}"))).then(|| PathBuf::from(path))
+    })
+}
+
+/// `HOOKRS_GPU_BACKEND`: `on` loads the GPU backend at start, `off` never at start (it still
+/// loads when a CUDA device is asked for), anything else (the default, `auto`) loads it when
+/// [`gpu_driver_present`].
+fn load_at_start() -> bool {
+    match std::env::var("HOOKRS_GPU_BACKEND").as_deref() {
+        Ok("on") | Ok("1") => true,
+        Ok("off") | Ok("0") => false,
+        _ => gpu_driver_present(),
+    }
+}
+
+extern "C" fn at_start() {
+    if load_at_start() {
+        let _ = load_gpu_backend(); // a failure is reported by `hookrs devices` and device errors
+    }
+}
+
+/// Runs [`at_start`] before `main` (and when a Python extension built on this crate loads),
+/// ahead of any CUDA query.
+#[used]
+#[link_section = ".init_array"]
+static AT_START: extern "C" fn() = at_start;
+
+/// The CUDA runtime version libtorch's CUDA hooks report (`13000` for CUDA 13.0), or `None`
+/// when libtorch answers CUDA queries with its stub: no backend, or the backend loaded only
+/// after the first CUDA query. Needs no GPU.
+///
+/// ```
+/// let _ = hook_torch::backend::cuda_runtime_version();
+/// ```
+pub fn cuda_runtime_version() -> Option<i64> {
+    // SAFETY: no arguments; the shim catches every C++ exception.
+    let v = unsafe { crate::ffi::hookrs_cuda_runtime_version() };
+    (v >= 0).then_some(v as i64)
+}
 
 /// Whether `libtorch_cuda.so` is mapped into this process (read from `/proc/self/maps`; false
 /// where that file does not exist).
 ///
 /// ```
-/// // true with a CUDA build of libtorch, false with a CPU-only one: never a panic
+/// // true once the GPU backend is loaded (at start on a machine with a GPU driver): never a panic
 /// let _ = hook_torch::backend::cuda_backend_loaded();
 /// ```
 pub fn cuda_backend_loaded() -> bool {
     std::fs::read_to_string("/proc/self/maps").map(|m| m.lines().any(|l| l.contains("libtorch_cuda"))).unwrap_or(false)
 }
 
-/// Number of CUDA devices libtorch sees (0 without a GPU or without the backend).
+/// Number of CUDA devices libtorch sees (0 without a GPU or without the backend). Loads the
+/// GPU backend first ([`load_gpu_backend`]).
 pub fn cuda_device_count() -> i64 {
+    let _ = load_gpu_backend();
     tch::Cuda::device_count()
 }
 
@@ -101,7 +231,8 @@ mod tests {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N` as a device. Whether the device is there is checked by
+/// `cpu`, `cuda` or `cuda:N` as a device; a CUDA device loads the GPU backend
+/// ([`load_gpu_backend`]). Whether the device is there is checked by
 /// [`HookedModule::load`](crate::HookedModule::load), whose error says why not.
 ///
 /// ```
@@ -112,9 +243,15 @@ mod tests {
 pub fn parse_device(s: &str) -> crate::Result<tch::Device> {
     match s {
         "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
+        "cuda" => {
+            let _ = load_gpu_backend();
+            Ok(tch::Device::Cuda(0))
+        }
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(tch::Device::Cuda(n)),
+            Some(n) => {
+                let _ = load_gpu_backend();
+                Ok(tch::Device::Cuda(n))
+            }
             None => Err(crate::TorchError::Input(format!("{s:?}: expected cpu, cuda or cuda:N"))),
         },
     }

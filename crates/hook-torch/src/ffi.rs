@@ -37,4 +37,5 @@ extern "C" {
     pub fn hookrs_host_copy(srcs: *mut *mut AtTensor, n: i64, dsts: *mut *mut AtTensor, out_handle: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_host_copy_wait(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_host_copy_free(handle: *mut c_void);
+    pub fn hookrs_cuda_runtime_version() -> std::ffi::c_long;
 }

@@ -112,12 +112,17 @@ pub fn armed_sites_on_this_thread() -> usize {
 /// Refuses a device this process cannot use, saying why.
 fn check_device(device: Device) -> Result<()> {
     if let Device::Cuda(n) = device {
+        let backend = crate::backend::load_gpu_backend();
         let count = tch::Cuda::device_count();
         if (n as i64) >= count {
             let why = if count > 0 {
                 format!("this machine has {count} CUDA device(s): use cuda:0..cuda:{}", count - 1)
+            } else if let Err(e) = backend {
+                format!("libtorch's CUDA backend does not load: {e}")
             } else if !crate::backend::cuda_backend_loaded() {
-                "libtorch's CUDA backend (libtorch_cuda.so) is not loaded in this process: this libtorch has none, or the binary was linked without it (see the hook-build crate)".to_string()
+                "this libtorch has no CUDA backend (libtorch_cuda.so): it is a CPU-only build".to_string()
+            } else if crate::backend::cuda_runtime_version().is_none() {
+                "libtorch answered a CUDA query before its CUDA backend was loaded (call hook_torch::backend::load_gpu_backend() before tch::Cuda or tch::manual_seed)".to_string()
             } else {
                 "libtorch's CUDA backend is loaded but finds no device (no GPU, or no driver): use --device cpu".to_string()
             };

@@ -11,7 +11,9 @@ use tch::Device;
 
 #[test]
 fn cuda_is_found() {
-    assert!(backend::cuda_backend_loaded(), "libtorch_cuda.so is not loaded: see the hook-build crate");
+    assert!(backend::gpu_driver_present(), "no GPU driver found (/dev/nvidiactl, /proc/driver/nvidia/version …)");
+    assert!(backend::cuda_backend_loaded(), "libtorch_cuda.so was not loaded at start: see hook_torch::backend");
+    assert!(backend::cuda_runtime_version().is_some(), "libtorch answers CUDA queries with its stub");
     assert!(tch::Cuda::is_available(), "the cuda-tests feature needs a CUDA device");
 }
 

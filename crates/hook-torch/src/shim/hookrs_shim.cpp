@@ -13,6 +13,7 @@
 #include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 
 #include <atomic>
 #include <limits>
@@ -658,6 +659,16 @@ int hookrs_dtype_constants(void* module, char** out_json, char** err) {
     *out_json = dup(dtype_constants_json(*static_cast<torch::jit::Module*>(module)));
     return 0;
   });
+}
+
+// The CUDA runtime version libtorch's CUDA hooks report (e.g. 13000), or -1 when the hooks
+// are libtorch's stub (libtorch_cuda.so was not loaded before the first CUDA query).
+long hookrs_cuda_runtime_version() {
+  try {
+    return at::detail::getCUDAHooks().versionCUDART();
+  } catch (...) {
+    return -1;
+  }
 }
 
 }  // extern "C"
