@@ -83,7 +83,26 @@ pub fn setup() -> Result<PathBuf> {
     eprintln!("setup: torch {version} at {}", torch_dir.display());
     eprintln!("setup: .libtorch -> {}", torch_dir.display());
     install_python_package(&torch_dir)?;
+    browser()?;
     Ok(python)
+}
+
+/// Debian's Chromium, for the headless test of `hookrs view`'s page: found, or installed with
+/// apt-get (root; a few hundred MB the first time).
+pub fn browser() -> Result<()> {
+    let named = std::env::var("HOOKRS_CHROMIUM").unwrap_or_default();
+    if let Some(found) = [named.as_str(), "/usr/bin/chromium", "/usr/bin/chromium-browser"].iter().find(|p| !p.is_empty() && Path::new(p).exists()) {
+        eprintln!("setup: chromium at {found}");
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian's chromium (headless browser for the `hookrs view` test)");
+    let apt = |args: &[&str]| run(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive"));
+    if apt(&["install", "-y", "-q", "chromium"]).is_err() {
+        apt(&["update", "-q"]).and_then(|_| apt(&["install", "-y", "-q", "chromium"])).context(
+            "installing chromium with apt-get failed: install Debian's `chromium` package (or set HOOKRS_CHROMIUM to a Chromium binary)",
+        )?;
+    }
+    Ok(())
 }
 
 /// `import hookrs` in the venv: builds the extension module (crates/hookrs-py), puts it next

@@ -7,14 +7,14 @@ use hook_cache::{ActivationCache, CacheValue};
 use tch::Kind;
 
 /// String tokens of example `ex`, when the cache recorded them.
-fn tokens(c: &ActivationCache, ex: usize) -> Option<Vec<String>> {
+pub(crate) fn tokens(c: &ActivationCache, ex: usize) -> Option<Vec<String>> {
     let CacheValue::Data(d) = c.get("hookrs_batches")?.inner() else { return None };
     let t = d["string_tokens"].get(ex)?.as_array()?;
     Some(t.iter().filter_map(|x| x.as_str().map(String::from)).collect())
 }
 
 /// Positions the extraction kept, when the token groups are explicit.
-fn positions(c: &ActivationCache, n_tokens: usize) -> Option<Vec<usize>> {
+pub(crate) fn positions(c: &ActivationCache, n_tokens: usize) -> Option<Vec<usize>> {
     let CacheValue::Data(d) = c.get("metadata")?.inner() else { return None };
     let groups: hook_core::TokenGroups = d["target_token_positions"].as_str()?.parse().ok()?;
     groups.resolve(n_tokens).ok().map(|r| r.flatten())

@@ -22,6 +22,7 @@ mod cmd_merge;
 mod cmd_patch;
 mod cmd_plot;
 mod cmd_sites;
+mod cmd_view;
 
 use std::path::PathBuf;
 
@@ -78,6 +79,9 @@ pub enum Command {
     Generate(cmd_generate::Args),
     /// Activation patching sweep with the logit-difference metric (clean = 1, corrupted = 0).
     Patch(cmd_patch::Args),
+    /// The attention patterns of one example as one self-contained HTML page (no network):
+    /// heads of each layer as thumbnails, a pattern grid with hover, tokens coloured by attention.
+    View(cmd_view::Args),
     /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
     Plot {
         /// The cache file or chunk directory.
@@ -130,6 +134,7 @@ where
         Command::Lens(a) => cmd_lens::run(a),
         Command::Attribute(a) => cmd_attribute::run(a),
         Command::Generate(a) => cmd_generate::run(a),
+        Command::View(a) => cmd_view::run(a),
         Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
     };
     result.map_err(|e| Failure { code: exit_code(&e), message: format!("{e:#}"), clap: None })

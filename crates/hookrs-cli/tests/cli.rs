@@ -34,7 +34,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn help_texts() {
-    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"], vec!["attribute", "--help"], vec!["generate", "--help"]] {
+    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"], vec!["attribute", "--help"], vec!["generate", "--help"], vec!["view", "--help"]] {
         let o = hookrs(&cmd);
         assert!(o.status.success());
         insta::assert_snapshot!(format!("help_{}", cmd[0].trim_start_matches('-')), stdout(&o));
