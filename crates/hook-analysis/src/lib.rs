@@ -8,6 +8,7 @@
 //! | [`lens`] | [`LogitLens`]: easyroutine's `LogitLens.compute` (logits, logit differences, accuracy of intermediate residuals through the final norm and the unembedding) |
 //! | [`attribution`] | [`Decomposition`]: the final residual split into embedding, attention (or heads) and MLP parts; direct logit attribution through the frozen final norm |
 //! | [`generate`] | [`generate()`](generate::generate): greedy and sampled decoding with interventions and steering vectors |
+//! | [`patching`] | [`patch_sweep`](patching::patch_sweep) and [`ablate_sweep`](patching::ablate_sweep): activation patching and zero/mean ablation over a prompt or a dataset, scored by the answer's log-probability over the wrong answer's (multi-token answers included) |
 //! | [`norm`] | [`FinalNorm`]: the model's final norm applied with statistics cached at extraction (`last_layernorm`) |
 //! | [`error`] | [`AnalysisError`] |
 
@@ -16,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod lens;
 pub mod norm;
+pub mod patching;
 
 pub use attribution::Decomposition;
 pub use error::{AnalysisError, Result};

@@ -1,40 +1,56 @@
-//! `hookrs patch`: an activation-patching sweep with the logit-difference metric.
+//! `hookrs patch`: activation patching sweeps over one clean/corrupted pair or a dataset of
+//! pairs (hook_analysis::patching).
 //!
-//! For every layer × position (or layer × head) the clean activation is written into the
-//! corrupted run; the score is `(ld - ld_corrupted) / (ld_clean - ld_corrupted)` with
-//! `ld = logit(answer) - logit(wrong)` at the last position: 1 = the clean behaviour is
-//! fully restored, 0 = no effect.
+//! For every layer × position (or layer × head, or layer·head × position) the clean
+//! activation is written into the corrupted run; the score is
+//! `(m - m_corrupted) / (m_clean - m_corrupted)` with `m` the answer's log-probability over the
+//! wrong answer's (the logit difference for one-token answers), averaged over the pairs:
+//! 1 = the clean behaviour is fully restored, 0 = no effect.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use hook_core::{HookContext, HookIo, TokenGroups};
-use hook_torch::{BoxedHook, ExtractionConfig, Intervention, PatchValue};
-use tch::Tensor;
+use hook_analysis::patching::{patch_sweep, Part, PatchPair};
+use serde_json::Value;
 
-use crate::inputs;
+use crate::{answers, inputs};
 
 #[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["clean", "clean_ids", "pairs"]))]
 pub struct Args {
     /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it).
     #[arg(long)]
     pub model: PathBuf,
     /// The clean prompt.
-    #[arg(long)]
-    pub clean: String,
+    #[arg(long, requires = "corrupted")]
+    pub clean: Option<String>,
     /// The corrupted prompt (same number of tokens).
+    #[arg(long, requires = "clean")]
+    pub corrupted: Option<String>,
+    /// The clean prompt as token ids, e.g. '[1,5,9]'.
+    #[arg(long, requires = "corrupted_ids")]
+    pub clean_ids: Option<String>,
+    /// The corrupted prompt as token ids.
+    #[arg(long, requires = "clean_ids")]
+    pub corrupted_ids: Option<String>,
+    /// A JSONL file of pairs, one per line: {"clean": …, "corrupted": …, "answer": …, "wrong": …}
+    /// (each a text or a list of token ids; answer and wrong default to --answer/--wrong).
+    /// Scores are averaged over the pairs, as easyroutine's compute_patching averages.
     #[arg(long)]
-    pub corrupted: String,
-    /// The answer token (one token).
+    pub pairs: Option<PathBuf>,
+    /// The answer: one token or several (then the metric sums their log-probabilities).
     #[arg(long)]
-    pub answer: String,
-    /// The wrong-answer token (one token).
+    pub answer: Option<String>,
+    /// The wrong answer: one token or several.
     #[arg(long)]
-    pub wrong: String,
-    /// What to patch: layers × positions of resid_out, attn_out or mlp_out, or layers × heads.
-    #[arg(long, default_value = "resid_out", value_parser = ["resid_out", "attn_out", "mlp_out", "heads"])]
+    pub wrong: Option<String>,
+    /// What to patch: layers × positions of resid_out, attn_out or mlp_out; layers × heads
+    /// (the chosen positions at once); or heads_by_position (layer·head × positions).
+    #[arg(long, default_value = "resid_out", value_parser = ["resid_out", "attn_out", "mlp_out", "heads", "heads_by_position"])]
     pub component: String,
+    /// Which positions: all, last, or a list such as 0,3,-1 (negative from the end).
+    #[arg(long, default_value = "all")]
+    pub positions: String,
     /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for
     /// example); by default they are added, as `tokenizer(text)` does in transformers.
     #[arg(long)]
@@ -63,123 +79,112 @@ pub(crate) fn one_token(tok: &tokenizers::Tokenizer, flag: &str, s: &str) -> Res
     Ok(e.ids[0])
 }
 
-fn logit_diff(logits: &Tensor, answer: i64, wrong: i64) -> f64 {
-    let last = logits.get(0).get(-1);
-    last.double_value(&[answer]) - last.double_value(&[wrong])
+/// One pair as read: the ids, and the clean and corrupted string tokens for labels.
+struct ReadPair {
+    pair: PatchPair,
+    clean_tokens: Option<Vec<String>>,
+    corrupted_tokens: Option<Vec<String>>,
+}
+
+fn read_pairs(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<ReadPair>> {
+    let special = !a.no_special_tokens;
+    let answer = |obj: Option<&Value>, flag: &str, given: &Option<String>, at: &str| -> Result<Vec<i64>> {
+        let v = match (obj, given) {
+            (Some(v), _) => v.clone(),
+            (None, Some(s)) => Value::String(s.clone()),
+            (None, None) if a.pairs.is_some() => bail!("{at}no \"{}\": put it in each line or give {flag}", &flag[2..]),
+            (None, None) => return Err(crate::usage!("patch needs {flag} (text: one or more tokens)")),
+        };
+        Ok(answers::tokens_of(tok, &v, false, &format!("{at}{flag}"))?.ids)
+    };
+    let one = |clean: &Value, corrupted: &Value, ans: Option<&Value>, wrong: Option<&Value>, at: &str| -> Result<ReadPair> {
+        let c = answers::tokens_of(tok, clean, special, &format!("{at}clean"))?;
+        let x = answers::tokens_of(tok, corrupted, special, &format!("{at}corrupted"))?;
+        if c.ids.len() != x.ids.len() {
+            bail!(
+                "{at}the clean prompt has {} tokens and the corrupted one {}: activation patching needs prompts of one length ({:?} vs {:?})",
+                c.ids.len(),
+                x.ids.len(),
+                c.tokens.unwrap_or_default(),
+                x.tokens.unwrap_or_default()
+            );
+        }
+        let pair = PatchPair { clean: c.ids, corrupted: x.ids, answer: answer(ans, "--answer", &a.answer, at)?, wrong: answer(wrong, "--wrong", &a.wrong, at)? };
+        Ok(ReadPair { pair, clean_tokens: c.tokens, corrupted_tokens: x.tokens })
+    };
+    if let Some(path) = &a.pairs {
+        return answers::jsonl(path)?
+            .into_iter()
+            .map(|(line, o)| {
+                let at = format!("{}:{line}: ", path.display());
+                let get = |k: &str| o.get(k).with_context(|| format!("{at}no \"{k}\" (each line: {{\"clean\": …, \"corrupted\": …, \"answer\": …, \"wrong\": …}})"));
+                one(get("clean")?, get("corrupted")?, o.get("answer"), o.get("wrong"), &at)
+            })
+            .collect();
+    }
+    let (clean, corrupted) = match (&a.clean, &a.corrupted, &a.clean_ids, &a.corrupted_ids) {
+        (Some(c), Some(x), None, None) => (Value::String(c.clone()), Value::String(x.clone())),
+        (None, None, Some(c), Some(x)) => (answers::ids_flag("--clean-ids", c)?, answers::ids_flag("--corrupted-ids", x)?),
+        _ => return Err(crate::usage!("give the pair as --clean/--corrupted (text) or --clean-ids/--corrupted-ids (token ids), not both")),
+    };
+    Ok(vec![one(&clean, &corrupted, None, None, "")?])
 }
 
 pub fn run(a: Args) -> Result<()> {
     let device = inputs::device(&a.device)?;
-    let tok = inputs::tokenizer_for(&a.model)?.with_context(|| {
-        format!("patch needs the model's tokenizer (looked for {:?})", inputs::tokenizer_candidates(&a.model))
-    })?;
-    let clean = inputs::encode(&tok, &a.clean, !a.no_special_tokens)?;
-    let corrupted = inputs::encode(&tok, &a.corrupted, !a.no_special_tokens)?;
-    if clean.ids.len() != corrupted.ids.len() {
-        bail!(
-            "--clean has {} tokens and --corrupted {}: activation patching needs prompts of one length ({:?} vs {:?})",
-            clean.ids.len(),
-            corrupted.ids.len(),
-            clean.tokens.unwrap_or_default(),
-            corrupted.tokens.unwrap_or_default()
-        );
-    }
-    let (answer, wrong) = (one_token(&tok, "--answer", &a.answer)?, one_token(&tok, "--wrong", &a.wrong)?);
+    let positions = answers::positions(&a.positions)?;
+    let tok = inputs::tokenizer_for(&a.model)?;
+    let read = read_pairs(&a, tok.as_ref())?;
     let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
-    let d = m.require_description()?.clone();
-    let (c_ids, c_mask) = inputs::pad(&[&clean], device);
-    let (x_ids, x_mask) = inputs::pad(&[&corrupted], device);
-    let s = clean.ids.len();
-    let ld_clean = logit_diff(&tch::no_grad(|| m.forward(&c_ids, &c_mask))?, answer, wrong);
-    let ld_corrupted = logit_diff(&tch::no_grad(|| m.forward(&x_ids, &x_mask))?, answer, wrong);
-    if (ld_clean - ld_corrupted).abs() < 1e-9 {
-        bail!("the clean and corrupted prompts give the same logit difference ({ld_clean:.4}): there is nothing to restore");
-    }
-    let score = |ld: f64| (ld - ld_corrupted) / (ld_clean - ld_corrupted);
-    let layers = d.num_hidden_layers;
-    let mut values = vec![];
-    let (cols, col_labels): (usize, Vec<String>);
-    if a.component == "heads" {
-        // clean per-head outputs: the input of o_proj
-        let slots: Vec<Arc<Mutex<Option<Tensor>>>> = (0..layers).map(|_| Arc::new(Mutex::new(None))).collect();
-        let hooks = (0..layers)
-            .map(|l| {
-                let slot = slots[l].clone();
-                let hook: BoxedHook = Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(io.main_tensor()?.copy());
-                    Ok(None)
-                });
-                Ok((d.component("attn_o_proj_input_hook_name", l)?, hook))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let _ = tch::no_grad(|| m.run_with_hooks(&c_ids, &c_mask, hooks))?;
-        let nh = d.num_attention_heads;
-        for l in 0..layers {
-            let clean_l = slots[l].lock().unwrap_or_else(|e| e.into_inner()).take().context("o_proj did not fire")?;
-            let per_head = clean_l.view([1, s as i64, nh as i64, d.head_dim as i64]);
-            let mut row = vec![];
-            for h in 0..nh {
-                let iv = Intervention::QueryKeyValue {
-                    component: d.component("attn_o_proj_input_hook_name", l)?,
-                    positions: (0..s as i64).collect(),
-                    head: h,
-                    patch: PatchValue::Values(per_head.select(2, h as i64)),
-                };
-                row.push(score(logit_diff(&m.run_with_interventions(&x_ids, &x_mask, &[iv])?, answer, wrong)));
-            }
-            values.push(row);
+    let (part, each_position) = match a.component.as_str() {
+        "attn_out" => (Part::Attn, true),
+        "mlp_out" => (Part::Mlp, true),
+        "heads" => (Part::Heads, false),
+        "heads_by_position" => (Part::Heads, true),
+        _ => (Part::Resid, true),
+    };
+    let pairs: Vec<PatchPair> = read.iter().map(|r| r.pair.clone()).collect();
+    let grid = patch_sweep(&mut m, &pairs, part, &positions, each_position)?;
+    let one_token = pairs.iter().all(|p| p.answer.len() == 1 && p.wrong.len() == 1);
+    let values = grid.score();
+    // token labels when there is one pair
+    let mut col_labels = grid.cols.clone();
+    if each_position && read.len() == 1 {
+        if let (Some(c), Some(x)) = (&read[0].clean_tokens, &read[0].corrupted_tokens) {
+            let at = positions.resolve(c.len())?;
+            col_labels = at.iter().map(|&p| (&c[p as usize], &x[p as usize])).map(|(c, x)| if c == x { c.clone() } else { format!("{c}/{x}") }).collect();
         }
-        cols = nh;
-        col_labels = (0..nh).map(|h| format!("H{h}")).collect();
-    } else {
-        let (template, flag) = match a.component.as_str() {
-            "attn_out" => ("attn_out_hook_name", "attn_out"),
-            "mlp_out" => ("mlp_out_hook_name", "mlp_out"),
-            _ => ("residual_stream_hook_name", "resid_out"),
-        };
-        let cfg = ExtractionConfig { save_logits: false, ..ExtractionConfig::default().with_flags(&[flag])? };
-        let (_, cache) = m.run_with_cache(&c_ids, &c_mask, &TokenGroups::all(s)?, &cfg)?;
-        for l in 0..layers {
-            let key = format!("{flag}_{l}");
-            let clean_l = cache.tensor(&key)?;
-            let mut row = vec![];
-            for p in 0..s as i64 {
-                let iv = Intervention::Resid {
-                    component: d.component(template, l)?,
-                    positions: vec![p],
-                    patch: PatchValue::Values(clean_l.narrow(1, p, 1)),
-                };
-                row.push(score(logit_diff(&m.run_with_interventions(&x_ids, &x_mask, &[iv])?, answer, wrong)));
-            }
-            values.push(row);
-        }
-        cols = s;
-        col_labels = clean
-            .tokens
-            .clone()
-            .unwrap_or_default()
-            .iter()
-            .zip(corrupted.tokens.clone().unwrap_or_default())
-            .map(|(c, x)| if *c == x { c.clone() } else { format!("{c}/{x}") })
-            .collect();
     }
-    let row_labels: Vec<String> = (0..layers).map(|l| format!("L{l}")).collect();
+    let corrupted = grid.corrupted.unwrap_or(f64::NAN);
     let json = serde_json::json!({
-        "component": a.component, "rows": "layer", "cols": if a.component == "heads" { "head" } else { "position" },
-        "row_labels": row_labels, "col_labels": col_labels, "values": values,
-        "clean_logit_diff": ld_clean, "corrupted_logit_diff": ld_corrupted,
-        "metric": "(ld - ld_corrupted) / (ld_clean - ld_corrupted), ld = logit(answer) - logit(wrong) at the last position",
+        "component": a.component, "positions": a.positions,
+        "rows": if part == Part::Heads && each_position { "layer.head" } else { "layer" },
+        "cols": if part == Part::Heads && !each_position { "head" } else { "position" },
+        "row_labels": grid.rows, "col_labels": col_labels, "values": values, "metric_means": grid.values,
+        "clean_metric": grid.clean, "corrupted_metric": corrupted, "clean_each": grid.clean_each, "corrupted_each": grid.corrupted_each,
+        "pairs": pairs.len(), "score": "(m - m_corrupted) / (m_clean - m_corrupted), on the metric averaged over the pairs",
+        "metric": answers::METRIC,
         "answer": a.answer, "wrong": a.wrong, "clean": a.clean, "corrupted": a.corrupted,
     });
     let base = strip(&a.out);
     let json_path = base.with_extension("json");
     let png_path = base.with_extension(if a.svg { "svg" } else { "png" });
-    let title = format!("activation patching of {}: share of the logit difference restored", a.component);
-    let x = if a.component == "heads" { "head" } else { "position (clean/corrupted token)" };
-    let labels = crate::heatmap::Labels { title: &title, x, y: "layer", value: "restored (clean = 1)", cells: None };
-    crate::heatmap::draw(&values, &row_labels, &col_labels, labels, &png_path)?;
+    let over = if pairs.len() > 1 { format!(", mean of {} pairs", pairs.len()) } else { String::new() };
+    let title = format!("activation patching of {}: share of the {} restored{over}", a.component, answers::metric_name(one_token));
+    let x = if part == Part::Heads && !each_position { "head" } else if read.len() == 1 { "position (clean/corrupted token)" } else { "position" };
+    let y = if part == Part::Heads && each_position { "layer and head" } else { "layer" };
+    let labels = crate::heatmap::Labels { title: &title, x, y, value: "restored (clean = 1)", cells: None };
+    crate::heatmap::draw(&values, &grid.rows, &col_labels, labels, &png_path)?;
     crate::write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
-    println!("clean logit diff {ld_clean:.4}, corrupted {ld_corrupted:.4}; {layers} layers x {cols} -> {} and {}", json_path.display(), png_path.display());
+    println!(
+        "clean {name} {:.4}, corrupted {corrupted:.4}{over}; {} x {} -> {} and {}",
+        grid.clean,
+        grid.rows.len(),
+        grid.cols.len(),
+        json_path.display(),
+        png_path.display(),
+        name = answers::metric_name(one_token)
+    );
     Ok(())
 }
 

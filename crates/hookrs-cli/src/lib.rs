@@ -9,8 +9,10 @@
 //! to a temporary file renamed at the end).
 
 pub mod progress;
+mod answers;
 mod heatmap;
 mod inputs;
+mod cmd_ablate;
 mod cmd_devices;
 mod cmd_extract;
 mod cmd_extract_chunks;
@@ -77,8 +79,12 @@ pub enum Command {
     /// Continue a prompt (greedy or sampled), optionally steered by a vector added to a layer's
     /// residual stream at every generated position.
     Generate(cmd_generate::Args),
-    /// Activation patching sweep with the logit-difference metric (clean = 1, corrupted = 0).
+    /// Activation patching sweep over a clean/corrupted pair or a JSONL dataset of pairs, scored
+    /// by the answer's log-probability over the wrong answer's (clean = 1, corrupted = 0).
     Patch(cmd_patch::Args),
+    /// Zero or mean ablation of each layer's attention, MLP, whole layer or each head, over a
+    /// prompt or a JSONL dataset, scored like patch (the change of the metric).
+    Ablate(cmd_ablate::Args),
     /// The attention patterns of one example as one self-contained HTML page (no network):
     /// heads of each layer as thumbnails, a pattern grid with hover, tokens coloured by attention.
     View(cmd_view::Args),
@@ -131,6 +137,7 @@ where
         Command::Inspect { cache } => cmd_inspect::run(&cache),
         Command::Merge { out, inputs } => cmd_merge::run(&out, &inputs),
         Command::Patch(a) => cmd_patch::run(a),
+        Command::Ablate(a) => cmd_ablate::run(a),
         Command::Lens(a) => cmd_lens::run(a),
         Command::Attribute(a) => cmd_attribute::run(a),
         Command::Generate(a) => cmd_generate::run(a),

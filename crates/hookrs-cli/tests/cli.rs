@@ -34,7 +34,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn help_texts() {
-    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"], vec!["attribute", "--help"], vec!["generate", "--help"], vec!["view", "--help"]] {
+    for cmd in [vec!["--help"], vec!["extract", "--help"], vec!["patch", "--help"], vec!["lens", "--help"], vec!["attribute", "--help"], vec!["generate", "--help"], vec!["view", "--help"], vec!["ablate", "--help"]] {
         let o = hookrs(&cmd);
         assert!(o.status.success());
         insta::assert_snapshot!(format!("help_{}", cmd[0].trim_start_matches('-')), stdout(&o));
@@ -93,6 +93,56 @@ fn patch_writes_json_and_png() {
 }
 
 #[test]
+fn patch_over_a_dataset_of_pairs_and_ablate_write_their_grids() {
+    let (dir, m) = workdir();
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"clean\": \"mary gave a drink to john\", \"corrupted\": \"john gave a drink to john\", \"answer\": \"mary\", \"wrong\": \"john\"}\n\
+         {\"clean\": [1, 5, 9, 12, 7, 8], \"corrupted\": [1, 6, 9, 12, 7, 8], \"answer\": [20, 30], \"wrong\": [21]}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("d");
+    let o = hookrs(&["patch", "--model", s(&m), "--pairs", s(&pairs), "--component", "heads_by_position", "--positions", "0,-1", "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("mean of 2 pairs"), "{}", stdout(&o));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(j["row_labels"].as_array().unwrap().len(), 2 * 4);
+    assert_eq!(j["col_labels"], serde_json::json!(["p0", "p-1"]));
+    assert_eq!(j["clean_each"].as_array().unwrap().len(), 2);
+    // a bad line names its file and line; a pair of two lengths is refused
+    std::fs::write(&pairs, "{\"clean\": [1, 2], \"corrupted\": [1, 3], \"answer\": [5], \"wrong\": [6]}\n{\"clean\": [1, 2]}\n").unwrap();
+    let o = hookrs(&["patch", "--model", s(&m), "--pairs", s(&pairs), "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("pairs.jsonl:2: no \"corrupted\""), "{}", stderr(&o));
+    let o = hookrs(&["patch", "--model", s(&m), "--clean-ids", "[1,2,3]", "--corrupted-ids", "[1,2]", "--answer", "mary", "--wrong", "john", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("needs prompts of one length"), "{}", stderr(&o));
+    let o = hookrs(&["patch", "--model", s(&m), "--clean-ids", "[1,2", "--corrupted-ids", "[1,2]", "--answer", "mary", "--wrong", "john", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = hookrs(&["patch", "--model", s(&m), "--clean", "a b", "--corrupted", "a c", "--answer", "mary", "--wrong", "john", "--positions", "first", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    // ablation: zero and mean, one prompt or a file
+    let ab = dir.path().join("ab");
+    let o = hookrs(&["ablate", "--model", s(&m), "--text", "mary gave a drink to john", "--answer", "mary", "--wrong", "john", "--component", "attn_out,mlp_out,layer,heads", "--out", s(&ab)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ab.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(j["col_labels"], serde_json::json!(["attn_out", "mlp_out", "layer", "H0", "H1", "H2", "H3"]));
+    assert!(ab.with_extension("png").exists());
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"text\": \"mary gave a drink to john\", \"answer\": \"mary\", \"wrong\": \"john\"}\n{\"ids\": [1, 5, 9], \"answer\": [20], \"wrong\": [21]}\n").unwrap();
+    let o = hookrs(&["ablate", "--model", s(&m), "--prompts", s(&prompts), "--mode", "mean", "--positions", "last", "--svg", "--out", s(&ab)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(ab.with_extension("svg").exists());
+    let o = hookrs(&["ablate", "--model", s(&m), "--text", "mary", "--out", s(&ab)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("ablate needs --answer"), "{}", stderr(&o));
+    let o = hookrs(&["ablate", "--model", s(&m), "--text", "mary", "--answer", "a", "--wrong", "b", "--component", "resid_out", "--out", s(&ab)]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
 fn errors_say_what_is_wrong_and_exit_1_at_runtime_or_2_for_usage() {
     let (dir, m) = workdir();
     let out = dir.path().join("never.safetensors");
@@ -135,7 +185,7 @@ fn errors_say_what_is_wrong_and_exit_1_at_runtime_or_2_for_usage() {
     assert!(stderr(&o).contains("--text needs a tokenizer") && stderr(&o).contains("use --input-ids") || stderr(&o).contains("pass token ids with --input-ids"), "{}", stderr(&o));
     let o = hookrs(&["patch", "--model", s(&m), "--clean", "a", "--corrupted", "b", "--answer", "a", "--wrong", "b", "--component", "neurons", "--out", "x"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("[possible values: resid_out, attn_out, mlp_out, heads]"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("[possible values: resid_out, attn_out, mlp_out, heads, heads_by_position]"), "{}", stderr(&o));
 }
 
 #[test]

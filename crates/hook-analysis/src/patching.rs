@@ -1,0 +1,454 @@
+//! Activation patching and ablation sweeps over one prompt or a dataset, scored by how much
+//! the model prefers an answer over a wrong answer.
+//!
+//! The metric of a run is `Σ log p(answer) − Σ log p(wrong)`: the log-probabilities of each
+//! continuation's tokens given the prompt (and the continuation's earlier tokens, teacher
+//! forced). For one-token answers that is `logit(answer) − logit(wrong)` at the last position,
+//! easyroutine's and TransformerLens's logit difference. Over a dataset the metric is averaged,
+//! as easyroutine's `compute_patching` averages its logit differences over the batch.
+//!
+//! * [`patch_sweep`]: for each layer × position (or layer × head, or layer·head × position) the
+//!   clean run's activation is written into the corrupted run; [`Grid::score`] normalises the
+//!   mean metric to `(m − corrupted) / (clean − corrupted)`: 1 restores the clean behaviour.
+//! * [`ablate_sweep`]: each layer's attention, MLP, whole block or each head is zeroed or set
+//!   to its mean over the dataset's tokens at the chosen positions; the grid holds the mean
+//!   metric, to compare with [`Grid::clean`].
+//!
+//! ```no_run
+//! use hook_analysis::patching::{patch_sweep, Part, PatchPair, Positions};
+//! use hook_torch::HookedModule;
+//!
+//! let mut m = HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
+//! let pairs = [PatchPair { clean: vec![1, 5, 9, 7], corrupted: vec![1, 5, 8, 7], answer: vec![9], wrong: vec![8] }];
+//! let grid = patch_sweep(&mut m, &pairs, Part::Resid, &Positions::All, true).unwrap();
+//! println!("{:?}", grid.score());      // layers x positions, 1 = clean behaviour restored
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use hook_core::{HookContext, HookIo, TokenGroups};
+use hook_torch::{BoxedHook, ExtractionConfig, HookedModule, Intervention, ModelDescription, PatchValue};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{AnalysisError, Result};
+
+/// A prompt and the two continuations its metric compares (token ids).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prompt {
+    /// The prompt.
+    pub ids: Vec<i64>,
+    /// The continuation the model should prefer (one or more tokens).
+    pub answer: Vec<i64>,
+    /// The continuation it should not.
+    pub wrong: Vec<i64>,
+}
+
+/// A clean and a corrupted prompt of one length, with the answer and wrong answer of the clean
+/// prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PatchPair {
+    /// The clean prompt: where the activations come from.
+    pub clean: Vec<i64>,
+    /// The corrupted prompt: where they are written.
+    pub corrupted: Vec<i64>,
+    /// The clean prompt's answer.
+    pub answer: Vec<i64>,
+    /// The wrong answer (often the corrupted prompt's answer).
+    pub wrong: Vec<i64>,
+}
+
+/// What a sweep patches or ablates, per layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// The residual stream after the layer (`resid_out`).
+    Resid,
+    /// The attention block's output (`attn_out`).
+    Attn,
+    /// The MLP's output (`mlp_out`).
+    Mlp,
+    /// Attention and MLP outputs together: the whole layer (ablation only).
+    Layer,
+    /// Each head's output, before the output projection (`attn_o_proj_input`).
+    Heads,
+}
+
+impl Part {
+    /// The name the CLI and the JSON use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Resid => "resid_out",
+            Part::Attn => "attn_out",
+            Part::Mlp => "mlp_out",
+            Part::Layer => "layer",
+            Part::Heads => "heads",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            Part::Resid => "residual_stream_hook_name",
+            Part::Attn => "attn_out_hook_name",
+            Part::Mlp => "mlp_out_hook_name",
+            Part::Heads => "attn_o_proj_input_hook_name",
+            Part::Layer => unreachable!("a layer is its attention and MLP parts"),
+        }
+    }
+}
+
+/// Which token positions a sweep touches.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Positions {
+    /// Every position of the prompt.
+    All,
+    /// These positions (negative from the end of each prompt).
+    These(Vec<i64>),
+}
+
+impl Positions {
+    /// The positions in a prompt of `len` tokens, as indices from its start.
+    ///
+    /// ```
+    /// use hook_analysis::patching::Positions;
+    /// assert_eq!(Positions::These(vec![0, -1]).resolve(5).unwrap(), vec![0, 4]);
+    /// assert!(Positions::These(vec![7]).resolve(5).is_err());
+    /// ```
+    pub fn resolve(&self, len: usize) -> Result<Vec<i64>> {
+        match self {
+            Positions::All => Ok((0..len as i64).collect()),
+            Positions::These(ps) => ps
+                .iter()
+                .map(|&p| {
+                    let q = if p < 0 { p + len as i64 } else { p };
+                    if (0..len as i64).contains(&q) {
+                        Ok(q)
+                    } else {
+                        Err(AnalysisError::Input(format!("position {p} is outside a prompt of {len} tokens (0..{len}, or -{len}..-1 from the end)")))
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A sweep's result: the mean metric per cell, with the unpatched means to compare with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grid {
+    /// Row names (`L0`, or `L0H1` for heads by position).
+    pub rows: Vec<String>,
+    /// Column names (`H0`, `attn_out`, or positions as `p3`).
+    pub cols: Vec<String>,
+    /// The metric averaged over the dataset, rows × cols.
+    pub values: Vec<Vec<f64>>,
+    /// The mean metric of the clean (unpatched, unablated) runs.
+    pub clean: f64,
+    /// The mean metric of the corrupted runs (patching only).
+    pub corrupted: Option<f64>,
+    /// The clean metric of each prompt or pair, in order.
+    pub clean_each: Vec<f64>,
+    /// The corrupted metric of each pair (patching only).
+    pub corrupted_each: Vec<f64>,
+}
+
+impl Grid {
+    /// Patching: `(m − corrupted) / (clean − corrupted)` per cell (1 = clean behaviour
+    /// restored, 0 = no effect). Ablation: `m − clean` (the change the ablation causes).
+    pub fn score(&self) -> Vec<Vec<f64>> {
+        let f = |m: f64| match self.corrupted {
+            Some(x) => (m - x) / (self.clean - x),
+            None => m - self.clean,
+        };
+        self.values.iter().map(|r| r.iter().map(|&m| f(m)).collect()).collect()
+    }
+}
+
+fn ids_tensor(ids: &[i64], device: Device) -> (Tensor, Tensor) {
+    let t = Tensor::from_slice(ids).view([1, ids.len() as i64]).to_device(device);
+    let mask = Tensor::ones([1, ids.len() as i64], (Kind::Int64, device));
+    (t, mask)
+}
+
+/// `Σ log p(answer) − Σ log p(wrong)` after `prompt`, with `interventions` active (their
+/// positions index the prompt; the continuations are appended after it).
+///
+/// ```no_run
+/// # let mut m = hook_torch::HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
+/// let ld = hook_analysis::patching::answer_metric(&mut m, &[1, 5, 9], &[7], &[8], &[]).unwrap();
+/// ```
+pub fn answer_metric(m: &mut HookedModule, prompt: &[i64], answer: &[i64], wrong: &[i64], interventions: &[Intervention]) -> Result<f64> {
+    if prompt.is_empty() || answer.is_empty() || wrong.is_empty() {
+        return Err(AnalysisError::Input("the prompt, the answer and the wrong answer each need at least one token".into()));
+    }
+    let device = m.device();
+    let run = |m: &mut HookedModule, ids: &[i64]| -> Result<Tensor> {
+        let (t, mask) = ids_tensor(ids, device);
+        Ok(tch::no_grad(|| if interventions.is_empty() { m.forward(&t, &mask) } else { m.run_with_interventions(&t, &mask, interventions) })?)
+    };
+    if answer.len() == 1 && wrong.len() == 1 {
+        let last = run(m, prompt)?.get(0).get(-1).to_kind(Kind::Double);
+        return Ok(last.double_value(&[answer[0]]) - last.double_value(&[wrong[0]]));
+    }
+    let mut total = [0.0; 2];
+    for (i, cont) in [answer, wrong].into_iter().enumerate() {
+        let ids: Vec<i64> = prompt.iter().chain(&cont[..cont.len() - 1]).copied().collect();
+        let logits = run(m, &ids)?.get(0).to_kind(Kind::Double);
+        let lp = logits.narrow(0, prompt.len() as i64 - 1, cont.len() as i64).log_softmax(-1, Kind::Double);
+        let picked = lp.gather(1, &Tensor::from_slice(cont).view([-1, 1]).to_device(device), false);
+        total[i] = picked.sum(Kind::Double).double_value(&[]);
+    }
+    Ok(total[0] - total[1])
+}
+
+/// Each head's output (the input of the attention's output projection) of every layer, as
+/// `[1, seq, heads, head_dim]`.
+fn head_outputs(m: &mut HookedModule, d: &ModelDescription, ids: &[i64]) -> Result<Vec<Tensor>> {
+    let layers = d.num_hidden_layers;
+    let slots: Vec<Arc<Mutex<Option<Tensor>>>> = (0..layers).map(|_| Arc::new(Mutex::new(None))).collect();
+    let hooks = (0..layers)
+        .map(|l| {
+            let slot = slots[l].clone();
+            let hook: BoxedHook = Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(io.main_tensor()?.copy());
+                Ok(None)
+            });
+            Ok((d.component(Part::Heads.template(), l)?, hook))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (t, mask) = ids_tensor(ids, m.device());
+    let _ = tch::no_grad(|| m.run_with_hooks(&t, &mask, hooks))?;
+    let (nh, hd) = (d.num_attention_heads as i64, d.head_dim as i64);
+    slots
+        .iter()
+        .map(|s| {
+            let t = s.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let t = t.ok_or_else(|| AnalysisError::Input("the attention output projection did not run".into()))?;
+            Ok(t.view([1, ids.len() as i64, nh, hd]))
+        })
+        .collect()
+}
+
+/// The outputs of `part` (not heads) of every layer, `[1, seq, d]`.
+fn part_outputs(m: &mut HookedModule, part: Part, ids: &[i64]) -> Result<Vec<Tensor>> {
+    let d = m.require_description()?.clone();
+    let cfg = ExtractionConfig { save_logits: false, ..ExtractionConfig::default().with_flags(&[part.name()])? };
+    let (t, mask) = ids_tensor(ids, m.device());
+    let all = TokenGroups::all(ids.len()).map_err(|e| AnalysisError::Input(e.to_string()))?;
+    let (_, cache) = m.run_with_cache(&t, &mask, &all, &cfg)?;
+    (0..d.num_hidden_layers)
+        .map(|l| Ok(cache.tensor(&format!("{}_{l}", part.name())).map_err(|e| AnalysisError::Cache(e.to_string()))?.shallow_clone()))
+        .collect()
+}
+
+fn check_pair(p: &PatchPair, i: usize) -> Result<()> {
+    if p.clean.len() != p.corrupted.len() {
+        return Err(AnalysisError::Input(format!(
+            "pair {i}: the clean prompt has {} tokens and the corrupted one {}: activation patching needs prompts of one length",
+            p.clean.len(),
+            p.corrupted.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Activation patching over `pairs`: the clean activations of `part` written into the
+/// corrupted runs, one cell at a time, the metric averaged over the pairs.
+///
+/// * [`Part::Resid`], [`Part::Attn`], [`Part::Mlp`]: layers × each position of `positions`.
+/// * [`Part::Heads`]: layers × heads with `positions` patched at once, or with
+///   `each_position`, layer·head × each position.
+///
+/// With `each_position` and [`Positions::All`] every pair must have the same length (the
+/// columns are positions); negative positions (`-1` = the last) work across lengths.
+pub fn patch_sweep(m: &mut HookedModule, pairs: &[PatchPair], part: Part, positions: &Positions, each_position: bool) -> Result<Grid> {
+    if pairs.is_empty() {
+        return Err(AnalysisError::Input("no pairs to patch".into()));
+    }
+    if part == Part::Layer {
+        return Err(AnalysisError::Input("patching takes resid_out, attn_out, mlp_out or heads (a whole layer is resid_out)".into()));
+    }
+    let each_position = each_position || part != Part::Heads;
+    for (i, p) in pairs.iter().enumerate() {
+        check_pair(p, i)?;
+    }
+    let cols_per_pair: Vec<Vec<i64>> = pairs.iter().map(|p| positions.resolve(p.clean.len())).collect::<Result<_>>()?;
+    if each_position && cols_per_pair.iter().any(|c| c.len() != cols_per_pair[0].len()) {
+        return Err(AnalysisError::Input(format!(
+            "the pairs have different lengths ({:?} tokens): patch every position only on pairs of one length, or choose positions (e.g. -1 for the last)",
+            pairs.iter().map(|p| p.clean.len()).collect::<Vec<_>>()
+        )));
+    }
+    let d = m.require_description()?.clone();
+    let (layers, nh) = (d.num_hidden_layers, d.num_attention_heads);
+    let (rows, cols): (Vec<String>, Vec<String>) = match (part, each_position) {
+        (Part::Heads, false) => ((0..layers).map(|l| format!("L{l}")).collect(), (0..nh).map(|h| format!("H{h}")).collect()),
+        (Part::Heads, true) => (
+            (0..layers).flat_map(|l| (0..nh).map(move |h| format!("L{l}H{h}"))).collect(),
+            position_names(positions, &cols_per_pair[0]),
+        ),
+        _ => ((0..layers).map(|l| format!("L{l}")).collect(), position_names(positions, &cols_per_pair[0])),
+    };
+    let mut sums = vec![vec![0.0; cols.len()]; rows.len()];
+    let (mut clean_each, mut corrupted_each) = (Vec::new(), Vec::new());
+    for (p, ps) in pairs.iter().zip(&cols_per_pair) {
+        clean_each.push(answer_metric(m, &p.clean, &p.answer, &p.wrong, &[])?);
+        corrupted_each.push(answer_metric(m, &p.corrupted, &p.answer, &p.wrong, &[])?);
+        if part == Part::Heads {
+            let clean = head_outputs(m, &d, &p.clean)?;
+            for l in 0..layers {
+                let component = d.component(Part::Heads.template(), l)?;
+                for h in 0..nh {
+                    let per_head = clean[l].select(2, h as i64);
+                    let cells: Vec<Vec<i64>> = if each_position { ps.iter().map(|&q| vec![q]).collect() } else { vec![ps.clone()] };
+                    for (c, at) in cells.into_iter().enumerate() {
+                        let values = per_head.index_select(1, &Tensor::from_slice(&at).to_device(per_head.device()));
+                        let iv = Intervention::QueryKeyValue { component: component.clone(), positions: at, head: h, patch: PatchValue::Values(values) };
+                        let (r, c) = if each_position { (l * nh + h, c) } else { (l, h) };
+                        sums[r][c] += answer_metric(m, &p.corrupted, &p.answer, &p.wrong, &[iv])?;
+                    }
+                }
+            }
+        } else {
+            let clean = part_outputs(m, part, &p.clean)?;
+            for (l, row) in sums.iter_mut().enumerate() {
+                let component = d.component(part.template(), l)?;
+                for (c, &q) in ps.iter().enumerate() {
+                    let iv = Intervention::Resid { component: component.clone(), positions: vec![q], patch: PatchValue::Values(clean[l].narrow(1, q, 1)) };
+                    row[c] += answer_metric(m, &p.corrupted, &p.answer, &p.wrong, &[iv])?;
+                }
+            }
+        }
+    }
+    let n = pairs.len() as f64;
+    let clean = clean_each.iter().sum::<f64>() / n;
+    let corrupted = corrupted_each.iter().sum::<f64>() / n;
+    if (clean - corrupted).abs() < 1e-9 {
+        return Err(AnalysisError::Input(format!(
+            "the clean and corrupted prompts give the same mean metric ({clean:.4}): there is nothing to restore"
+        )));
+    }
+    Ok(Grid {
+        rows,
+        cols,
+        values: sums.into_iter().map(|r| r.into_iter().map(|v| v / n).collect()).collect(),
+        clean,
+        corrupted: Some(corrupted),
+        clean_each,
+        corrupted_each,
+    })
+}
+
+fn position_names(positions: &Positions, resolved: &[i64]) -> Vec<String> {
+    match positions {
+        Positions::All => resolved.iter().map(|p| format!("p{p}")).collect(),
+        Positions::These(ps) => ps.iter().map(|p| format!("p{p}")).collect(),
+    }
+}
+
+/// How an ablation replaces an activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ablation {
+    /// By zeros.
+    Zero,
+    /// By its mean over every token of the dataset's prompts.
+    Mean,
+}
+
+/// Ablation over `prompts`: for each layer and each of `parts` (attention, MLP, the whole
+/// layer, or each head), the activation at `positions` is zeroed or replaced by its dataset
+/// mean, one cell at a time; the grid holds the mean metric (rows: layers; columns: the parts,
+/// or the heads).
+pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mode: Ablation, positions: &Positions) -> Result<Grid> {
+    if prompts.is_empty() {
+        return Err(AnalysisError::Input("no prompts to ablate".into()));
+    }
+    if parts.is_empty() || parts.contains(&Part::Resid) {
+        return Err(AnalysisError::Input("ablation takes attn_out, mlp_out, layer or heads".into()));
+    }
+    let d = m.require_description()?.clone();
+    let (layers, nh) = (d.num_hidden_layers, d.num_attention_heads);
+    let mut cols = Vec::new();
+    for &p in parts {
+        if p == Part::Heads {
+            cols.extend((0..nh).map(|h| format!("H{h}")));
+        } else {
+            cols.push(p.name().to_string());
+        }
+    }
+    // dataset means, per layer: [d] for attention and MLP outputs, [heads, head_dim] for heads
+    let mut means: std::collections::HashMap<(Part, usize), Tensor> = Default::default();
+    if mode == Ablation::Mean {
+        let needed: Vec<Part> = parts.iter().flat_map(|&p| if p == Part::Layer { vec![Part::Attn, Part::Mlp] } else { vec![p] }).collect();
+        let tokens: f64 = prompts.iter().map(|p| p.ids.len() as f64).sum();
+        for part in needed {
+            if means.keys().any(|(p, _)| *p == part) {
+                continue;
+            }
+            for p in prompts {
+                let outs = if part == Part::Heads { head_outputs(m, &d, &p.ids)? } else { part_outputs(m, part, &p.ids)? };
+                for (l, t) in outs.into_iter().enumerate() {
+                    let s = t.to_kind(Kind::Double).sum_dim_intlist(&[0i64, 1][..], false, Kind::Double);
+                    let e = means.entry((part, l)).or_insert_with(|| s.zeros_like());
+                    *e += s;
+                }
+            }
+            for ((p, _), t) in means.iter_mut() {
+                if *p == part {
+                    *t = &*t / tokens;
+                }
+            }
+        }
+    }
+    let mut sums = vec![vec![0.0; cols.len()]; layers];
+    let mut clean_each = Vec::new();
+    for pr in prompts {
+        clean_each.push(answer_metric(m, &pr.ids, &pr.answer, &pr.wrong, &[])?);
+        let at = positions.resolve(pr.ids.len())?;
+        let n = at.len() as i64;
+        let value = |part: Part, l: usize, shape: &[i64], kind: Kind| -> PatchValue {
+            match mode {
+                Ablation::Zero => PatchValue::Ablation,
+                Ablation::Mean => PatchValue::Values(means[&(part, l)].to_kind(kind).expand(shape, false).contiguous()),
+            }
+        };
+        let kind = m.kind();
+        for (l, row) in sums.iter_mut().enumerate() {
+            let mut c = 0;
+            for &part in parts {
+                let resid = |p: Part| -> Result<Intervention> {
+                    Ok(Intervention::Resid { component: d.component(p.template(), l)?, positions: at.clone(), patch: value(p, l, &[1, n, d.hidden_size as i64], kind) })
+                };
+                match part {
+                    Part::Heads => {
+                        for h in 0..nh {
+                            let patch = match mode {
+                                Ablation::Zero => PatchValue::Ablation,
+                                Ablation::Mean => PatchValue::Values(means[&(Part::Heads, l)].get(h as i64).to_kind(kind).expand([1, n, d.head_dim as i64], false).contiguous()),
+                            };
+                            let iv = Intervention::QueryKeyValue { component: d.component(Part::Heads.template(), l)?, positions: at.clone(), head: h, patch };
+                            row[c] += answer_metric(m, &pr.ids, &pr.answer, &pr.wrong, &[iv])?;
+                            c += 1;
+                        }
+                    }
+                    Part::Layer => {
+                        let ivs = [resid(Part::Attn)?, resid(Part::Mlp)?];
+                        row[c] += answer_metric(m, &pr.ids, &pr.answer, &pr.wrong, &ivs)?;
+                        c += 1;
+                    }
+                    p => {
+                        row[c] += answer_metric(m, &pr.ids, &pr.answer, &pr.wrong, &[resid(p)?])?;
+                        c += 1;
+                    }
+                }
+            }
+        }
+    }
+    let n = prompts.len() as f64;
+    Ok(Grid {
+        rows: (0..layers).map(|l| format!("L{l}")).collect(),
+        cols,
+        values: sums.into_iter().map(|r| r.into_iter().map(|v| v / n).collect()).collect(),
+        clean: clean_each.iter().sum::<f64>() / n,
+        corrupted: None,
+        clean_each,
+        corrupted_each: Vec::new(),
+    })
+}

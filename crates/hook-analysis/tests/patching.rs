@@ -1,0 +1,121 @@
+//! Patching and ablation sweeps: the metric is what it says (logit difference, summed
+//! log-probabilities), patching the last layer's residual restores the clean run, dataset
+//! results are the mean of the per-pair ones, and ablations edit what they name.
+
+#[path = "../../hook-torch/tests/common/mod.rs"]
+mod common;
+
+use hook_analysis::patching::{ablate_sweep, answer_metric, patch_sweep, Ablation, Part, PatchPair, Positions, Prompt};
+use hook_torch::{ExtractionConfig, HookedModule, Intervention, PatchValue};
+use tch::{Device, Kind, Tensor};
+
+fn model(family: &str) -> HookedModule {
+    HookedModule::load(common::model(family), Device::Cpu).unwrap()
+}
+
+fn logits(m: &mut HookedModule, ids: &[i64]) -> Tensor {
+    let t = Tensor::from_slice(ids).view([1, -1]);
+    m.forward(&t, &t.ones_like()).unwrap().get(0).to_kind(Kind::Double)
+}
+
+fn pairs() -> Vec<PatchPair> {
+    vec![
+        PatchPair { clean: vec![1, 5, 9, 12, 7], corrupted: vec![1, 6, 9, 12, 7], answer: vec![20], wrong: vec![21] },
+        PatchPair { clean: vec![1, 30, 31, 32, 33], corrupted: vec![1, 30, 40, 32, 33], answer: vec![22], wrong: vec![23] },
+    ]
+}
+
+#[test]
+fn the_metric_is_the_logit_difference_or_the_summed_log_probabilities() {
+    let mut m = model("llama");
+    let prompt = [1i64, 5, 9, 12];
+    let last = logits(&mut m, &prompt).get(-1);
+    let ld = answer_metric(&mut m, &prompt, &[20], &[21], &[]).unwrap();
+    assert!((ld - (last.double_value(&[20]) - last.double_value(&[21]))).abs() < 1e-9);
+    // two-token answer against a one-token wrong answer, by hand
+    let with_answer = logits(&mut m, &[1, 5, 9, 12, 20]).log_softmax(-1, Kind::Double);
+    let lp_answer = with_answer.double_value(&[3, 20]) + with_answer.double_value(&[4, 30]);
+    let lp_wrong = logits(&mut m, &prompt).log_softmax(-1, Kind::Double).double_value(&[3, 21]);
+    let got = answer_metric(&mut m, &prompt, &[20, 30], &[21], &[]).unwrap();
+    assert!((got - (lp_answer - lp_wrong)).abs() < 1e-6, "{got} vs {}", lp_answer - lp_wrong);
+    assert!(answer_metric(&mut m, &prompt, &[], &[21], &[]).unwrap_err().to_string().contains("at least one token"));
+}
+
+#[test]
+fn patching_the_last_residual_restores_the_clean_run_and_datasets_average() {
+    for family in ["llama", "gpt2"] {
+        let mut m = model(family);
+        let layers = m.description().unwrap().num_hidden_layers;
+        let ps = pairs();
+        let both = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true).unwrap();
+        assert_eq!((both.rows.len(), both.cols.len()), (layers, 5));
+        // the last layer's residual at the last position is everything the logits see
+        let last = both.score()[layers - 1][4];
+        assert!((last - 1.0).abs() < 1e-4, "{family}: {last}");
+        // a dataset's metric is the mean of its pairs'
+        let one = patch_sweep(&mut m, &ps[..1], Part::Resid, &Positions::All, true).unwrap();
+        let two = patch_sweep(&mut m, &ps[1..], Part::Resid, &Positions::All, true).unwrap();
+        for r in 0..layers {
+            for c in 0..5 {
+                let mean = (one.values[r][c] + two.values[r][c]) / 2.0;
+                assert!((both.values[r][c] - mean).abs() < 1e-9, "{family} [{r}][{c}]");
+            }
+        }
+        assert!((both.clean - (one.clean + two.clean) / 2.0).abs() < 1e-12);
+        // positions from the end work across lengths; all positions need one length
+        let mut ragged = ps.clone();
+        ragged[1] = PatchPair { clean: vec![1, 30, 31, 33], corrupted: vec![1, 40, 31, 33], answer: vec![22], wrong: vec![23] };
+        let e = patch_sweep(&mut m, &ragged, Part::Resid, &Positions::All, true).unwrap_err();
+        assert!(e.to_string().contains("different lengths"), "{e}");
+        let g = patch_sweep(&mut m, &ragged, Part::Attn, &Positions::These(vec![-1]), true).unwrap();
+        assert_eq!(g.cols, ["p-1"]);
+    }
+}
+
+#[test]
+fn head_patching_covers_layers_by_heads_or_heads_by_positions() {
+    let mut m = model("llama");
+    let d = m.description().unwrap().clone();
+    let ps = pairs();
+    let g = patch_sweep(&mut m, &ps, Part::Heads, &Positions::All, false).unwrap();
+    assert_eq!((g.rows.len(), g.cols.len()), (d.num_hidden_layers, d.num_attention_heads));
+    let g = patch_sweep(&mut m, &ps, Part::Heads, &Positions::These(vec![0, -1]), true).unwrap();
+    assert_eq!((g.rows.len(), g.cols.len()), (d.num_hidden_layers * d.num_attention_heads, 2));
+    assert_eq!(g.rows[1], "L0H1");
+    // a pair whose prompts differ in length is refused, naming the pair
+    let bad = [PatchPair { clean: vec![1, 2, 3], corrupted: vec![1, 2], answer: vec![5], wrong: vec![6] }];
+    let e = patch_sweep(&mut m, &bad, Part::Resid, &Positions::All, true).unwrap_err();
+    assert!(e.to_string().contains("pair 0"), "{e}");
+}
+
+#[test]
+fn ablations_edit_what_they_name() {
+    let mut m = model("llama"); // no bias in o_proj: every head zeroed is attn_out zeroed
+    let d = m.description().unwrap().clone();
+    let prompts = [Prompt { ids: vec![1, 5, 9, 12, 7], answer: vec![20], wrong: vec![21] }];
+    let g = ablate_sweep(&mut m, &prompts, &[Part::Attn, Part::Mlp, Part::Layer, Part::Heads], Ablation::Zero, &Positions::All).unwrap();
+    assert_eq!(g.cols.len(), 3 + d.num_attention_heads);
+    let l = d.num_hidden_layers - 1;
+    let all_heads: Vec<Intervention> = (0..d.num_attention_heads)
+        .map(|h| Intervention::QueryKeyValue {
+            component: d.component("attn_o_proj_input_hook_name", l).unwrap(),
+            positions: (0..5).collect(),
+            head: h,
+            patch: PatchValue::Ablation,
+        })
+        .collect();
+    let heads_zeroed = answer_metric(&mut m, &prompts[0].ids, &[20], &[21], &all_heads).unwrap();
+    assert!((heads_zeroed - g.values[l][0]).abs() < 1e-5, "all heads zeroed {heads_zeroed} vs attn_out zeroed {}", g.values[l][0]);
+    assert!((g.score()[l][0] - (g.values[l][0] - g.clean)).abs() < 1e-12);
+
+    // mean ablation of one prompt: the mean over its positions, by hand
+    let g = ablate_sweep(&mut m, &prompts, &[Part::Mlp], Ablation::Mean, &Positions::These(vec![-1])).unwrap();
+    let t = Tensor::from_slice(&prompts[0].ids).view([1, -1]);
+    let cfg = ExtractionConfig { save_logits: false, ..ExtractionConfig::default().with_flags(&["mlp_out"]).unwrap() };
+    let (_, cache) = m.run_with_cache(&t, &t.ones_like(), &hook_core::TokenGroups::all(5).unwrap(), &cfg).unwrap();
+    let mean = cache.tensor("mlp_out_0").unwrap().mean_dim(&[1i64][..], true, Kind::Float);
+    let iv = Intervention::Resid { component: d.component("mlp_out_hook_name", 0).unwrap(), positions: vec![4], patch: PatchValue::Values(mean) };
+    let by_hand = answer_metric(&mut m, &prompts[0].ids, &[20], &[21], &[iv]).unwrap();
+    assert!((by_hand - g.values[0][0]).abs() < 1e-5, "{by_hand} vs {}", g.values[0][0]);
+    assert!(ablate_sweep(&mut m, &prompts, &[Part::Resid], Ablation::Zero, &Positions::All).is_err());
+}
