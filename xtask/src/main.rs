@@ -21,7 +21,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache [--secs N]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader [--secs N]|deny [--advisories]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -47,6 +47,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("wheel") => wheel(rest),
         Some("soak") => soak(rest),
         Some("fuzz") => fuzz(rest),
+        Some("deny") => deny(rest),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -66,7 +67,20 @@ fn ci() -> Result<()> {
     wheel(&["--debug".to_string()])?;
     soak(&["--forwards".to_string(), "100".to_string(), "--loads".to_string(), "10".to_string()])?;
     parity(&[])?;
+    deny(&[])?;
     Ok(())
+}
+
+/// `cargo xtask deny [--advisories]`: `cargo deny check` of licenses, bans (duplicate versions
+/// listed) and sources (deny.toml); `--advisories` adds the RustSec advisories, which need
+/// GitHub (not reachable from this project's machines). Setup installs cargo-deny.
+fn deny(args: &[String]) -> Result<()> {
+    setup::cargo_deny()?;
+    let mut checks = vec!["licenses", "bans", "sources"];
+    if args.iter().any(|a| a == "--advisories") {
+        checks.push("advisories");
+    }
+    run(cargo().args(["deny", "--log-level", "error", "check"]).args(&checks)).context("cargo deny found a problem (see deny.toml)")
 }
 
 /// `import hookrs`: setup builds and installs the package; its pytest suite runs here.
@@ -107,7 +121,8 @@ fn soak(args: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask fuzz TARGET [--secs N]`: the seeded mutation fuzzers for `TARGET` (`core`:
-/// token groups, component paths, head selections; `cache`: cache files and chunk manifests)
+/// token groups, component paths, head selections; `cache`: cache files and chunk manifests;
+/// `loader`: TorchScript archives mutated inside their zip entries, loaded and run)
 /// for N seconds (default 60). `cargo xtask ci` runs each with its short fixed budget as part
 /// of the tests.
 fn fuzz(args: &[String]) -> Result<()> {
@@ -116,9 +131,11 @@ fn fuzz(args: &[String]) -> Result<()> {
     let krate = match args.first().map(String::as_str) {
         Some("core") => "hook-core",
         Some("cache") => "hook-cache",
-        other => bail!("fuzz target {other:?}: expected core or cache"),
+        Some("loader") => "hook-torch",
+        other => bail!("fuzz target {other:?}: expected core, cache or loader"),
     };
-    run(cargo().args(["test", "--release", "-p", krate, "--test", "fuzz", "--", "--nocapture"]).env("HOOKRS_FUZZ_SECS", secs))
+    let test = if krate == "hook-torch" { "fuzz_loader" } else { "fuzz" };
+    run(cargo().args(["test", "--release", "-p", krate, "--test", test, "--", "--nocapture"]).env("HOOKRS_FUZZ_SECS", secs))
 }
 
 /// `cargo xtask wheel [--debug]`: `maturin build` of crates/hookrs-py into target/wheels (a

@@ -84,7 +84,20 @@ pub fn setup() -> Result<PathBuf> {
     eprintln!("setup: .libtorch -> {}", torch_dir.display());
     install_python_package(&torch_dir)?;
     browser()?;
+    cargo_deny()?;
     Ok(python)
+}
+
+/// The pinned cargo-deny, installed with `cargo install` the first time (a few minutes; then
+/// it stays in cargo's bin folder).
+pub fn cargo_deny() -> Result<()> {
+    const VERSION: &str = "0.20.2";
+    let have = Command::new("cargo").args(["deny", "--version"]).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if have.as_deref().is_some_and(|v| v.contains(VERSION)) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deny {VERSION} (once; a few minutes)");
+    run(Command::new("cargo").args(["install", "--locked", "cargo-deny", "--version", VERSION])).context("installing cargo-deny failed: check that crates.io is reachable")
 }
 
 /// Debian's Chromium, for the headless test of `hookrs view`'s page: found, or installed with

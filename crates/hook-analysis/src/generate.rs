@@ -49,18 +49,8 @@ pub struct Steering {
     pub scale: f64,
 }
 
-/// splitmix64: a small seeded generator, so sampling does not touch libtorch's global RNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// Sampling draws from its own seeded generator, not libtorch's global RNG.
+type Rng = hook_core::rng::SplitMix64;
 
 /// The next token from the last position's logits (`[vocab]`).
 fn pick(logits: &Tensor, o: &GenerateOptions, rng: &mut Rng) -> Result<i64> {
@@ -129,7 +119,7 @@ pub fn generate(m: &mut HookedModule, prompt: &[i64], o: &GenerateOptions, inter
         }
         None => None,
     };
-    let mut rng = Rng(o.seed);
+    let mut rng = Rng::new(o.seed);
     let mut ids: Vec<i64> = prompt.to_vec();
     let result = (|| -> Result<Vec<i64>> {
         let mut new = Vec::with_capacity(o.max_new_tokens);

@@ -13,19 +13,7 @@ use hook_cache::chunks::{ChunkDir, ChunkWriter};
 use hook_cache::{ActivationCache, CacheValue};
 use tch::{Device, Kind, Tensor};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+type Rng = hook_core::rng::SplitMix64;
 
 fn sample() -> ActivationCache {
     let mut c = ActivationCache::new();
@@ -84,7 +72,7 @@ fn cache_bytes_never_panic_when_mutated() {
         assert!(r.is_ok(), "hostile header {i} panicked");
     }
     let started = Instant::now();
-    let mut rng = Rng(0xCAC4E);
+    let mut rng = Rng::new(0xCAC4E);
     let mut n = 0u64;
     while match budget() {
         Some(s) => started.elapsed() < Duration::from_secs(s),
@@ -102,7 +90,7 @@ fn cache_bytes_never_panic_when_mutated() {
                 }
                 1 => {
                     let i = rng.below(b.len());
-                    b[i] = rng.next() as u8;
+                    b[i] = rng.next_u64() as u8;
                 }
                 2 => b.truncate(rng.below(b.len() + 1)),
                 _ => {
@@ -150,7 +138,7 @@ fn chunk_manifests_never_panic_when_mutated() {
         Vec::new(),
     ];
     let started = Instant::now();
-    let mut rng = Rng(0x3A41);
+    let mut rng = Rng::new(0x3A41);
     let mut n = 0u64;
     while match budget() {
         Some(s) => started.elapsed() < Duration::from_secs(s),

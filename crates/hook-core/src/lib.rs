@@ -31,6 +31,7 @@ pub mod error;
 pub mod heads;
 pub mod hook;
 pub mod keys;
+pub mod rng;
 pub mod suggest;
 pub mod tokens;
 pub mod value;

@@ -19,19 +19,7 @@ const REGRESSIONS: &[&str] = &[
 const SEEDS: &[&str] = &["[(0, 1), (-1,)]", "[[0,1],[-1]]", "[(5,), (-3, -2)]", "model.layers[3].self_attn.q_proj.output", "model.norm.input", "all", "[0, 2]", "L1H0,L2H3"];
 const ALPHABET: &[u8] = b"[](),.-0123456789 aeLHlmorstyx_\"'{}:";
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+type Rng = hook_core::rng::SplitMix64;
 
 /// A mutation of a seed: insert, delete, replace or duplicate bytes, or splice two seeds.
 fn mutate(rng: &mut Rng) -> String {
@@ -78,7 +66,7 @@ fn parsers_never_panic_on_mutated_input() {
     }
     let budget = std::env::var("HOOKRS_FUZZ_SECS").ok().and_then(|s| s.parse::<u64>().ok());
     let started = Instant::now();
-    let mut rng = Rng(0x5EED);
+    let mut rng = Rng::new(0x5EED);
     let mut n = 0u64;
     while match budget {
         Some(secs) => started.elapsed() < Duration::from_secs(secs),

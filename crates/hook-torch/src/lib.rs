@@ -11,7 +11,8 @@
 //! | [`extract`] | [`ExtractionConfig`] and `run_with_cache` |
 //! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
 //! | [`error`] | [`TorchError`] |
-//! | [`backend`] | which libtorch device backends this process has loaded |
+//! | [`backend`] | libtorch's device backends: loading the CUDA backend when the machine has a GPU |
+//! | [`memory`] | the memory guard: live CPU tensors cannot pass a limit (clean error, not the OOM killer) |
 //! | [`dlpack`] | zero-copy tensor exchange with the Python `torch` in the same process |
 //! | [`transfer`] | cache copies from a GPU to host memory on a side stream, beside the next batch |
 //! | `script` | the instrumented TorchScript module, owned through the shim (no save/reload) |
@@ -28,6 +29,7 @@ pub mod extract;
 mod ffi;
 mod script;
 pub mod intervention;
+pub mod memory;
 pub mod module;
 pub mod site;
 pub mod transfer;

@@ -50,9 +50,46 @@ fn take(p: *mut c_char) -> String {
     s
 }
 
-/// The first line of a libtorch message (the rest is a C++ backtrace).
+/// What a libtorch message says, without its backtrace: the first line, or, for an error
+/// raised inside the model's TorchScript code, the error itself (e.g. `RuntimeError: index out
+/// of range in self`) and the innermost line of code that raised it.
+///
+/// ```ignore
+/// let m = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent call last):\n  File \"code/__torch__.py\", line 12, in forward\n    x = torch.embedding(w, ids)\n        ~~~~~~~~~~~~~~~ <--- HERE\nRuntimeError: index out of range in self\n";
+/// assert_eq!(first_line(m), "the model's TorchScript code raised RuntimeError: index out of range in self (code/__torch__.py, line 12: x = torch.embedding(w, ids))");
+/// ```
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").to_string()
+    let lines: Vec<&str> = s.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
+    let first = lines.first().copied().unwrap_or("");
+    if !first.contains("failed in the TorchScript interpreter") {
+        return first.to_string();
+    }
+    let cause = lines.iter().rev().find(|l| !l.starts_with(' ') && (l.contains("Error") || l.contains("Exception"))).or(lines.last()).copied().unwrap_or(first);
+    // the innermost frame of the model's own code, not of torch's library functions
+    let frames: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].trim_start().starts_with("File \"")).collect();
+    let own = frames.iter().rev().find(|&&i| !lines[i].contains("/torch/")).or(frames.last()).copied();
+    let frame = own.map(|i| {
+        let f = lines[i].trim().trim_start_matches("File ").replace('"', "");
+        let f = f.split(", in ").next().unwrap_or(&f).to_string();
+        match lines.get(i + 1) {
+            Some(code) if !code.contains("<--- HERE") && !code.trim().starts_with('~') => format!(" ({f}: {})", code.trim()),
+            _ => format!(" ({f})"),
+        }
+    });
+    format!("the model's TorchScript code raised {cause}{}", frame.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_line;
+
+    #[test]
+    fn torchscript_errors_name_their_cause_and_line() {
+        let m = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent call last):\n  File \"code/__torch__.py\", line 12, in forward\n    x = torch.embedding(w, ids)\n        ~~~~~~~~~~~~~~~ <--- HERE\nRuntimeError: index out of range in self\n";
+        assert_eq!(first_line(m), "the model's TorchScript code raised RuntimeError: index out of range in self (code/__torch__.py, line 12: x = torch.embedding(w, ids))");
+        assert_eq!(first_line("shape mismatch\nException raised from foo at bar.cpp"), "shape mismatch");
+        assert_eq!(first_line(""), "");
+    }
 }
 
 /// The error of a failed shim call: the first line of its message (`fallback` when it sent
