@@ -21,7 +21,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader [--secs N]|deny [--advisories]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader|config [--secs N]|deny [--advisories]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -122,7 +122,8 @@ fn soak(args: &[String]) -> Result<()> {
 
 /// `cargo xtask fuzz TARGET [--secs N]`: the seeded mutation fuzzers for `TARGET` (`core`:
 /// token groups, component paths, head selections; `cache`: cache files and chunk manifests;
-/// `loader`: TorchScript archives mutated inside their zip entries, loaded and run)
+/// `loader`: TorchScript archives mutated inside their zip entries, loaded and run; `config`:
+/// ExtractionConfig and token-group JSON, parsed and run)
 /// for N seconds (default 60). `cargo xtask ci` runs each with its short fixed budget as part
 /// of the tests.
 fn fuzz(args: &[String]) -> Result<()> {
@@ -131,10 +132,14 @@ fn fuzz(args: &[String]) -> Result<()> {
     let krate = match args.first().map(String::as_str) {
         Some("core") => "hook-core",
         Some("cache") => "hook-cache",
-        Some("loader") => "hook-torch",
-        other => bail!("fuzz target {other:?}: expected core, cache or loader"),
+        Some("loader") | Some("config") => "hook-torch",
+        other => bail!("fuzz target {other:?}: expected core, cache, loader or config"),
     };
-    let test = if krate == "hook-torch" { "fuzz_loader" } else { "fuzz" };
+    let test = match args.first().map(String::as_str) {
+        Some("loader") => "fuzz_loader",
+        Some("config") => "fuzz_config",
+        _ => "fuzz",
+    };
     run(cargo().args(["test", "--release", "-p", krate, "--test", test, "--", "--nocapture"]).env("HOOKRS_FUZZ_SECS", secs))
 }
 
