@@ -79,12 +79,7 @@ fn read_prompts(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Pro
             })
             .collect();
     }
-    let prompt = match (&a.text, &a.input_ids) {
-        (Some(t), None) => Value::String(t.clone()),
-        (None, Some(ids)) => answers::ids_flag("--input-ids", ids)?,
-        _ => return Err(crate::usage!("give the prompt as --text or --input-ids, not both")),
-    };
-    let ids = answers::tokens_of(tok, &prompt, special, "the prompt")?.ids;
+    let ids = inputs::single_prompt(&a.model, tok, a.text.as_deref(), a.input_ids.as_deref(), special)?.ids;
     Ok(vec![Prompt { ids, answer: answer(None, "--answer", &a.answer, "")?, wrong: answer(None, "--wrong", &a.wrong, "")? }])
 }
 

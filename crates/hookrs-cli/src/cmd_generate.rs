@@ -64,21 +64,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = inputs::device(&a.device)?;
     let tok = inputs::tokenizer_for(&a.model)?;
-    let prompt: Vec<i64> = match (&a.text, &a.input_ids) {
-        (Some(t), None) => {
-            let tok = tok.as_ref().with_context(|| format!("--text needs the model's tokenizer (looked for {:?}); pass --input-ids instead", inputs::tokenizer_candidates(&a.model)))?;
-            inputs::encode(tok, t, !a.no_special_tokens)?.ids
-        }
-        (None, Some(j)) => {
-            let v: serde_json::Value = serde_json::from_str(j).map_err(|e| crate::usage!("--input-ids is not a JSON list of token ids: {e} (e.g. '[1,5,9]')"))?;
-            let flat = match v {
-                serde_json::Value::Array(a) if a.len() == 1 && a[0].is_array() => a[0].clone(),
-                other => other,
-            };
-            serde_json::from_value(flat).map_err(|e| crate::usage!("--input-ids must be one prompt's token ids, e.g. '[1,5,9]': {e}"))?
-        }
-        _ => return Err(crate::usage!("give the prompt with --text or --input-ids")),
-    };
+    let prompt = inputs::single_prompt(&a.model, tok.as_ref(), a.text.as_deref(), a.input_ids.as_deref(), !a.no_special_tokens)?.ids;
     let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
     let vocab = m.require_description()?.vocab_size as i64;
     if let Some(bad) = prompt.iter().find(|&&t| t < 0 || t >= vocab) {

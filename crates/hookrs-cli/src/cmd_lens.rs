@@ -48,26 +48,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = inputs::device(&a.device)?;
     let tok = inputs::tokenizer_for(&a.model)?;
-    let example = match (&a.text, &a.input_ids) {
-        (Some(t), None) => {
-            let tok = tok.as_ref().with_context(|| format!("--text needs the model's tokenizer (looked for {:?}); pass --input-ids instead", inputs::tokenizer_candidates(&a.model)))?;
-            inputs::encode(tok, t, !a.no_special_tokens)?
-        }
-        (None, Some(j)) => {
-            let v: serde_json::Value = serde_json::from_str(j).map_err(|e| crate::usage!("--input-ids is not a JSON list of token ids: {e} (e.g. '[1,5,9]')"))?;
-            let flat = match v {
-                serde_json::Value::Array(a) if a.len() == 1 && a[0].is_array() => a[0].clone(),
-                other => other,
-            };
-            let ids: Vec<i64> = serde_json::from_value(flat).map_err(|e| crate::usage!("--input-ids must be one prompt's token ids, e.g. '[1,5,9]': {e}"))?;
-            if ids.is_empty() {
-                return Err(crate::usage!("--input-ids needs at least one token"));
-            }
-            let tokens = tok.as_ref().map(|t| ids.iter().map(|&i| t.id_to_token(i as u32).unwrap_or_else(|| i.to_string())).collect());
-            inputs::Example { ids, tokens }
-        }
-        _ => return Err(crate::usage!("give the prompt with --text or --input-ids")),
-    };
+    let example = inputs::single_prompt(&a.model, tok.as_ref(), a.text.as_deref(), a.input_ids.as_deref(), !a.no_special_tokens)?;
     let pair = match (&a.answer, &a.wrong) {
         (Some(x), Some(y)) => {
             let tok = tok.as_ref().context("--answer/--wrong need the model's tokenizer")?;

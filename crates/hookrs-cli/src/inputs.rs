@@ -47,6 +47,32 @@ pub fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Example> {
     Ok(Example { ids: enc.get_ids().iter().map(|&i| i as i64).collect(), tokens: Some(enc.get_tokens().to_vec()) })
 }
 
+/// One prompt from `--text` (tokenized with the model's tokenizer) or `--input-ids` (`[1,5,9]`
+/// or `[[1,5,9]]`), for the commands that take a single prompt (lens, attribute, generate,
+/// ablate). A malformed or missing value is a usage error.
+pub fn single_prompt(model: &Path, tok: Option<&Tokenizer>, text: Option<&str>, input_ids: Option<&str>, special: bool) -> Result<Example> {
+    match (text, input_ids) {
+        (Some(t), None) => {
+            let tok = tok.with_context(|| format!("--text needs the model's tokenizer (looked for {:?}); pass --input-ids instead", tokenizer_candidates(model)))?;
+            encode(tok, t, special)
+        }
+        (None, Some(j)) => {
+            let v: serde_json::Value = serde_json::from_str(j).map_err(|e| crate::usage!("--input-ids is not a JSON list of token ids: {e} (e.g. '[1,5,9]')"))?;
+            let flat = match v {
+                serde_json::Value::Array(a) if a.len() == 1 && a[0].is_array() => a[0].clone(),
+                other => other,
+            };
+            let ids: Vec<i64> = serde_json::from_value(flat).map_err(|e| crate::usage!("--input-ids must be one prompt's token ids, e.g. '[1,5,9]': {e}"))?;
+            if ids.is_empty() {
+                return Err(crate::usage!("--input-ids needs at least one token"));
+            }
+            let tokens = tok.map(|t| ids.iter().map(|&i| u32::try_from(i).ok().and_then(|i| t.id_to_token(i)).unwrap_or_else(|| i.to_string())).collect());
+            Ok(Example { ids, tokens })
+        }
+        _ => Err(crate::usage!("give the prompt with --text or --input-ids")),
+    }
+}
+
 /// Where prompts come from: exactly one of `--text`, `--prompts`, `--input-ids`.
 pub enum Source {
     /// `--input-ids`: token ids, one list per example.
