@@ -1,7 +1,8 @@
 """Export a Hugging Face causal LM as TorchScript for hookrs.
 
     export.py --random FAMILY [--seed N] [--config FILE] --out FILE.pt
-    export.py SOURCE --out FILE.pt          (SOURCE: a save_pretrained directory or a hub name)
+    export.py SOURCE --out FILE.pt          (SOURCE: a save_pretrained directory, a .gguf file, a
+                                             directory holding one .gguf, or a hub name)
     ... [--device cpu|cuda|cuda:N]          (the device to trace on; default cpu)
     ... [--dtype float32|bfloat16|float16]  (the weights' and activations' dtype; default float32)
 
@@ -13,7 +14,12 @@ inputs (input_ids, attention_mask), so the module tree survives (each submodule 
 forward graph) and padded batches work. A JSON description is stored inside the archive as the
 extra file `hookrs.json`: architecture, sizes, easyroutine's component templates. Random models
 get a small word-level tokenizer.json trained on xtask/python/corpus.txt; real models get their
-own tokenizer files copied beside the .pt.
+own tokenizer as FILE.tokenizer.json beside the .pt (a GGUF file's tokenizer is converted by
+transformers' GGUF loader, which also dequantizes the weights to the export dtype).
+
+The self-check compares the traced graph with the eager model on padded batches of two shapes.
+Its tolerance is relative to the largest logit it compares (real logits are in the tens, so an
+absolute float32 bound would reject ordinary rounding of matmuls of different shapes).
 """
 import argparse
 import json
@@ -208,11 +214,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def tolerance(device, dtype):
     """How far the traced model may be from the eager one, and a padded row from the same row
-    alone: absolute in float32 (1e-5 on the cpu), relative to the logits' scale in half precision
-    (a few units in the last place of bf16 / fp16: 2^-7 / 2^-10 relative, times 4)."""
+    alone, relative to the largest logit magnitude compared (at least 1): in float32 1e-5 on the
+    cpu (about 80 units in the last place: sums over thousands of products, reordered by other
+    matmul shapes) and 1e-3 on a GPU (TF32 kernels); in half precision a few units in the last
+    place of bf16 / fp16 (2^-7 / 2^-10, times 4)."""
     if dtype == torch.float32:
         return 1e-5 if str(device) == "cpu" else 1e-3
     return 4 * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+
+
+def relative_diff(want, got, mask=None):
+    """max |want - got| over `mask` (boolean, default everything), divided by the largest
+    |want| there (at least 1)."""
+    want, got = want.float(), got.float()
+    if mask is not None:
+        want, got = want[mask], got[mask]
+    return (want - got).abs().max().item() / max(want.abs().max().item(), 1.0)
 
 
 def where(model, filename, lineno):
@@ -263,10 +280,9 @@ def trace(model, vocab, device="cpu"):
         eager = model(ids, attention_mask=mask)[0]
         got = traced(ids, mask)[0]
         tol = tolerance(device, dtype)
-        scale = 1.0 if dtype == torch.float32 else max(eager.float().abs().max().item(), 1.0)
-        diff = (eager.float() - got.float()).abs().max().item() / scale
+        diff = relative_diff(eager, got)
         if diff > tol:
-            raise SystemExit(f"export: the traced model differs from the eager one by {diff}")
+            raise SystemExit(f"export: the traced model differs from the eager one by {diff:.3g} of the largest logit (allowed: {tol:.3g})")
         # another batch size, length and padding: a graph specialised to the example input
         # (control flow on tensor values, sizes frozen as constants) fails here
         ids2 = torch.randint(3, vocab, (3, 11)).to(device)
@@ -278,16 +294,52 @@ def trace(model, vocab, device="cpu"):
             got2 = traced(ids2, mask2)[0]
         except Exception as e:  # noqa: BLE001 - any failure of the graph on a new input
             raise SystemExit(untraceable(model, recorded, f"the traced model fails on a batch of another shape ({str(e).splitlines()[0]})"))
-        real = mask2.bool()
-        diff = (eager2.float() - got2.float()).abs()[real].max().item() / scale
+        diff = relative_diff(eager2, got2, mask2.bool())
         if diff > tol:
-            raise SystemExit(untraceable(model, recorded, f"on a batch of another shape the traced model differs from the eager one by {diff:.3g}"))
+            raise SystemExit(untraceable(model, recorded, f"on a batch of another shape the traced model differs from the eager one by {diff:.3g} "
+                                                          f"of the largest logit (allowed: {tol:.3g})"))
         # the left-padded row gives what its tokens give alone
         alone = traced(ids[1:, 2:], mask[1:, 2:])[0]
-        diff = (got[1:, 2:].float() - alone.float()).abs().max().item() / scale
+        diff = relative_diff(alone, got[1:, 2:])
         if diff > tol:
-            raise SystemExit(f"export: a left-padded example differs from the same example alone by {diff}")
+            raise SystemExit(f"export: a left-padded example differs from the same example alone by {diff:.3g} of the largest logit "
+                             f"(allowed: {tol:.3g})")
     return traced
+
+
+def gguf_source(source):
+    """(directory, file name) when `source` is a .gguf file or a directory holding one .gguf
+    and no config.json; None for a save_pretrained directory or a hub name. A GGUF whose
+    architecture transformers' GGUF loader cannot read is refused here, by name."""
+    p = Path(source)
+    if p.is_file() and p.suffix == ".gguf":
+        d, name = p.parent, p.name
+    elif p.is_dir() and not (p / "config.json").exists():
+        found = sorted(x.name for x in p.glob("*.gguf"))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise SystemExit(f"export: {source} holds {len(found)} .gguf files ({', '.join(found)}): name one of them")
+        d, name = p, found[0]
+    elif p.suffix == ".gguf":
+        raise SystemExit(f"export: {source}: no such file")
+    else:
+        return None
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(str(d / name))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # noqa: BLE001 - a file that is not GGUF
+        raise SystemExit(f"export: {d / name} is not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if arch not in readable:
+        ours = sorted(a for a in readable if MODEL_TYPES.get(a) in LAYOUTS)
+        raise SystemExit(f"export: {d / name} holds a {arch!r} model, which transformers' GGUF loader cannot read (it reads "
+                         f"{', '.join(readable)}; hookrs supports {', '.join(ours)} of them). Convert it to a save_pretrained "
+                         f"directory another way and export that")
+    return d, name
 
 
 def main():
@@ -324,10 +376,18 @@ def main():
         family, source = a.random, f"random:{a.random}:seed={a.seed}"
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
-        cfg = AutoConfig.from_pretrained(a.source)
-        model = AutoModelForCausalLM.from_pretrained(a.source, torchscript=True, use_cache=False, attn_implementation="eager",
+        gguf = gguf_source(a.source)
+        load_from = dict(pretrained_model_name_or_path=str(gguf[0]), gguf_file=gguf[1]) if gguf else dict(pretrained_model_name_or_path=a.source)
+        if gguf:
+            print(f"export: dequantizing {gguf[0] / gguf[1]} to {a.dtype} with transformers' GGUF loader (a minute for 100M parameters)",
+                  file=sys.stderr)
+        cfg = AutoConfig.from_pretrained(**load_from)
+        family = MODEL_TYPES.get(cfg.model_type, cfg.model_type)
+        if family not in LAYOUTS:
+            raise SystemExit(f"export: no layout for model_type {cfg.model_type!r}; hookrs knows: {', '.join(sorted(MODEL_TYPES))}")
+        model = AutoModelForCausalLM.from_pretrained(**load_from, torchscript=True, use_cache=False, attn_implementation="eager",
                                                      torch_dtype=DTYPES[a.dtype])
-        family, source = MODEL_TYPES.get(cfg.model_type, cfg.model_type), a.source
+        source = str(gguf[0] / gguf[1]) if gguf else a.source
     architecture = type(model).__name__
     if family not in LAYOUTS:
         raise SystemExit(f"export: no layout for model_type {family!r}; hookrs knows: {', '.join(sorted(MODEL_TYPES))}")
@@ -343,14 +403,15 @@ def main():
         word_tokenizer(tok_out)
     else:
         src = Path(a.source)
-        if (src / "tokenizer.json").exists():
+        if not gguf and (src / "tokenizer.json").exists():
             shutil.copy(src / "tokenizer.json", tok_out)
         else:
             try:
                 from transformers import AutoTokenizer
-                t = AutoTokenizer.from_pretrained(a.source)
-                if getattr(t, "backend_tokenizer", None) is not None:
-                    t.backend_tokenizer.save(str(tok_out))
+                t = AutoTokenizer.from_pretrained(**load_from)
+                if getattr(t, "backend_tokenizer", None) is None:
+                    raise ValueError("it has no fast (tokenizers) form")
+                t.backend_tokenizer.save(str(tok_out))
             except Exception as e:
                 print(f"export: no tokenizer.json for {a.source} ({e}); use --input-ids", file=sys.stderr)
     print(f"export: {desc['architecture']} ({desc['num_hidden_layers']} layers, {desc['num_attention_heads']} heads / "

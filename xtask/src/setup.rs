@@ -1,6 +1,11 @@
 //! `cargo xtask setup`: the pinned Python venv (torch, transformers, easyroutine) in a per-user
 //! cache directory, and the `.libtorch` link that `.cargo/config.toml` points tch at.
 //!
+//! Each command installs only what it needs: [`setup`] is the venv and the link (every command
+//! that runs a model); [`python_package`] builds `import hookrs` into the venv (the Python
+//! tests, parity through Python, the Python bench); [`browser`] and [`cargo_deny`] are for CI's
+//! tests alone. `cargo xtask setup` by itself installs all of them.
+//!
 //! Idempotent: a stamp file records the hash of the requirement files that the venv was built
 //! from; when it matches and the imports work, setup only re-checks the link and returns.
 //! A half-finished venv (interrupted pip, missing interpreter) is repaired, not reported.
@@ -38,6 +43,17 @@ import easyroutine.interpretability.hooks, easyroutine.interpretability.activati
 from easyroutine.interpretability.module_wrappers.manager import ModuleWrapperManager; \
 import os; print(torch.__version__); print(os.path.dirname(torch.__file__))";
 
+/// Everything any command needs (`cargo xtask setup`, and `ci`).
+pub fn everything() -> Result<PathBuf> {
+    let python = setup()?;
+    python_package()?;
+    browser()?;
+    cargo_deny()?;
+    Ok(python)
+}
+
+/// The venv and the `.libtorch` link: what every command that builds or runs a model needs.
+/// Returns the venv's Python.
 pub fn setup() -> Result<PathBuf> {
     let root = project_root();
     let cache = cache_dir()?;
@@ -82,10 +98,14 @@ pub fn setup() -> Result<PathBuf> {
     link(&root.join(".libtorch"), &torch_dir)?;
     eprintln!("setup: torch {version} at {}", torch_dir.display());
     eprintln!("setup: .libtorch -> {}", torch_dir.display());
-    install_python_package(&torch_dir)?;
-    browser()?;
-    cargo_deny()?;
     Ok(python)
+}
+
+/// `import hookrs` in the venv (after [`setup`]).
+pub fn python_package() -> Result<()> {
+    let python = setup()?;
+    let torch_dir = PathBuf::from(probe(&python)?.lines().nth(1).unwrap_or_default());
+    install_python_package(&torch_dir)
 }
 
 /// The pinned cargo-deny, installed with `cargo install` the first time (a few minutes; then

@@ -27,6 +27,13 @@ pub struct Labels<'a> {
 }
 
 const FONT: &str = "sans-serif";
+/// The colour bar's geometry in pixels: space before the strip, the strip itself, its tick
+/// labels with the value's title, and space after them. They add up to the bar's area, so the
+/// strip always has its width (a margin larger than the area left it none).
+const BAR_MARGIN_LEFT: u32 = 14;
+const BAR_STRIP: u32 = 28;
+const BAR_LABELS: u32 = 92;
+const BAR_MARGIN_RIGHT: u32 = 6;
 const MAX_LABEL: usize = 16;
 
 fn register_font() -> Result<()> {
@@ -127,7 +134,8 @@ fn geometry(rows: usize, cols: usize, row_labels: &[String], col_labels: &[Strin
     let chars = |ls: &[String]| ls.iter().map(|l| l.chars().count()).max().unwrap_or(1).min(MAX_LABEL) as u32;
     let x_area = chars(col_labels) * 7 + 36;
     let y_area = chars(row_labels) * 8 + 44;
-    let bar = 130;
+    // the colour bar's area: a strip, its tick labels and the value's title
+    let bar = BAR_MARGIN_LEFT + BAR_STRIP + BAR_LABELS + BAR_MARGIN_RIGHT;
     Geometry {
         width: (y_area + cell_w * cols as u32 + bar + 30).max(480).max(title.chars().count() as u32 * 11 + 40),
         height: 60 + cell_h * rows as u32 + x_area,
@@ -226,9 +234,10 @@ where
     let mut bar_chart = ChartBuilder::on(&bar)
         .margin_top(8)
         .margin_bottom(g.x_area + 8)
-        .margin_right(70)
+        .margin_left(BAR_MARGIN_LEFT)
+        .margin_right(BAR_MARGIN_RIGHT)
         .y_label_area_size(0)
-        .right_y_label_area_size(64)
+        .right_y_label_area_size(BAR_LABELS)
         .build_cartesian_2d(0f64..1f64, scale.lo..scale.hi)
         .map_err(e)?
         .set_secondary_coord(0f64..1f64, scale.lo..scale.hi);
@@ -321,6 +330,27 @@ mod tests {
         assert_eq!(format_tick(0.0061, 0.001), "0.00610");
         assert_eq!(format_tick(1e-20, 1.0), "0");
         assert_eq!(format_tick(123456.0, 1e6), "1.23e5");
+    }
+
+    #[test]
+    fn the_colour_bar_shows_its_strip() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vec![vec![-1.0, 0.5], vec![0.0, 2.0]];
+        let rows = vec!["L0".to_string(), "L1".to_string()];
+        let cols = vec!["a".to_string(), "b".to_string()];
+        let path = dir.path().join("bar.png");
+        draw(&v, &rows, &cols, Labels { title: "t", x: "x", y: "y", value: "v", cells: None }, &path).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        let g = geometry(2, 2, &rows, &cols, "t");
+        // the strip's middle column runs from the palette's top end (red, +2) to its bottom (blue, -2)
+        let x = g.width - g.bar + BAR_MARGIN_LEFT + BAR_STRIP / 2;
+        let column: Vec<[u8; 3]> = (0..img.height()).map(|y| img.get_pixel(x, y).0).collect();
+        let near = |c: &[u8; 3], want: (u8, u8, u8)| (c[0] as i32 - want.0 as i32).abs() < 12 && (c[1] as i32 - want.1 as i32).abs() < 12 && (c[2] as i32 - want.2 as i32).abs() < 12;
+        let red = column.iter().position(|c| near(c, (180, 4, 38))).expect("the strip's red end is drawn");
+        let blue = column.iter().rposition(|c| near(c, (59, 76, 192))).expect("the strip's blue end is drawn");
+        assert!(red < blue, "the strip runs from high values at the top to low ones at the bottom");
+        let white = column.iter().filter(|c| near(c, (247, 247, 247))).count();
+        assert!(white >= 1 && (blue - red) > 100, "a strip of {} pixels", blue - red);
     }
 
     #[test]

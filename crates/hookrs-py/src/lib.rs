@@ -117,19 +117,23 @@ fn value_to_py(py: Python<'_>, v: &CacheValue) -> PyResult<PyObject> {
     })
 }
 
-fn holds_tensor(obj: &Bound<'_, PyAny>, tensor_type: &Bound<'_, PyAny>) -> PyResult<bool> {
-    if obj.is_instance(tensor_type)? || obj.is_instance_of::<ValueWithInfo>() {
+/// Whether `obj` must keep its Python structure in the cache rather than become JSON: it is
+/// or holds a tensor, a value with info, or a tuple (JSON has no tuples, and easyroutine's
+/// aggregation treats a tuple differently from a list: `(1, 2)` then `(3, 4)` gives
+/// `[(1, 2), (3, 4)]`, where lists give `[1, 2, 3, 4]`).
+fn needs_structure(obj: &Bound<'_, PyAny>, tensor_type: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if obj.is_instance(tensor_type)? || obj.is_instance_of::<ValueWithInfo>() || obj.is_instance_of::<PyTuple>() {
         return Ok(true);
     }
     if let Ok(d) = obj.downcast::<PyDict>() {
         for (_, v) in d.iter() {
-            if holds_tensor(&v, tensor_type)? {
+            if needs_structure(&v, tensor_type)? {
                 return Ok(true);
             }
         }
     } else if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
         for v in obj.try_iter()? {
-            if holds_tensor(&v?, tensor_type)? {
+            if needs_structure(&v?, tensor_type)? {
                 return Ok(true);
             }
         }
@@ -137,7 +141,7 @@ fn holds_tensor(obj: &Bound<'_, PyAny>, tensor_type: &Bound<'_, PyAny>) -> PyRes
     Ok(false)
 }
 
-/// A Python value as a cache value: tensors, values with info, and lists / tuples / dicts
+/// A Python value as a cache value: tensors, values with info, tuples, and lists / dicts
 /// holding them keep their structure; anything else is stored as JSON data.
 fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<CacheValue> {
     let py = obj.py();
@@ -149,7 +153,7 @@ fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<CacheValue> {
         let v = v.borrow();
         return Ok(CacheValue::Info { value: Box::new(value_from_py(v.value.bind(py))?), info: v.info.clone() });
     }
-    if holds_tensor(obj, &tensor_type)? {
+    if needs_structure(obj, &tensor_type)? {
         if let Ok(d) = obj.downcast::<PyDict>() {
             let mut m = indexmap::IndexMap::new();
             for (k, v) in d.iter() {

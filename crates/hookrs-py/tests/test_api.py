@@ -129,3 +129,19 @@ def test_a_half_precision_export_loads_in_another_dtype():
         hookrs.HookedModule.load(str(model_path()), dtype="bfloat16")
     with pytest.raises(ValueError, match="expected float32, bfloat16 or float16"):
         hookrs.HookedModule.load(str(p), dtype=torch.int8)
+
+
+def test_cat_of_plain_tuples_and_lists_is_easyroutines(tmp_path):
+    # easyroutine's default aggregation: two tuples make a list of both; lists concatenate
+    a, b = hookrs.ActivationCache(), hookrs.ActivationCache()
+    a["t"], b["t"] = (1, 2), (3, 4)
+    a["l"], b["l"] = [1, 2], [3, 4]
+    a["n"], b["n"] = [(1, "x")], [(2, "y")]
+    assert a["t"] == (1, 2) and isinstance(a["t"], tuple)
+    a.cat(b)
+    assert a["t"] == [(1, 2), (3, 4)]
+    assert a["l"] == [1, 2, 3, 4]
+    assert a["n"] == [(1, "x"), (2, "y")]
+    a.save(str(tmp_path / "t.safetensors"))
+    back = hookrs.ActivationCache.load(str(tmp_path / "t.safetensors"))
+    assert back["t"] == [(1, 2), (3, 4)] and back["l"] == [1, 2, 3, 4]
