@@ -36,19 +36,24 @@ HERE = Path(__file__).parent
 
 # Tiny random models, one per family: GQA in llama, mistral, qwen2, gemma3, phi3, qwen3, gemma2 and
 # olmo2; q/k/v bias in qwen2; attention bias in gpt2 and gpt_neox; partial rotary in gpt_neox and
-# phi3; q/k norms in qwen3 and olmo2; soft-capping and alternating sliding windows in gemma2.
+# phi3; q/k norms in qwen3 and olmo2; soft-capping in gemma2. Each is deep enough to hold every kind
+# of layer its family has, with a layer after each kind: Gemma 2 alternates sliding and global
+# layers; Gemma 3 has a global layer every `sliding_window_pattern` layers (6 in real models, 2
+# here: sliding, global, sliding); Qwen2 uses sliding windows from `max_window_layers` on; Mistral
+# slides everywhere. The windows are short (4 tokens) so that tests on short prompts reach them.
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64),
-    "qwen2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2),
-    "gemma3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                   sliding_window=64, query_pre_attn_scalar=16),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=4),
+    "qwen2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True,
+                  sliding_window=4, max_window_layers=1),
+    "gemma3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                   sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=16),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25, attention_bias=True),
     "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
                  sliding_window=None),
     "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    sliding_window=4, query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=30.0),
     "olmo2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
 }
@@ -266,6 +271,67 @@ def untraceable(model, recorded, what):
             f"Where the trace depends on the example input:\n{detail}")
 
 
+class KeepInputsOutside:
+    """While tracing, each module's tensor inputs keep the graph value they had before the call.
+
+    An op that returns its input itself (`x.float()` on a float32 tensor, a slice over a whole
+    dimension) makes the tracer bind that tensor to the op's output *inside* the module. Every
+    later use outside the module then reads it from there, so the tracer adds it to the module's
+    outputs: Gemma 3's global-attention layers returned (attention mask, hidden states), its
+    norms (normed, input). Such extra outputs break `.output` (easyroutine's first tensor) and
+    the module's meaning. Rebinding each input to its value from before the call (unless the
+    module changed it in place: its version counter moved, or returns it: dropout in eval) keeps
+    every module's outputs the ones its forward returns. The values are the same tensors, so the graph computes the same.
+    """
+
+    def __init__(self, model):
+        self.model, self.handles, self.saved = model, [], {}
+
+    @staticmethod
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                yield from KeepInputsOutside.tensors(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                yield from KeepInputsOutside.tensors(y)
+
+    def before(self, module, args, kwargs):
+        if torch._C._get_tracing_state() is None:
+            return
+        saved = []
+        for t in self.tensors((args, kwargs)):
+            try:
+                saved.append((t, torch._C._get_value_trace(t), t._version))
+            except RuntimeError:
+                pass  # not traced yet (a constant): nothing to keep
+        self.saved.setdefault(id(module), []).append(saved)
+
+    def after(self, module, args, kwargs, output):
+        stack = self.saved.get(id(module))
+        if not stack:
+            return
+        returned = {id(t) for t in self.tensors(output)}
+        for t, value, version in stack.pop():
+            # an input the module returns itself (dropout in eval) is its output: keep that
+            if t._version == version and id(t) not in returned:
+                torch._C._set_value_trace(t, value)
+
+    def __enter__(self):
+        for m in self.model.modules():
+            if m is self.model:
+                continue
+            self.handles.append(m.register_forward_pre_hook(self.before, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self.after, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
 def trace(model, vocab, device="cpu"):
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -275,7 +341,8 @@ def trace(model, vocab, device="cpu"):
     with torch.no_grad():
         with warnings.catch_warnings(record=True) as recorded:
             warnings.simplefilter("always", torch.jit.TracerWarning)
-            traced = torch.jit.trace(model, (ids, mask), check_trace=False, strict=False)
+            with KeepInputsOutside(model):
+                traced = torch.jit.trace(model, (ids, mask), check_trace=False, strict=False)
         recorded = [w for w in recorded if issubclass(w.category, torch.jit.TracerWarning)]
         eager = model(ids, attention_mask=mask)[0]
         got = traced(ids, mask)[0]

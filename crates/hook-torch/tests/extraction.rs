@@ -139,3 +139,49 @@ fn every_family_describes_its_layout() {
         }
     }
 }
+
+/// The shape each extraction promises for every token of a `[B, T]` batch, from the model's
+/// description: `None` for keys this test does not know (they fail it, so new keys get a rule).
+fn promised_shape(key: &str, d: &hook_torch::ModelDescription, b: i64, t: i64) -> Option<Vec<i64>> {
+    let (dm, dh) = (d.hidden_size as i64, d.head_dim as i64);
+    let kv = (d.num_key_value_heads * d.head_dim) as i64;
+    let q = (d.num_attention_heads * d.head_dim) as i64;
+    let prefix = key.rsplit_once('_').map(|(p, _)| p).unwrap_or(key);
+    Some(match prefix {
+        "resid_in" | "resid_mid" | "resid_out" | "attn_in" | "attn_out" | "mlp_out" | "resid_in_post_layernorm" => vec![b, t, dm],
+        "head_queries" | "head_keys" | "head_values" => vec![b, t, dh],
+        "head_out" | "projected_query" | "projected_key" | "projected_value" => vec![b, t, dm],
+        "pattern" => vec![b, t, t],
+        "queries" => vec![b, t, q],
+        "keys" | "values" => vec![b, t, kv],
+        _ if key == "input_embeddings" || key == "last_layernorm" => vec![b, t, dm],
+        _ => return None,
+    })
+}
+
+#[test]
+fn every_site_has_the_shape_its_template_promises_at_every_layer() {
+    // tiny models hold every kind of layer their family has (Gemma 2/3 sliding and global,
+    // Qwen2 sliding from max_window_layers on): a global Gemma 3 layer once returned the
+    // attention mask as its output
+    for family in FAMILIES {
+        let mut m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
+        let d = m.description().unwrap().clone();
+        let (ids, _) = common::inputs();
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let (_, cache) = m.run_with_cache(&ids, &ids.ones_like(), &TokenGroups::all(t as usize).unwrap(), &everything(&m)).unwrap();
+        let mut layers_seen = std::collections::BTreeSet::new();
+        for (k, v) in cache.iter() {
+            let Some(x) = v.tensor() else { continue };
+            if k == "logits" || k == "token_lengths" {
+                continue;
+            }
+            let want = promised_shape(k, &d, b, t).unwrap_or_else(|| panic!("{family}: no shape rule for `{k}`"));
+            assert_eq!(x.size(), want, "{family}: `{k}`");
+            if let Some(l) = k.strip_prefix("resid_out_") {
+                layers_seen.insert(l.parse::<usize>().unwrap());
+            }
+        }
+        assert_eq!(layers_seen.len(), d.num_hidden_layers, "{family}: a resid_out for every layer");
+    }
+}

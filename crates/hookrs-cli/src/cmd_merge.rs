@@ -1,5 +1,6 @@
 //! `hookrs merge`: shard caches back into one, in dataset order; or chunk directories, one
-//! after another, into one file.
+//! after another, into one file or (OUT ending in `/`, or an existing directory) into one chunk
+//! directory, streamed a chunk at a time so that memory stays bounded whatever the dataset's size.
 //!
 //! Each shard records its batches (`hookrs_batches`: global batch index and size); tensors
 //! whose first axis is the batch are cut back into batches, ordered by global index and joined
@@ -30,9 +31,14 @@ fn slice(v: &CacheValue, offset: i64, n: i64, total: i64) -> Result<CacheValue> 
     })?)
 }
 
-/// Chunk directories: shard directories (from `--shard K/N`) in dataset order, checked to
-/// cover every shard once; other directories in the order given.
-fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+/// Whether `out` names a chunk directory to write: it ends in `/` or is an existing directory.
+fn is_dir_out(out: &Path) -> bool {
+    out.is_dir() || out.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR)
+}
+
+/// The chunk directories in dataset order: shard directories (from `--shard K/N`) sorted and
+/// checked to cover every shard once; other directories in the order given.
+fn ordered_dirs(inputs: &[PathBuf]) -> Result<Vec<(&PathBuf, hook_cache::ChunkDir)>> {
     let mut dirs = inputs.iter().map(|p| Ok((p, hook_cache::ChunkDir::open(p)?))).collect::<Result<Vec<_>>>()?;
     for (p, d) in &dirs {
         if !d.manifest().complete {
@@ -61,6 +67,42 @@ fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
             expect += d.manifest().examples();
         }
     }
+    Ok(dirs)
+}
+
+/// Chunk directories into one chunk directory, chunk by chunk (each verified against its
+/// manifest's hash, then written as the next chunk): peak memory is one chunk. A run that was
+/// interrupted resumes after the chunks it finished.
+fn merge_dirs_to_dir(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let dirs = ordered_dirs(inputs)?;
+    let mut fingerprints = std::collections::BTreeMap::new();
+    fingerprints.insert("merged_from".to_string(), inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    for (k, v) in &dirs[0].1.manifest().fingerprints {
+        if k != "shard" {
+            fingerprints.insert(k.clone(), v.clone());
+        }
+    }
+    let mut writer = hook_cache::ChunkWriter::open(out, fingerprints, false)?;
+    let done = writer.manifest().chunks.len();
+    let (mut chunks, mut examples) = (0usize, 0u64);
+    for (_, dir) in &dirs {
+        for (i, entry) in dir.manifest().chunks.iter().enumerate() {
+            if chunks >= done {
+                dir.verify(i)?;
+                writer.write_chunk(&dir.read_chunk(i)?, entry.examples)?;
+            }
+            chunks += 1;
+            examples += entry.examples;
+        }
+    }
+    writer.finish()?;
+    println!("merged {examples} examples in {chunks} chunks from {} chunk directories -> {}", inputs.len(), out.display());
+    Ok(())
+}
+
+/// Chunk directories into one file.
+fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let dirs = ordered_dirs(inputs)?;
     let mut merged = ActivationCache::new();
     let mut meta = None;
     let mut examples = 0;
@@ -87,11 +129,20 @@ fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
 
 pub fn run(out: &Path, inputs: &[PathBuf]) -> Result<()> {
     let dirs = inputs.iter().filter(|p| p.is_dir()).count();
+    if dirs > 0 && dirs < inputs.len() {
+        bail!(crate::Usage("merge takes shard files (from --shard K/N) or chunk directories, not both".into()));
+    }
+    if is_dir_out(out) {
+        if dirs == 0 {
+            bail!(crate::Usage(format!(
+                "{} is a directory, but shard files merge into one file: name a file such as merged.safetensors (chunk directories, from `extract --out DIR/`, merge into a directory)",
+                out.display()
+            )));
+        }
+        return merge_dirs_to_dir(out, inputs);
+    }
     if dirs == inputs.len() {
         return merge_dirs(out, inputs);
-    }
-    if dirs > 0 {
-        bail!("merge takes shard files (from --shard K/N) or chunk directories, not both");
     }
     let mut parts: Vec<(usize, ActivationCache)> = Vec::new();
     let mut total_batches = 0;

@@ -29,6 +29,32 @@ pub struct Args {
     /// The HTML file to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// The example repeats a token sequence of this length (e.g. BOS, then r_1..r_N twice):
+    /// print each head's induction score, the mean attention from a token of the second copy to
+    /// the token after its first occurrence, best heads first (as TransformerLens's induction
+    /// score; an induction head scores near 1, a random one near 1/position).
+    #[arg(long, value_name = "N")]
+    pub induction_period: Option<usize>,
+}
+
+/// Induction score of one pattern (`q x k`, row-major) for a sequence repeated with period `n`:
+/// the mean over query positions `p >= n + 1` of `pattern[p][p - n + 1]`, i.e. the
+/// queries of the second copy attending to the token after their first occurrence. None when
+/// no query has such a key.
+///
+/// ```ignore
+/// // 5 positions, period 2: queries 2..4 should look at keys 1..3
+/// let mut p = vec![0.0; 25];
+/// for q in 3..5 { p[q * 5 + q - 1] = 1.0; }
+/// assert_eq!(induction_score(&p, 5, 2), Some(1.0));
+/// ```
+pub fn induction_score(pattern: &[f64], positions: usize, n: usize) -> Option<f64> {
+    // p >= n + 1: the query's token occurred at p - n >= 1 (position 0 may be a BOS)
+    let queries: Vec<usize> = (n + 1..positions).collect();
+    if n == 0 || queries.is_empty() {
+        return None;
+    }
+    Some(queries.iter().map(|&p| pattern[p * positions + p + 1 - n]).sum::<f64>() / queries.len() as f64)
 }
 
 /// `pattern_L3H7` -> (3, 7).
@@ -73,6 +99,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut layers = Vec::new();
     let mut labels: Option<Vec<String>> = None;
+    let mut scores: Vec<(f64, usize, usize)> = Vec::new();
     for (l, mut hs) in heads {
         hs.sort();
         let mut out = Vec::new();
@@ -94,6 +121,14 @@ pub fn run(a: Args) -> Result<()> {
             if names.len() != q {
                 bail!("`{key}` covers {q} positions, other patterns {}: one token selection per cache", names.len());
             }
+            if let Some(n) = a.induction_period {
+                if n == 0 || n >= q {
+                    bail!(crate::Usage(format!("--induction-period {n}: the example has {q} positions, so the period must be 1..{}", q.saturating_sub(1))));
+                }
+                if let Some(score) = induction_score(&flat, q, n) {
+                    scores.push((score, l, h));
+                }
+            }
             let rows: Vec<Vec<serde_json::Value>> = flat.chunks(k).map(|r| r.iter().map(|&v| weight(v)).collect()).collect();
             out.push(serde_json::json!({"head": h, "pattern": rows}));
         }
@@ -110,7 +145,32 @@ pub fn run(a: Args) -> Result<()> {
     crate::write_atomic(&a.out, html.as_bytes())?;
     let n_heads: usize = data["layers"].as_array().map(|ls| ls.iter().map(|l| l["heads"].as_array().map_or(0, Vec::len)).sum()).unwrap_or(0);
     println!("{} layers, {n_heads} heads, {} tokens -> {}", data["layers"].as_array().map_or(0, Vec::len), data["tokens"].as_array().map_or(0, Vec::len), a.out.display());
+    if let Some(n) = a.induction_period {
+        scores.sort_by(|x, y| y.0.total_cmp(&x.0));
+        let top: Vec<String> = scores.iter().take(5).map(|(s, l, h)| format!("L{l}H{h} {s:.3}")).collect();
+        println!("induction scores (period {n}), best first: {}", top.join(", "));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::induction_score;
+
+    #[test]
+    fn induction_score_reads_the_token_after_the_first_occurrence() {
+        // BOS, a, b, a, b: period 2; queries 2..4 attend to keys 1..3
+        let n = 5;
+        let mut p = vec![0.0; n * n];
+        for q in 2..n {
+            p[q * n + q - 1] = 1.0;
+        }
+        assert_eq!(induction_score(&p, n, 2), Some(1.0));
+        // a head that attends to itself scores 0
+        let diag: Vec<f64> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+        assert_eq!(induction_score(&diag, n, 2), Some(0.0));
+        assert_eq!(induction_score(&p, n, 0), None);
+    }
 }
 
 /// The string tokens of the positions a pattern covers, or their indices.

@@ -47,6 +47,42 @@ fn register_font() -> Result<()> {
     }
 }
 
+/// A tokenizer's string token as a reader sees it: byte-level BPE symbols (GPT-2, Llama 3,
+/// SmolLM: `Ġ` for a space, `Ċ` for a newline) turned back into their text, SentencePiece's `▁`
+/// into a space, and spaces shown as `␣`, so that " Paris" and "Paris" differ on the page. A
+/// token that is not valid text on its own (part of a multi-byte character) stays as it is.
+///
+/// ```ignore
+/// assert_eq!(readable_token("ĠParis"), "␣Paris");
+/// assert_eq!(readable_token("▁the"), "␣the");
+/// assert_eq!(readable_token("Ċ"), "\n");
+/// ```
+pub fn readable_token(token: &str) -> String {
+    // GPT-2's bytes_to_unicode, inverted: printable Latin-1 stands for itself, the other bytes
+    // for U+0100 + n in byte order
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let byte_of = |c: char| -> Option<u8> {
+        let c = c as u32;
+        if printable(c) {
+            return Some(c as u8);
+        }
+        let n = c.checked_sub(0x100)?;
+        (0u32..256).filter(|&b| !printable(b)).nth(n as usize).map(|b| b as u8)
+    };
+    let bytes = if token.contains('▁') { None } else { token.chars().map(byte_of).collect::<Option<Vec<u8>>>() };
+    let text = match bytes.map(String::from_utf8) {
+        Some(Ok(text)) => text,
+        Some(Err(_)) => token.to_string(),
+        None => token.replace('▁', " "),
+    };
+    text.replace(' ', "␣")
+}
+
+/// A token label as it can be drawn: [`readable_token`], then [`clean`].
+fn clean_token(label: &str) -> String {
+    clean(&readable_token(label))
+}
+
 /// A label as it can be drawn: control characters made visible, long ones cut with an ellipsis.
 fn clean(label: &str) -> String {
     let s: String = label
@@ -196,7 +232,7 @@ where
     let (_, bottom) = chart.backend_coord(&(SegmentValue::Exact(0), SegmentValue::Exact(0)));
     for c in (0..cols).step_by(x_step.max(1)) {
         let (x, _) = chart.backend_coord(&(SegmentValue::CenterOf(c as i32), SegmentValue::Exact(0)));
-        let label = col_labels.get(c).map(|l| clean(l)).unwrap_or_default();
+        let label = col_labels.get(c).map(|l| clean_token(l)).unwrap_or_default();
         main.draw_text(&label, &style, (x - main.get_base_pixel().0, bottom + 8 - main.get_base_pixel().1)).map_err(e)?;
     }
     chart
@@ -224,7 +260,7 @@ where
                         (red as u32 * 299 + green as u32 * 587 + blue as u32 * 114) / 1000 < 128
                     });
                     let style = TextStyle::from((FONT, 11).into_font()).color(if dark { &WHITE } else { &BLACK }).pos(Pos::new(HPos::Center, VPos::Center));
-                    let short: String = clean(t).chars().take(((x1 - x0) / 7).max(1) as usize).collect();
+                    let short: String = clean_token(t).chars().take(((x1 - x0) / 7).max(1) as usize).collect();
                     main.draw_text(&short, &style, (x - main.get_base_pixel().0, y - main.get_base_pixel().1)).map_err(e)?;
                 }
             }
@@ -325,6 +361,14 @@ mod tests {
     #[test]
     fn labels_are_made_drawable() {
         assert_eq!(clean("a\nb"), "a⏎b");
+        assert_eq!(readable_token("ĠParis"), "␣Paris");
+        assert_eq!(readable_token("Paris"), "Paris");
+        assert_eq!(readable_token("▁the"), "␣the");
+        assert_eq!(clean_token("Ċ"), "⏎");
+        assert_eq!(readable_token("ĠĠĠ"), "␣␣␣");
+        assert_eq!(readable_token("Ã©"), "é", "two byte-level symbols of one character");
+        assert_eq!(readable_token("<|im_start|>"), "<|im_start|>");
+        assert_eq!(readable_token("café"), "café", "not byte-level: left as it is");
         assert_eq!(clean(&"x".repeat(40)).chars().count(), MAX_LABEL);
         assert_eq!(format_tick(0.25, 1.0), "0.25");
         assert_eq!(format_tick(0.0061, 0.001), "0.00610");

@@ -144,7 +144,30 @@ where
         Command::View(a) => cmd_view::run(a),
         Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
     };
-    result.map_err(|e| Failure { code: exit_code(&e), message: format!("{e:#}"), clap: None })
+    result.map_err(|e| Failure { code: exit_code(&e), message: describe(&e), clap: None })
+}
+
+/// An error and its causes, joined by `: `, leaving out a cause whose text the message before
+/// it already holds (errors that print their source, such as an I/O error with its path).
+///
+/// ```ignore
+/// let io = std::io::Error::new(std::io::ErrorKind::Other, "Not a directory");
+/// let e = anyhow::Error::new(io).context("out/x: Not a directory");
+/// assert_eq!(describe(&e), "out/x: Not a directory");
+/// ```
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// A malformed command line that clap itself cannot see: a flag's value that does not parse
@@ -170,6 +193,16 @@ macro_rules! usage {
 }
 
 /// The exit code of a failed command: 2 for a usage error, 1 otherwise.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::other("Not a directory (os error 20)");
+        let e = anyhow::Error::new(io).context("out/x: Not a directory (os error 20)").context("merging");
+        assert_eq!(super::describe(&e), "merging: out/x: Not a directory (os error 20)");
+    }
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
     if e.chain().any(|c| c.is::<Usage>()) {
         2

@@ -260,6 +260,25 @@ fn four_shard_processes_in_parallel_merge_to_the_one_process_result() {
             assert!(t.allclose(u, 1e-5, 1e-6, false), "{k}");
         }
     }
+    // into a chunk directory (OUT/), chunk by chunk: the same values as the one-file merge
+    let merged_dir = format!("{}/", dir.path().join("merged_dir").display());
+    let o = hookrs(&["merge", &merged_dir, s(&outs[3]), s(&outs[1]), s(&outs[0]), s(&outs[2])]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_dir = hook_cache::ChunkDir::open(&merged_dir).unwrap();
+    assert!(from_dir.manifest().complete);
+    assert_eq!(from_dir.manifest().examples(), 50);
+    let from_dir = from_dir.load_all().unwrap();
+    for (k, v) in a.iter() {
+        if let Some(t) = v.tensor() {
+            assert!(t.equal(from_dir.tensor(k).unwrap()), "{k}");
+        }
+    }
+    // run again: it is complete, nothing is rewritten; shard files cannot go into a directory
+    let o = hookrs(&["merge", &merged_dir, s(&outs[3]), s(&outs[1]), s(&outs[0]), s(&outs[2])]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = hookrs(&["merge", &merged_dir, s(&merged)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("name a file such as merged.safetensors"), "{}", stderr(&o));
     // a missing shard is refused
     let o = hookrs(&["merge", s(&dir.path().join("m2.safetensors")), s(&outs[0]), s(&outs[1]), s(&outs[3])]);
     assert!(stderr(&o).contains("missing [2]"), "{}", stderr(&o));

@@ -18,7 +18,8 @@ MODELS = ROOT / "target" / "test-models"
 
 def model_path(family="llama"):
     p = MODELS / f"{family}.pt"
-    if not p.exists():
+    exporter = ROOT / "xtask/python/export.py"
+    if not p.exists() or p.stat().st_mtime < exporter.stat().st_mtime:
         subprocess.run([sys.executable, str(ROOT / "xtask/python/export.py"), "--random", family, "--seed", "0", "--out", str(p)], check=True)
     return p
 

@@ -18,13 +18,23 @@ pub fn root() -> PathBuf {
     d
 }
 
+/// Whether the export at `path` must be made (again): it is missing, or older than the
+/// exporter (a change of `export.py` changes the test models).
+pub fn stale(path: &std::path::Path) -> bool {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (modified(path), modified(&root().join("xtask/python/export.py"))) {
+        (Some(made), Some(exporter)) => made < exporter,
+        _ => true,
+    }
+}
+
 /// The path of the tiny random model of `family`, exported on first use.
 pub fn model(family: &str) -> PathBuf {
     let root = root();
     let dir = root.join("target/test-models");
     let path = dir.join(format!("{family}.pt"));
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    if stale(&path) {
         let python = std::env::var("HOOKRS_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|_| venv_python());
         let status = Command::new(&python)
             .arg(root.join("xtask/python/export.py"))
@@ -42,7 +52,7 @@ pub fn model_in(family: &str, dtype: &str) -> PathBuf {
     let root = root();
     let path = root.join("target/test-models").join(format!("{family}@{dtype}.pt"));
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    if stale(&path) {
         let status = Command::new(python())
             .arg(root.join("xtask/python/export.py"))
             .args(["--random", family, "--seed", "0", "--dtype", dtype, "--out"])
