@@ -8,6 +8,10 @@ HookedModel.forward does, runs the forward (batch 1), and saves the cache (load_
 plus logits. The Rust runner does the same with run_with_cache and compares.
 
 Usage: python parity_models.py OUT
+       python parity_models.py OUT --real HF_DIR EXPORT.pt [EXPORT.pt ...]
+         the same cases on a real checkpoint (its save_pretrained directory and its hookrs
+         exports made from it in any dtype, e.g. by `cargo xtask fetch smollm2 [--dtype D]`), on
+         a sentence of real text (half-precision exports: the half-precision cases)
 """
 import json
 import logging
@@ -43,6 +47,8 @@ for _name in ("projected_key_vectors_head", "projected_query_vectors_head"):
         setattr(_hm, _name, getattr(_hooks, _name))
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
+REAL = sys.argv[3:] if len(sys.argv) >= 5 and sys.argv[2] == "--real" else None
+REAL_TEXT = "The Eiffel Tower, completed in 1889 for the World's Fair, stands on the Champ de Mars in Paris."
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "gpt_neox", "phi3", "qwen3", "gemma2", "olmo2"]
 # easyroutine 1.1.5 wraps the attention of these (its ModuleWrapperManager); the others get the
@@ -286,16 +292,36 @@ def run_family(family, dtype):
     traced = export.trace(model, cfg.vocab_size)
     desc = export.description(model, family, f"random:{family}:seed=0", architecture)
     torch.jit.save(traced, str(out / f"{name_of}.pt"), _extra_files={"hookrs.json": json.dumps(desc)})
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, cfg.vocab_size, (1, 8), generator=g)
+    run_cases(model, desc, family, name_of, dtype, ids, f"{name_of}.pt")
+
+
+def run_real(hf_dir, pt):
+    """The cases on a real checkpoint: the eager model from its save_pretrained directory (as
+    the export loads it), the export's own description, a tokenized sentence of real text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    extra = {"hookrs.json": ""}
+    torch.jit.load(pt, _extra_files=extra)
+    desc = json.loads(extra["hookrs.json"])
+    dtype = desc.get("dtype", "float32")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torchscript=True, use_cache=False, attn_implementation="eager",
+                                                 torch_dtype=export.DTYPES[dtype]).eval()
+    model = export.with_mask_positions(model)
+    ids = AutoTokenizer.from_pretrained(hf_dir)(REAL_TEXT, return_tensors="pt").input_ids
+    name_of = Path(pt).stem
+    run_cases(model, desc, desc["family"], name_of, dtype, ids, str(Path(pt).resolve()))
+
+
+def run_cases(model, desc, family, name_of, dtype, ids, model_file):
     ModuleWrapperManager(model=model).substitute_attention_module(model)
     er_templates = adapt(model, family, desc)
     lay = export.LAYOUTS[family]
     me = SimpleNamespace(model_config=model_config(desc, er_templates), hf_model=model, additional_interventions=None, additional_hooks=[],
                          intervention_manager=None, first_device="cpu", assert_module_exists=lambda c: None)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, cfg.vocab_size, (1, 8), generator=g)
     mask = torch.ones_like(ids)
     tensors[f"{name_of}/input_ids"] = ids
-    manifest["families"][name_of] = {"model": f"{name_of}.pt", "seq": 8, "dtype": dtype}
+    manifest["families"][name_of] = {"model": model_file, "seq": ids.shape[1], "dtype": dtype}
     seq = ids.shape[1]
     token_indexes = [tuple(p if p >= 0 else seq + p for p in grp) for grp in TOKENS]
     for name, fields in CASES:
@@ -361,10 +387,14 @@ def run_family(family, dtype):
     print(f"parity models: {name_of}: cases written", file=sys.stderr)
 
 
-for family in FAMILIES:
-    run_family(family, "float32")
-for family, dtype in HALF:
-    run_family(family, dtype)
+if REAL:
+    for pt in REAL[1:]:
+        run_real(REAL[0], pt)
+else:
+    for family in FAMILIES:
+        run_family(family, "float32")
+    for family, dtype in HALF:
+        run_family(family, dtype)
 
 from safetensors.torch import save_file
 save_file(tensors, str(out / "expected.safetensors"))

@@ -14,6 +14,7 @@
 
 mod bench;
 mod parity;
+mod real;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ fn dispatch(args: &[String]) -> Result<()> {
     let rest = args.get(1..).unwrap_or(&[]);
     match args.first().map(String::as_str) {
         Some("setup") => setup::everything().map(|_| ()),
+        Some("real") => real::real(rest),
         Some("fetch") => fetch(rest).map(|p| println!("{}", p.display())),
         Some("ci") => ci(),
         Some("demo") => demo(rest),
@@ -68,6 +70,7 @@ fn ci() -> Result<()> {
     wheel(&["--debug".to_string()])?;
     soak(&["--forwards".to_string(), "100".to_string(), "--loads".to_string(), "10".to_string()])?;
     parity(&[])?;
+    real::real(&[])?;
     deny(&[])?;
     Ok(())
 }
@@ -561,7 +564,7 @@ $HOOKRS_HOME/models/smollm2/ (smollm2.pt, smollm2.tokenizer.json, and hf/: a sav
 for Python). Reused afterwards; an interrupted run is repaired by running it again. Prints the export's path.";
 
 /// A usage error: the message, then exit status 2.
-fn usage_error(msg: &str) -> ! {
+pub fn usage_error(msg: &str) -> ! {
     eprintln!("xtask: error: {msg}");
     std::process::exit(2)
 }

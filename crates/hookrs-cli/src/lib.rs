@@ -24,6 +24,7 @@ mod cmd_merge;
 mod cmd_patch;
 mod cmd_plot;
 mod cmd_sites;
+mod cmd_tokenize;
 mod cmd_view;
 
 use std::path::PathBuf;
@@ -88,6 +89,9 @@ pub enum Command {
     /// The attention patterns of one example as one self-contained HTML page (no network):
     /// heads of each layer as thumbnails, a pattern grid with hover, tokens coloured by attention.
     View(cmd_view::Args),
+    /// The token ids (and string tokens) of texts, with the model's tokenizer, as --text and
+    /// --prompts give them to every other command.
+    Tokenize(cmd_tokenize::Args),
     /// A heatmap of one cache entry (e.g. an attention pattern), with token labels when known.
     Plot {
         /// The cache file or chunk directory.
@@ -142,6 +146,7 @@ where
         Command::Attribute(a) => cmd_attribute::run(a),
         Command::Generate(a) => cmd_generate::run(a),
         Command::View(a) => cmd_view::run(a),
+        Command::Tokenize(a) => cmd_tokenize::run(a),
         Command::Plot { cache, key, example, out } => cmd_plot::run(&cache, &key, example, &out),
     };
     result.map_err(|e| Failure { code: exit_code(&e), message: describe(&e), clap: None })
