@@ -3,6 +3,8 @@
 plain eager forward, and easyroutine's full extraction (resid in/mid/out of every layer,
 all-head attention patterns, head q/k/v) on the eager model, B=4, S=128, 2 threads.
 Prints one JSON line. Usage: python bench_models.py CONFIG.json SEED [BATCH SEQ DEVICE]
+                             python bench_models.py HF_DIR - [BATCH SEQ DEVICE]   (a real checkpoint's
+                             save_pretrained directory, e.g. the source of a `--model` export)
 """
 import json, sys, time, warnings
 from functools import partial
@@ -16,14 +18,20 @@ from easyroutine.interpretability.activation_cache import ActivationCache
 from easyroutine.interpretability.module_wrappers.manager import ModuleWrapperManager
 
 torch.set_num_threads(2)
-torch.manual_seed(int(sys.argv[2]))
-cfg = export.config_for("llama", json.loads(Path(sys.argv[1]).read_text()))
-cfg.torchscript, cfg.use_cache = True, False
-cfg._attn_implementation = "eager"
 B = int(sys.argv[3]) if len(sys.argv) > 3 else 4
 S = int(sys.argv[4]) if len(sys.argv) > 4 else 128
 dev = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
-m = export.model_for_config(cfg).float().eval().to(dev)
+if Path(sys.argv[1]).is_dir():
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], torchscript=True, use_cache=False, attn_implementation="eager",
+                                             torch_dtype=torch.float32).eval().to(dev)
+    cfg = m.config
+else:
+    torch.manual_seed(int(sys.argv[2]))
+    cfg = export.config_for("llama", json.loads(Path(sys.argv[1]).read_text()))
+    cfg.torchscript, cfg.use_cache = True, False
+    cfg._attn_implementation = "eager"
+    m = export.model_for_config(cfg).float().eval().to(dev)
 L, H, KV = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
 D = cfg.hidden_size // H
 g = torch.Generator().manual_seed(0)

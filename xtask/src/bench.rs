@@ -68,13 +68,15 @@ pub struct ModelsOptions {
     pub loads: usize,
     /// Skip easyroutine's side (for a GPU run without it, or a quick look).
     pub easyroutine: bool,
+    /// An existing export (or `smollm2`, fetched) instead of a random llama from `config`.
+    pub model: Option<String>,
 }
 
 impl ModelsOptions {
-    pub const USAGE: &'static str = "cargo xtask bench models [--device cpu|cuda|cuda:N] [--batch B] [--seq S] [--config bench|large|FILE.json] [--loads N] [--no-easyroutine]";
+    pub const USAGE: &'static str = "cargo xtask bench models [--device cpu|cuda|cuda:N] [--batch B] [--seq S] [--config bench|large|FILE.json | --model FILE.pt|smollm2] [--loads N] [--no-easyroutine]";
 
     pub fn parse(args: &[String]) -> Result<Self> {
-        let mut o = ModelsOptions { device: "cpu".into(), batch: 4, seq: 128, config: "bench".into(), loads: 3, easyroutine: true };
+        let mut o = ModelsOptions { device: "cpu".into(), batch: 4, seq: 128, config: "bench".into(), loads: 3, easyroutine: true, model: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut v = || it.next().with_context(|| format!("{a} needs a value: {}", Self::USAGE));
@@ -83,6 +85,7 @@ impl ModelsOptions {
                 "--batch" => o.batch = v()?.parse().context("--batch: a number")?,
                 "--seq" => o.seq = v()?.parse().context("--seq: a number")?,
                 "--config" => o.config = v()?.clone(),
+                "--model" => o.model = Some(v()?.clone()),
                 "--loads" => o.loads = v()?.parse().context("--loads: a number")?,
                 "--no-easyroutine" => o.easyroutine = false,
                 other => bail!("unknown option {other}: {}", Self::USAGE),
@@ -90,6 +93,16 @@ impl ModelsOptions {
         }
         Ok(o)
     }
+}
+
+/// The `source` an export records (its save_pretrained directory, for a real model).
+fn export_source(python: &Path, model: &Path) -> Result<std::path::PathBuf> {
+    let script = "import json, sys, torch\nx = {'hookrs.json': ''}\ntorch.jit.load(sys.argv[1], _extra_files=x)\nprint(json.loads(x['hookrs.json'])['source'])";
+    let out = Command::new(python).args(["-c", script]).arg(model).output()?;
+    if !out.status.success() {
+        bail!("{} is not a hookrs export: {}", model.display(), String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default());
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().into())
 }
 
 /// `VmRSS`/`VmHWM` fields and times from one `bench_models --load` line.
@@ -114,11 +127,26 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
             (format!("custom-{}", p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()), p)
         }
     };
-    if !config.is_file() {
+    // --model: an export of any model; easyroutine's side loads the directory it was exported from
+    let (name, config, model) = match o.model.as_deref() {
+        Some("smollm2") => {
+            let model = crate::fetch(&["smollm2".to_string()])?;
+            ("smollm2".to_string(), model.parent().context("the export lies in a folder")?.join("hf"), model)
+        }
+        Some(file) => {
+            let model = Path::new(file).to_path_buf();
+            if !model.is_file() {
+                bail!("--model {file}: no such file (an export from `cargo xtask export`, or smollm2)");
+            }
+            let source = export_source(python, &model)?;
+            (model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), source, model)
+        }
+        None => (name.clone(), config.clone(), dir.join(format!("{name}.pt"))),
+    };
+    if o.model.is_none() && !config.is_file() {
         bail!("--config {}: no such file (bench, large or a config.json)", o.config);
     }
-    let model = dir.join(format!("{name}.pt"));
-    if !model.exists() {
+    if o.model.is_none() && !model.exists() {
         eprintln!("bench models: exporting {} (random llama from {})...", model.display(), config.display());
         run(Command::new(python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--config"]).arg(&config).arg("--out").arg(&model))?;
     }
@@ -166,7 +194,11 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
     println!("| hookrs from Python: the same `run_with_cache` through `import hookrs` | {from_python:.1} | {:.3}x the Rust call |", from_python / full);
     if o.easyroutine {
         eprintln!("bench models: timing easyroutine (eager plain, full extraction)...");
-        let py = Command::new(python).arg(root.join("xtask/python/bench_models.py")).arg(&config).arg("0").args([&b, &s, &o.device]).output()?;
+        if !config.exists() {
+            bail!("easyroutine's side needs the eager model: {} (the export's source) is not a save_pretrained directory here; pass --no-easyroutine", config.display());
+        }
+        let seed = if config.is_dir() { "-" } else { "0" };
+        let py = Command::new(python).arg(root.join("xtask/python/bench_models.py")).arg(&config).arg(seed).args([&b, &s, &o.device]).output()?;
         if !py.status.success() {
             bail!("bench_models.py failed:\n{}", String::from_utf8_lossy(&py.stderr));
         }

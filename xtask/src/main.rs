@@ -217,13 +217,17 @@ fn demo(args: &[String]) -> Result<()> {
     let text = if tiny { TINY_TEXT } else { REAL_TEXT };
 
     // 1. extraction
-    let prompts = out.join("prompts.txt");
-    std::fs::write(&prompts, text.prompts.join("\n") + "\n")?;
+    let prompts = out.join("prompts.jsonl");
+    std::fs::write(&prompts, text.prompts.iter().map(|p| serde_json::json!({ "text": p }).to_string() + "\n").collect::<String>())?;
     let said = d.step(
-        "extract: the residual stream after every layer and every attention pattern at the last token of each prompt",
-        &["extract", "--model", &d.model, "--prompts", &prompts.to_string_lossy(), "--extract", "resid_out,attn_pattern", "--batch-size", "4", "--out", &d.file("cache.safetensors")],
+        "extract: the residual stream, attention output and MLP output of every layer at the last token of each prompt (a progress bar on a terminal)",
+        &["extract", "--model", &d.model, "--prompts", &prompts.to_string_lossy(), "--extract", "resid_out,attn_out,mlp_out", "--batch-size", "4", "--out", &d.file("cache.safetensors")],
     )?;
-    d.explain(&format!("{} — one [prompts, 1, d_model] tensor per layer (resid_out_L) and one [prompts, 1, tokens] pattern per head (pattern_LlHh)", said.trim()));
+    d.explain(&format!(
+        "{}: resid_out_L, attn_out_L and mlp_out_L of each layer L, each [{} prompts, 1 token, d_model] (easyroutine's keys; `hookrs inspect` lists them, load_cache.py reads them in Python)",
+        said.lines().rev().find(|l| l.contains("tokens/s")).unwrap_or("").split(" -> ").next().unwrap_or("").trim(),
+        text.prompts.len()
+    ));
 
     // 2. the logit lens
     d.step("the logit lens: what each layer would predict if the model stopped there", &["lens", "--model", &d.model, "--text", text.lens, "--out", &d.file("lens")])?;
@@ -280,8 +284,8 @@ fn demo(args: &[String]) -> Result<()> {
     };
     let resid = ioi("resid_out", "patching")?;
     d.explain(&format!(
-        "logit difference {:?} - {:?}: clean {:.2}, corrupted {:.2}. Restored share (clean = 1) is highest at {}. Picture: patching.png (layers x positions)",
-        text.ioi_answer, text.ioi_wrong, resid["clean_metric"].as_f64().unwrap_or(f64::NAN), resid["corrupted_metric"].as_f64().unwrap_or(f64::NAN), best(&resid, "at")
+        "logit difference {:?} - {:?}: clean {:.2}, corrupted {:.2}. Where patching restores most (clean = 1), by layer: {}. Picture: patching.png (layers x positions)",
+        text.ioi_answer, text.ioi_wrong, resid["clean_metric"].as_f64().unwrap_or(f64::NAN), resid["corrupted_metric"].as_f64().unwrap_or(f64::NAN), where_by_layer(&resid)
     ));
     d.step(
         "activation patching of each head's output, all positions at once",
@@ -303,9 +307,11 @@ fn demo(args: &[String]) -> Result<()> {
     )?;
     let top = said.lines().find(|l| l.starts_with("induction scores")).and_then(|l| l.split(": ").nth(1)).unwrap_or("").to_string();
     let first_head = top.split(',').next().unwrap_or("").trim().to_string();
+    let head_name = first_head.split(' ').next().unwrap_or("").to_string();
+    let address = head_name.trim_start_matches('L').split_once('H').map(|(l, h)| format!("#layer={l}&head={h}")).unwrap_or_default();
     d.explain(&format!(
-        "in the second copy of the {}-token sequence, head {first_head} attends most to the token that followed the current one last time (an induction head; a head that ignores the repeat scores about 1/position). Runners-up: {}. Open view.html#{} to see its pattern",
-        text.period, top.split(',').skip(1).collect::<Vec<_>>().join(",").trim(), first_head.split(' ').next().unwrap_or("")
+        "in the second copy of the {}-token sequence, head {first_head} attends most to the token that followed the current one last time (an induction head; a head that ignores the repeat scores about 1/position). Runners-up: {}. Open view.html{address} to see its pattern",
+        text.period, top.split(',').skip(1).collect::<Vec<_>>().join(",").trim()
     ));
 
     // 6. generation, with and without a steering vector
@@ -313,7 +319,10 @@ fn demo(args: &[String]) -> Result<()> {
     steering_vector(&python, &d, &text, &steer)?;
     let plain = d.step("greedy generation", &["generate", "--model", &d.model, "--text", text.generate, "--max-new-tokens", "16"])?;
     let steered = d.step(
-        &format!("the same, with the steering vector (mean residual of {:?}-prompts minus {:?}-prompts at layer {}) added at every generated position", text.steer_toward, text.steer_away, text.steer_layer),
+        &format!(
+            "the same, with a steering vector added to layer {}'s output at every generated position: {} x (mean residual of {} prompts like {:?} minus that of {} like {:?})",
+            text.steer_layer, text.steer_scale, text.steer_toward.len(), text.steer_toward[0], text.steer_away.len(), text.steer_away[0]
+        ),
         &["generate", "--model", &d.model, "--text", text.generate, "--max-new-tokens", "16", "--steer", &steer.to_string_lossy(), "--layer", &text.steer_layer.to_string(), "--scale", text.steer_scale],
     )?;
     d.explain(&format!("without steering: {}\n      with steering:    {}", plain.trim(), steered.trim()));
@@ -425,6 +434,32 @@ impl Demo {
     fn explain(&self, what: &str) {
         println!("  -> {what}");
     }
+}
+
+/// For each run of layers, the position where patching restores most: "L0-L18 at ' John/ Mary',
+/// L19-L29 at ' to'" (the answer moves from the name to the last token).
+fn where_by_layer(v: &serde_json::Value) -> String {
+    let cols: Vec<String> = v["col_labels"].as_array().into_iter().flatten().map(|c| readable(c.as_str().unwrap_or(""))).collect();
+    let rows: Vec<String> = v["row_labels"].as_array().into_iter().flatten().map(|r| r.as_str().unwrap_or("").to_string()).collect();
+    let best: Vec<usize> = v["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|row| {
+            let r: Vec<f64> = row.as_array().into_iter().flatten().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect();
+            (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0)
+        })
+        .collect();
+    let mut runs: Vec<String> = Vec::new();
+    let mut start = 0;
+    for i in 1..=best.len() {
+        if i == best.len() || best[i] != best[start] {
+            let span = if i - 1 == start { rows[start].clone() } else { format!("{}-{}", rows[start], rows[i - 1]) };
+            runs.push(format!("{span} at {:?}", cols.get(best[start]).cloned().unwrap_or_default()));
+            start = i;
+        }
+    }
+    runs.join(", ")
 }
 
 /// A tokenizer's string token as text ("ĠParis" -> " Paris"), for comparing with the answers.

@@ -49,12 +49,12 @@ fn register_font() -> Result<()> {
 
 /// A tokenizer's string token as a reader sees it: byte-level BPE symbols (GPT-2, Llama 3,
 /// SmolLM: `Ġ` for a space, `Ċ` for a newline) turned back into their text, SentencePiece's `▁`
-/// into a space, and spaces shown as `␣`, so that " Paris" and "Paris" differ on the page. A
+/// into a space, and spaces shown as `·`, so that " Paris" and "Paris" differ on the page. A
 /// token that is not valid text on its own (part of a multi-byte character) stays as it is.
 ///
 /// ```ignore
-/// assert_eq!(readable_token("ĠParis"), "␣Paris");
-/// assert_eq!(readable_token("▁the"), "␣the");
+/// assert_eq!(readable_token("ĠParis"), "·Paris");
+/// assert_eq!(readable_token("▁the"), "·the");
 /// assert_eq!(readable_token("Ċ"), "\n");
 /// ```
 pub fn readable_token(token: &str) -> String {
@@ -75,7 +75,7 @@ pub fn readable_token(token: &str) -> String {
         Some(Err(_)) => token.to_string(),
         None => token.replace('▁', " "),
     };
-    text.replace(' ', "␣")
+    text.replace(' ', "·")
 }
 
 /// A token label as it can be drawn: [`readable_token`], then [`clean`].
@@ -361,11 +361,11 @@ mod tests {
     #[test]
     fn labels_are_made_drawable() {
         assert_eq!(clean("a\nb"), "a⏎b");
-        assert_eq!(readable_token("ĠParis"), "␣Paris");
+        assert_eq!(readable_token("ĠParis"), "·Paris");
         assert_eq!(readable_token("Paris"), "Paris");
-        assert_eq!(readable_token("▁the"), "␣the");
+        assert_eq!(readable_token("▁the"), "·the");
         assert_eq!(clean_token("Ċ"), "⏎");
-        assert_eq!(readable_token("ĠĠĠ"), "␣␣␣");
+        assert_eq!(readable_token("ĠĠĠ"), "···");
         assert_eq!(readable_token("Ã©"), "é", "two byte-level symbols of one character");
         assert_eq!(readable_token("<|im_start|>"), "<|im_start|>");
         assert_eq!(readable_token("café"), "café", "not byte-level: left as it is");
