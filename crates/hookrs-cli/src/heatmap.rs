@@ -411,7 +411,7 @@ mod tests {
         draw(&v, &rows, &cols, l, &dir.path().join("a.svg")).unwrap();
         let svg = std::fs::read_to_string(dir.path().join("a.svg")).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
-        assert!(svg.contains(" the") && svg.contains("layer"));
+        assert!(svg.contains("·the") && svg.contains("layer"));
         assert!(draw(&[], &[], &[], Labels { title: "", x: "", y: "", value: "", cells: None }, &dir.path().join("b.png")).is_err());
     }
 }
