@@ -1,6 +1,8 @@
 """`cargo xtask bench dataset`: hookrs extract end to end against easyroutine's extraction loop.
 
     bench_dataset.py HOOKRS_BIN MODEL.pt CONFIG.json WORKDIR [--prompts N] [--scale K] [--rss-only]
+                     [--hf DIR]     (a real model: easyroutine loads DIR, CONFIG.json is DIR/config.json,
+                                     and the prompts are real text: see real_prompts)
 
 On the bench llama (exported from CONFIG.json with seed 0, which this script rebuilds
 identically for easyroutine), N prompts of mixed length (10-256 words of corpus.txt, seeded),
@@ -20,6 +22,27 @@ def prompts_file(path, n, seed=0):
     with open(path, "w") as f:
         for _ in range(n):
             f.write(" ".join(rng.choice(words) for _ in range(rng.randint(10, 256))) + "\n")
+
+
+def real_prompts(path, n, seed=0):
+    """N prompts of 10-256 words of real English and code: consecutive lines of the Python
+    standard library's own sources (docstrings, comments and code; PSF licence), taken in file
+    order from a seeded shuffle of the files, so every run reads the same text."""
+    import sysconfig
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    random.Random(seed).shuffle(files)
+    rng = random.Random(seed)
+    out = []
+    for f in files:
+        words = f.read_text(errors="replace").split()
+        i = 0
+        while i < len(words) and len(out) < n:
+            k = rng.randint(10, 256)
+            out.append(" ".join(words[i:i + k]))
+            i += k
+        if len(out) >= n:
+            break
+    Path(path).write_text("".join(json.dumps({"text": t}) + "\n" for t in out))
 
 
 def child_rss(cmd):
@@ -49,10 +72,15 @@ def easyroutine_worker(config_path, tokenizer, prompts, batch):
     from easyroutine.interpretability.module_wrappers.manager import ModuleWrapperManager
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = export.config_for("llama", json.loads(Path(config_path).read_text()))
-    cfg.torchscript, cfg.use_cache = True, False
-    cfg._attn_implementation = "eager"
-    m = export.model_for_config(cfg).float().eval()
+    if Path(config_path).is_dir():
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(config_path, torchscript=True, use_cache=False, attn_implementation="eager",
+                                                 torch_dtype=torch.float32).eval()
+    else:
+        cfg = export.config_for("llama", json.loads(Path(config_path).read_text()))
+        cfg.torchscript, cfg.use_cache = True, False
+        cfg._attn_implementation = "eager"
+        m = export.model_for_config(cfg).float().eval()
     ModuleWrapperManager(model=m).substitute_attention_module(m)
     tok = Tokenizer.from_file(tokenizer)
     holder = {"c": ActivationCache()}
@@ -62,6 +90,8 @@ def easyroutine_worker(config_path, tokenizer, prompts, batch):
     m.model.layers[0].self_attn.attention_matrix_hook.register_forward_hook(
         lambda mod, a, k, o: attention_pattern_head(mod, a, k, o, token_indexes=last, layer=0, cache=holder["c"]), with_kwargs=True)
     lines = [l.strip() for l in open(prompts) if l.strip()]
+    if prompts.endswith(".jsonl"):
+        lines = [json.loads(l)["text"] for l in lines]
     all_cache = ActivationCache()
     t = time.perf_counter()
     n_tokens = computed = 0
@@ -118,6 +148,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=2000)
     ap.add_argument("--scale", type=int, default=10, help="the RSS check runs PROMPTS x SCALE prompts too (1 skips it)")
     ap.add_argument("--rss-only", action="store_true", help="only the RSS check: hookrs over PROMPTS and PROMPTS x SCALE prompts")
+    ap.add_argument("--hf", help="a real model's save_pretrained directory (easyroutine's side); prompts of real text")
     a = ap.parse_args()
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -128,8 +159,10 @@ def main():
     cfg.write_text(json.dumps({"extract_resid_out": True, "extract_attn_pattern": True, "attn_heads": [{"layer": 0, "head": h} for h in range(heads)]}))
     early = wd / "early.json"
     early.write_text(json.dumps({"extract_attn_pattern": True, "attn_heads": [{"layer": 1, "head": h} for h in range(heads)]}))
-    p1 = wd / f"prompts{a.prompts}.txt"
-    prompts_file(p1, a.prompts)
+    make_prompts = real_prompts if a.hf else prompts_file
+    ext = "jsonl" if a.hf else "txt"
+    p1 = wd / f"prompts{a.prompts}.{ext}"
+    make_prompts(p1, a.prompts)
 
     def hookrs(prompts, out, config, *extra):
         import shutil
@@ -144,8 +177,8 @@ def main():
     if a.rss_only:
         ours = hookrs(p1, wd / "out", cfg)
         n2 = a.prompts * max(a.scale, 1)
-        p2 = wd / f"prompts{n2}.txt"
-        prompts_file(p2, n2)
+        p2 = wd / f"prompts{n2}.{ext}"
+        make_prompts(p2, n2)
         print(f"bench dataset: hookrs extract over {n2} prompts (RSS check)...", file=sys.stderr)
         big = hookrs(p2, wd / "out-big", cfg)
         print(f"| peak RSS, same chunk size (16 MiB) | tokens | s | MB |\n|---|---|---|---|\n"
@@ -153,14 +186,16 @@ def main():
               f"| {n2} prompts | {big['tokens']} | {big['secs']:.0f} | {big['rss_mb']:.0f} ({(big['rss_mb'] / ours['rss_mb'] - 1) * 100:+.1f} %) |")
         return
     print(f"bench dataset: easyroutine loop over {a.prompts} prompts...", file=sys.stderr)
-    er = child_rss([sys.executable, __file__, "--easyroutine-worker", a.config, tokenizer, p1, "8"])
+    er = child_rss([sys.executable, __file__, "--easyroutine-worker", a.hf or a.config, tokenizer, p1, "8"])
     er_run = json.loads(er["out"].strip().splitlines()[-1])
     print("bench dataset: hookrs extract (buckets, file order, early stop)...", file=sys.stderr)
     ours = hookrs(p1, wd / "out", cfg)
     unsorted = hookrs(p1, wd / "out-unsorted", cfg, "--no-sort")
     stop = hookrs(p1, wd / "out-early", early)
     full = hookrs(p1, wd / "out-full", early, "--full-forward")
-    print(f"bench llama ({a.config}), {a.prompts} prompts of 10-256 words, resid_out of every layer + layer-0 patterns at the last token, CPU, 2 threads, batch 8\n")
+    what = f"{model.stem} ({a.hf}), {a.prompts} prompts of 10-256 words of the Python standard library's sources (English and code)" if a.hf \
+        else f"bench llama ({a.config}), {a.prompts} prompts of 10-256 words"
+    print(f"{what}, resid_out of every layer + layer-0 patterns at the last token, CPU, 2 threads, batch 8\n")
     print("| run | tokens | s | tokens/s | peak RSS MB | ratio |")
     print("|---|---|---|---|---|---|")
     er_tps = er_run["tokens"] / er_run["secs"]
@@ -179,8 +214,8 @@ def main():
     print(f"\n| early stop: layer-1 patterns only | s | ratio |\n|---|---|---|\n| full forward (--full-forward) | {full['secs']:.1f} | 1.00 |\n| stops after layer 1 (default) | {stop['secs']:.1f} | {stop['secs'] / full['secs']:.2f}x |")
     if a.scale > 1:
         n2 = a.prompts * a.scale
-        p2 = wd / f"prompts{n2}.txt"
-        prompts_file(p2, n2)
+        p2 = wd / f"prompts{n2}.{ext}"
+        make_prompts(p2, n2)
         print(f"bench dataset: hookrs extract over {n2} prompts (RSS check)...", file=sys.stderr)
         big = hookrs(p2, wd / "out-big", cfg)
         print(f"\n| peak RSS, same chunk size (16 MiB) | MB |\n|---|---|\n| {a.prompts} prompts | {ours['rss_mb']:.0f} |\n| {n2} prompts | {big['rss_mb']:.0f} ({(big['rss_mb'] / ours['rss_mb'] - 1) * 100:+.1f} %) |")

@@ -241,17 +241,32 @@ pub fn dataset(python: &Path, args: &[String]) -> Result<()> {
     let root = project_root();
     let dir = root.join("target/bench/models");
     std::fs::create_dir_all(&dir)?;
-    let model = dir.join("llama8.pt");
-    let config = root.join("xtask/python/configs/bench_llama.json");
-    if !model.exists() {
-        run(Command::new(python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--config"]).arg(&config).arg("--out").arg(&model))?;
-    }
+    // `--model smollm2`: the real model on real text; otherwise the bench llama on the word list
+    let real = args.iter().position(|a| a == "--model").map(|i| args.get(i + 1).cloned());
+    let mut rest: Vec<String> = args.to_vec();
+    let (model, config, work, hf) = match real {
+        Some(Some(name)) if name == "smollm2" => {
+            let i = rest.iter().position(|a| a == "--model").expect("found");
+            rest.drain(i..i + 2);
+            let model = crate::fetch(&["smollm2".to_string()])?;
+            let hf = model.parent().context("the export lies in a folder")?.join("hf");
+            (model, hf.join("config.json"), root.join("target/bench/dataset-smollm2"), Some(hf))
+        }
+        Some(other) => bail!("bench dataset --model {}: the real model this bench knows is smollm2", other.unwrap_or_default()),
+        None => {
+            let model = dir.join("llama8.pt");
+            let config = root.join("xtask/python/configs/bench_llama.json");
+            if !model.exists() {
+                run(Command::new(python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--config"]).arg(&config).arg("--out").arg(&model))?;
+            }
+            (model, config, root.join("target/bench/dataset"), None)
+        }
+    };
     run(cargo().args(["build", "--quiet", "--release", "-p", "hookrs-cli"]))?;
-    run(Command::new(python)
-        .arg(root.join("xtask/python/bench_dataset.py"))
-        .arg(root.join("target/release/hookrs"))
-        .arg(&model)
-        .arg(&config)
-        .arg(root.join("target/bench/dataset"))
-        .args(args))
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("xtask/python/bench_dataset.py")).arg(root.join("target/release/hookrs")).arg(&model).arg(&config).arg(&work).args(&rest);
+    if let Some(hf) = hf {
+        cmd.arg("--hf").arg(hf);
+    }
+    run(&mut cmd)
 }

@@ -394,3 +394,32 @@ fn generate_greedy_sampled_and_steered() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("valid ids are 0..256"), "{}", stderr(&o));
 }
+
+#[test]
+fn tokenize_gives_what_text_gives_every_other_command() {
+    let (dir, m) = workdir();
+    let tok = tokenizers::Tokenizer::from_file(m.with_file_name("llama.tokenizer.json")).unwrap();
+    let texts = ["the cat sat on the mat", "mary went to the market"];
+    let o = hookrs(&["tokenize", "--model", s(&m), "--text", texts[0], "--text", texts[1], "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for (line, text) in lines.iter().zip(texts) {
+        let want: Vec<u32> = tok.encode(text, true).unwrap().get_ids().to_vec();
+        let got: Vec<u32> = serde_json::from_value(line["ids"].clone()).unwrap();
+        assert_eq!(got, want, "{text}");
+    }
+    // the same ids reach the model: extract --text and --input-ids agree
+    let ids = format!("[{}]", serde_json::to_string(&lines[0]["ids"]).unwrap());
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    assert!(hookrs(&["extract", "--model", s(&m), "--text", texts[0], "--extract", "resid_out", "--out", s(&a)]).status.success());
+    assert!(hookrs(&["extract", "--model", s(&m), "--input-ids", &ids, "--extract", "resid_out", "--out", s(&b)]).status.success());
+    let (a, b) = (hook_cache::ActivationCache::load(&a).unwrap(), hook_cache::ActivationCache::load(&b).unwrap());
+    assert!(a.tensor("resid_out_1").unwrap().equal(b.tensor("resid_out_1").unwrap()));
+    // a model without a tokenizer beside it: a clear error
+    let lone = dir.path().join("lone.pt");
+    std::fs::copy(&m, &lone).unwrap();
+    let o = hookrs(&["tokenize", "--model", s(&lone), "--text", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("tokenizer"), "{}", stderr(&o));
+}
