@@ -163,6 +163,20 @@ fn strategy_from(name: &str) -> Option<Aggregation> {
     })
 }
 
+/// A safetensors file with no tensor, only `__metadata__` (a cache of plain data). The
+/// safetensors crate writes such a header as `{},"__metadata__":…`, which no reader accepts:
+/// here it is written as the format says (u64 little-endian header length, the JSON header
+/// padded with spaces to a multiple of 8 bytes, no data).
+fn header_only(meta: &HashMap<String, String>) -> Vec<u8> {
+    let mut header = serde_json::to_string(&serde_json::json!({ "__metadata__": meta })).expect("metadata serialises").into_bytes();
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out
+}
+
 impl ActivationCache {
     /// Writes the cache to `path` (safetensors + manifest), atomically.
     ///
@@ -218,6 +232,9 @@ impl ActivationCache {
             .collect();
         let manifest = Manifest { format: FORMAT_NAME.into(), version: FORMAT_VERSION, entries, aggregations };
         let meta = HashMap::from([(MANIFEST_KEY.to_string(), serde_json::to_string(&manifest).expect("manifest serialises"))]);
+        if w.tensors.is_empty() {
+            return Ok(header_only(&meta));
+        }
         let views: Vec<(&str, &Bytes)> = w.tensors.iter().map(|(n, b)| (n.as_str(), b)).collect();
         safetensors::tensor::serialize(views, &Some(meta))
             .map_err(|e| CacheError::Format { path: path.to_path_buf(), reason: format!("serialising failed: {e:?}") })
