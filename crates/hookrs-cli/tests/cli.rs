@@ -237,6 +237,7 @@ fn sites_extract_and_head_patching_on_every_family() {
         assert!(o.status.success(), "{family}: {}", stderr(&o));
         let o = hookrs(&["inspect", s(&out)]);
         assert!(stdout(&o).contains("head_queries_L1H0: Float [1, 6, 16]"), "{family}: {}", stdout(&o));
+        let layers = stdout(&o).lines().filter(|l| l.trim_start().starts_with("resid_out_")).count();
         let r = dir.path().join("r");
         let o = hookrs(&[
             "patch", "--model", m, "--clean", "mary gave a drink to john", "--corrupted", "john gave a drink to john", "--answer", "mary", "--wrong", "john",
@@ -244,7 +245,8 @@ fn sites_extract_and_head_patching_on_every_family() {
         ]);
         assert!(o.status.success(), "{family}: {}", stderr(&o));
         let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r.with_extension("json")).unwrap()).unwrap();
-        assert_eq!(j["values"].as_array().unwrap().len(), if family == "olmo2" { 3 } else { 2 }, "{family}: one row per layer");
+        assert!(layers >= 2, "{family}: {layers} layers");
+        assert_eq!(j["values"].as_array().unwrap().len(), layers, "{family}: one row per layer");
     }
     // NeoX has no resid_mid: an error that says why (exit 1, as an unknown extraction)
     let o = hookrs(&["extract", "--model", s(&common::model("gpt_neox")), "--text", "the cat", "--extract", "resid_mid", "--out", "/dev/null/x.safetensors"]);
