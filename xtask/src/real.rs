@@ -23,17 +23,13 @@ parity models cases against easyroutine on real text (docs/parity.md, section re
 logit lens and attribution against transformers. About three minutes when the exports exist.";
 
 pub fn real(args: &[String]) -> Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return Ok(());
-    }
     if let Some(bad) = args.first() {
         crate::usage_error(&format!("real: unknown option {bad}\n{USAGE}"));
     }
     let python = setup::setup()?;
     let root = project_root();
-    let f32 = fetch(&["smollm2".to_string()])?;
-    let bf16 = fetch(&["smollm2".to_string(), "--dtype".to_string(), "bfloat16".to_string()])?;
+    let f32 = fetch(&python, &["smollm2".to_string()])?;
+    let bf16 = fetch(&python, &["smollm2".to_string(), "--dtype".to_string(), "bfloat16".to_string()])?;
     let hf = f32.parent().context("the export lies in a folder")?.join("hf");
     let dir = root.join("target/parity/real");
     run(Command::new(&python).arg(root.join("xtask/python/parity_models.py")).arg(&dir).arg("--real").arg(&hf).arg(&f32).arg(&bf16))
