@@ -12,15 +12,10 @@ use crate::{answers, inputs};
 #[derive(clap::Args, Debug)]
 #[command(group = clap::ArgGroup::new("input").required(true).args(["text", "input_ids", "prompts"]))]
 pub struct Args {
-    /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// The prompt.
-    #[arg(long)]
-    pub text: Option<String>,
-    /// The prompt as token ids, e.g. '[1,5,9]'.
-    #[arg(long)]
-    pub input_ids: Option<String>,
+    #[command(flatten)]
+    pub model: inputs::ModelOptions,
+    #[command(flatten)]
+    pub prompt: inputs::PromptArgs,
     /// A JSONL file of prompts, one per line: {"text": … (or "ids": [...]), "answer": …, "wrong": …}
     /// (answer and wrong default to --answer/--wrong). Results are averaged over the prompts.
     #[arg(long)]
@@ -40,25 +35,12 @@ pub struct Args {
     /// Which positions are ablated (all at once): all, last, or a list such as 0,3,-1.
     #[arg(long, default_value = "all")]
     pub positions: String,
-    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for example).
-    #[arg(long)]
-    pub no_special_tokens: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Run the model in this dtype (see `hookrs extract --help`).
-    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
-    pub dtype: String,
-    /// Draw the picture as SVG (PREFIX.svg) instead of PNG.
-    #[arg(long)]
-    pub svg: bool,
-    /// Output prefix: writes PREFIX.json and PREFIX.png (or .svg).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub figure: inputs::FigureArgs,
 }
 
 fn read_prompts(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Prompt>> {
-    let special = !a.no_special_tokens;
+    let special = !a.model.no_special_tokens;
     let answer = |obj: Option<&Value>, flag: &str, given: &Option<String>, at: &str| -> Result<Vec<i64>> {
         let v = match (obj, given) {
             (Some(v), _) => v.clone(),
@@ -79,16 +61,16 @@ fn read_prompts(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Pro
             })
             .collect();
     }
-    let ids = inputs::single_prompt(&a.model, tok, a.text.as_deref(), a.input_ids.as_deref(), special)?.ids;
+    let ids = inputs::single_prompt(&a.model, tok, &a.prompt)?.ids;
     Ok(vec![Prompt { ids, answer: answer(None, "--answer", &a.answer, "")?, wrong: answer(None, "--wrong", &a.wrong, "")? }])
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = inputs::device(&a.device)?;
+    inputs::device(&a.model)?; // a bad --device is a usage error before anything is read
     let positions = answers::positions(&a.positions)?;
-    let tok = inputs::tokenizer_for(&a.model)?;
+    let tok = inputs::tokenizer_for(&a.model.model)?;
     let prompts = read_prompts(&a, tok.as_ref())?;
-    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
+    let mut m = inputs::load_model(&a.model)?;
     let parts: Vec<Part> = a
         .component
         .iter()
@@ -112,9 +94,9 @@ pub fn run(a: Args) -> Result<()> {
         "metric": answers::METRIC,
         "mean": "mode mean: each activation's mean over every token of the prompts (per layer; per head for heads)",
     });
-    let base = crate::cmd_patch::strip(&a.out);
+    let base = crate::cmd_patch::strip(&a.figure.out);
     let json_path = base.with_extension("json");
-    let png_path = base.with_extension(if a.svg { "svg" } else { "png" });
+    let png_path = base.with_extension(if a.figure.svg { "svg" } else { "png" });
     let over = if prompts.len() > 1 { format!(", mean of {} prompts", prompts.len()) } else { String::new() };
     let name = answers::metric_name(one_token);
     let title = format!("{} ablation: change of the {name} (clean {:.3}){over}", a.mode, grid.clean);

@@ -3,7 +3,6 @@
 //! at a position, through the final norm with its scale frozen. Prints the top parts, writes a
 //! layers × parts heatmap and JSON.
 
-use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use hook_analysis::{Decomposition, Direction, LogitLens};
@@ -12,9 +11,8 @@ use crate::inputs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: inputs::ModelOptions,
     /// The prompt.
     #[arg(long)]
     pub text: String,
@@ -33,30 +31,17 @@ pub struct Args {
     /// How many parts to print, largest |attribution| first.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
-    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for example).
-    #[arg(long)]
-    pub no_special_tokens: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Run the model in this dtype (see `hookrs extract --help`).
-    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
-    pub dtype: String,
-    /// Draw the picture as SVG (PREFIX.svg) instead of PNG.
-    #[arg(long)]
-    pub svg: bool,
-    /// Output prefix: writes PREFIX.json and PREFIX.png (or .svg).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub figure: inputs::FigureArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = inputs::device(&a.device)?;
-    let tok = inputs::tokenizer_for(&a.model)?
-        .with_context(|| format!("attribute needs the model's tokenizer (looked for {:?})", inputs::tokenizer_candidates(&a.model)))?;
-    let example = inputs::encode(&tok, &a.text, !a.no_special_tokens)?;
-    let (answer, wrong) = (crate::cmd_patch::one_token(&tok, "--answer", &a.answer)?, crate::cmd_patch::one_token(&tok, "--wrong", &a.wrong)?);
-    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
+    let device = inputs::device(&a.model)?;
+    let tok = inputs::tokenizer_for(&a.model.model)?
+        .with_context(|| format!("attribute needs the model's tokenizer (looked for {:?})", inputs::tokenizer_candidates(&a.model.model)))?;
+    let example = inputs::encode(&tok, &a.text, !a.model.no_special_tokens)?;
+    let (answer, wrong) = (inputs::one_token(&tok, "--answer", &a.answer)?, inputs::one_token(&tok, "--wrong", &a.wrong)?);
+    let mut m = inputs::load_model(&a.model)?;
     let lens = LogitLens::from_model(&m)?;
     let d = m.require_description()?.clone();
     let (ids, mask) = inputs::pad(&[&example], device);
@@ -85,15 +70,15 @@ pub fn run(a: Args) -> Result<()> {
         .collect();
     let row_labels: Vec<String> = (0..layers).map(|l| format!("L{l}")).collect();
     let json = serde_json::json!({
-        "model": a.model, "text": a.text, "answer": a.answer, "wrong": a.wrong, "position": a.position,
+        "model": a.model.model, "text": a.text, "answer": a.answer, "wrong": a.wrong, "position": a.position,
         "tokens": example.tokens, "input_ids": example.ids,
         "parts": attr.iter().map(|(n, t)| serde_json::json!({"name": n, "attribution": value(t)})).collect::<Vec<_>>(),
         "sum": total, "model_logit_diff": model_diff, "residual_error": parts.residual_error()?,
         "rows": "layer", "row_labels": row_labels, "col_labels": cols, "values": values,
         "semantics": "each part's direct contribution to logit(answer) - logit(wrong) through the final norm with its scale frozen (TransformerLens logit_attrs); parts sum to the logit difference before any soft-capping",
     });
-    let base = crate::cmd_patch::strip(&a.out);
-    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.svg { "svg" } else { "png" }));
+    let base = crate::cmd_patch::strip(&a.figure.out);
+    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.figure.svg { "svg" } else { "png" }));
     let title = format!("direct logit attribution to logit({}) - logit({}) (embedding {:+.3})", a.answer, a.wrong, get("embed"));
     let labels = crate::heatmap::Labels { title: &title, x: "component", y: "layer", value: "logit difference", cells: None };
     crate::heatmap::draw(&values, &row_labels, &cols, labels, &png_path)?;

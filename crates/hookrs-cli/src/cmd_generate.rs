@@ -10,15 +10,10 @@ use crate::inputs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it for --text).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// The prompt.
-    #[arg(long, conflicts_with = "input_ids")]
-    pub text: Option<String>,
-    /// The prompt as token ids: a JSON list (`[1,5,9]`, or `[[1,5,9]]`).
-    #[arg(long)]
-    pub input_ids: Option<String>,
+    #[command(flatten)]
+    pub model: inputs::ModelOptions,
+    #[command(flatten)]
+    pub prompt: inputs::PromptArgs,
     /// How many tokens to add.
     #[arg(long, default_value_t = 20)]
     pub max_new_tokens: usize,
@@ -47,25 +42,16 @@ pub struct Args {
     /// Multiplies the steering vector.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub scale: f64,
-    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for example).
-    #[arg(long)]
-    pub no_special_tokens: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Run the model in this dtype (see `hookrs extract --help`).
-    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
-    pub dtype: String,
     /// Print JSON: the prompt's and the new tokens' ids, and their text when a tokenizer is known.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = inputs::device(&a.device)?;
-    let tok = inputs::tokenizer_for(&a.model)?;
-    let prompt = inputs::single_prompt(&a.model, tok.as_ref(), a.text.as_deref(), a.input_ids.as_deref(), !a.no_special_tokens)?.ids;
-    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
+    inputs::device(&a.model)?; // a bad --device is a usage error before anything is read
+    let tok = inputs::tokenizer_for(&a.model.model)?;
+    let prompt = inputs::single_prompt(&a.model, tok.as_ref(), &a.prompt)?.ids;
+    let mut m = inputs::load_model(&a.model)?;
     let vocab = m.require_description()?.vocab_size as i64;
     if let Some(bad) = prompt.iter().find(|&&t| t < 0 || t >= vocab) {
         anyhow::bail!("token id {bad} is out of the vocabulary: valid ids are 0..{vocab}");

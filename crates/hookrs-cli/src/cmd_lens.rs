@@ -2,7 +2,6 @@
 //! residual stream predicts (through the final norm and the unembedding) and its probability,
 //! or the logit difference of two answer tokens — as a labelled heatmap and JSON.
 
-use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use hook_analysis::{Direction, LogitLens, Metric};
@@ -13,50 +12,32 @@ use crate::inputs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it for --text).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// The prompt.
-    #[arg(long, conflicts_with = "input_ids")]
-    pub text: Option<String>,
-    /// The prompt as token ids: a JSON list (`[1,5,9]`, or `[[1,5,9]]`).
-    #[arg(long)]
-    pub input_ids: Option<String>,
+    #[command(flatten)]
+    pub model: inputs::ModelOptions,
+    #[command(flatten)]
+    pub prompt: inputs::PromptArgs,
     /// With --wrong: plot logit(answer) - logit(wrong) instead of the top token (one token each).
     #[arg(long, requires = "wrong")]
     pub answer: Option<String>,
     /// The wrong-answer token (with --answer).
     #[arg(long, requires = "answer")]
     pub wrong: Option<String>,
-    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for example).
-    #[arg(long)]
-    pub no_special_tokens: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Run the model in this dtype (see `hookrs extract --help`).
-    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
-    pub dtype: String,
-    /// Draw the picture as SVG (PREFIX.svg) instead of PNG.
-    #[arg(long)]
-    pub svg: bool,
-    /// Output prefix: writes PREFIX.json and PREFIX.png (or .svg).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub figure: inputs::FigureArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = inputs::device(&a.device)?;
-    let tok = inputs::tokenizer_for(&a.model)?;
-    let example = inputs::single_prompt(&a.model, tok.as_ref(), a.text.as_deref(), a.input_ids.as_deref(), !a.no_special_tokens)?;
+    let device = inputs::device(&a.model)?;
+    let tok = inputs::tokenizer_for(&a.model.model)?;
+    let example = inputs::single_prompt(&a.model, tok.as_ref(), &a.prompt)?;
     let pair = match (&a.answer, &a.wrong) {
         (Some(x), Some(y)) => {
             let tok = tok.as_ref().context("--answer/--wrong need the model's tokenizer")?;
-            Some((crate::cmd_patch::one_token(tok, "--answer", x)?, crate::cmd_patch::one_token(tok, "--wrong", y)?))
+            Some((inputs::one_token(tok, "--answer", x)?, inputs::one_token(tok, "--wrong", y)?))
         }
         _ => None,
     };
-    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
+    let mut m = inputs::load_model(&a.model)?;
     let lens = LogitLens::from_model(&m)?;
     let layers = m.require_description()?.num_hidden_layers;
     let (ids, mask) = inputs::pad(&[&example], device);
@@ -90,13 +71,13 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let json = serde_json::json!({
-        "model": a.model, "metric": metric, "rows": "layer (resid_out)", "cols": "position",
+        "model": a.model.model, "metric": metric, "rows": "layer (resid_out)", "cols": "position",
         "row_labels": row_labels, "col_labels": col_labels, "input_ids": example.ids,
         "values": values, "top_tokens": top, "top_token_ids": top_ids, "answer": a.answer, "wrong": a.wrong,
         "semantics": "easyroutine LogitLens.compute: the final norm applied with the final residual's cached statistics (frozen), then the unembedding",
     });
-    let base = crate::cmd_patch::strip(&a.out);
-    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.svg { "svg" } else { "png" }));
+    let base = crate::cmd_patch::strip(&a.figure.out);
+    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.figure.svg { "svg" } else { "png" }));
     let value = if metric == "logit_diff" { "logit difference" } else { "probability" };
     let labels = crate::heatmap::Labels { title: &title, x: "position (token)", y: "layer (resid_out)", value, cells: top.as_deref() };
     crate::heatmap::draw(&values, &row_labels, &col_labels, labels, &png_path)?;

@@ -2,33 +2,24 @@
 //! after another, into one file or (OUT ending in `/`, or an existing directory) into one chunk
 //! directory, streamed a chunk at a time so that memory stays bounded whatever the dataset's size.
 //!
-//! Each shard records its batches (`hookrs_batches`: global batch index and size); tensors
-//! whose first axis is the batch are cut back into batches, ordered by global index and joined
-//! with the cache's aggregation rules.
+//! Each shard file records the examples it holds (`hookrs_batches`: its first example and
+//! their number), in dataset order; shards are joined in the order of their first examples.
+//! Every output is written through hook-extract's sinks, as `hookrs extract` writes it.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use hook_cache::{ActivationCache, CacheValue};
+use hook_extract::{CacheSink, ChunkSink, FileSink, Part};
 
-fn batches_of(c: &ActivationCache, path: &Path) -> Result<Vec<(usize, i64)>> {
+/// The first example (dataset index) and the number of examples a shard file holds.
+fn examples_of(c: &ActivationCache, path: &Path) -> Result<(u64, u64)> {
     let meta = c.get("hookrs_batches").with_context(|| format!("{} has no hookrs_batches record: was it written by `hookrs extract`?", path.display()))?;
     let CacheValue::Data(d) = meta.inner() else { bail!("{}: hookrs_batches is not data", path.display()) };
-    d["batches"]
-        .as_array()
-        .map(|a| a.iter().map(|x| (x[0].as_u64().unwrap_or(0) as usize, x[1].as_i64().unwrap_or(0))).collect())
-        .with_context(|| format!("{}: hookrs_batches has no batch list", path.display()))
-}
-
-/// One batch's slice of a value: tensors cut on dim 0 at `[offset, offset + n)`.
-fn slice(v: &CacheValue, offset: i64, n: i64, total: i64) -> Result<CacheValue> {
-    Ok(v.map_tensors(&mut |t| {
-        if t.dim() > 0 && t.size()[0] == total {
-            Ok(t.f_narrow(0, offset, n)?)
-        } else {
-            Ok(t.shallow_clone())
-        }
-    })?)
+    match (d["examples"][0].as_u64(), d["examples"][1].as_u64()) {
+        (Some(first), Some(n)) => Ok((first, n)),
+        _ => bail!("{}: hookrs_batches has no examples range", path.display()),
+    }
 }
 
 /// Whether `out` names a chunk directory to write: it ends in `/` or is an existing directory.
@@ -82,48 +73,82 @@ fn merge_dirs_to_dir(out: &Path, inputs: &[PathBuf]) -> Result<()> {
             fingerprints.insert(k.clone(), v.clone());
         }
     }
-    let mut writer = hook_cache::ChunkWriter::open(out, fingerprints, false)?;
-    let done = writer.manifest().chunks.len();
-    let (mut chunks, mut examples) = (0usize, 0u64);
+    let mut sink = ChunkSink::as_given(out, fingerprints).map_err(crate::from_extract)?;
+    let done = sink.chunks().unwrap_or(0);
+    let mut chunks = 0usize;
     for (_, dir) in &dirs {
         for (i, entry) in dir.manifest().chunks.iter().enumerate() {
             if chunks >= done {
                 dir.verify(i)?;
-                writer.write_chunk(&dir.read_chunk(i)?, entry.examples)?;
+                sink.push(Part { cache: dir.read_chunk(i)?, examples: entry.examples, batches: Vec::new(), string_tokens: Vec::new() }).map_err(crate::from_extract)?;
             }
             chunks += 1;
-            examples += entry.examples;
         }
     }
-    writer.finish()?;
-    println!("merged {examples} examples in {chunks} chunks from {} chunk directories -> {}", inputs.len(), out.display());
+    let w = sink.finish().map_err(crate::from_extract)?;
+    println!("merged {} examples in {chunks} chunks from {} chunk directories -> {}", w.examples, inputs.len(), out.display());
     Ok(())
 }
 
 /// Chunk directories into one file.
 fn merge_dirs(out: &Path, inputs: &[PathBuf]) -> Result<()> {
     let dirs = ordered_dirs(inputs)?;
-    let mut merged = ActivationCache::new();
+    let mut sink = FileSink::new(out, None);
     let mut meta = None;
-    let mut examples = 0;
     for (_, dir) in &dirs {
-        examples += dir.manifest().examples();
-        for c in dir.iter() {
-            let mut c = c?;
+        for (i, entry) in dir.manifest().chunks.iter().enumerate() {
+            let mut c = dir.read_chunk(i)?;
             c.remove("hookrs_batches");
             if let Some(m) = c.remove("metadata") {
                 meta.get_or_insert(m);
             }
-            hook_cache::ragged::cat_ragged(&mut merged, c)?;
+            sink.push(Part { cache: c, examples: entry.examples, batches: Vec::new(), string_tokens: Vec::new() }).map_err(crate::from_extract)?;
         }
     }
     if let Some(m) = meta {
-        merged.insert("metadata", m);
+        sink.insert("metadata", m.inner().clone());
     }
-    merged.insert("hookrs_batches", serde_json::json!({"merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "examples": examples}));
-    merged.shrink_to_fit()?;
-    merged.save(out)?;
+    let examples: u64 = dirs.iter().map(|(_, d)| d.manifest().examples()).sum();
+    sink.insert("hookrs_batches", CacheValue::Data(serde_json::json!({"merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "examples": examples})));
+    sink.finish().map_err(crate::from_extract)?;
     println!("merged {examples} examples from {} chunk directories -> {}", inputs.len(), out.display());
+    Ok(())
+}
+
+/// Shard files, ordered by their first example, checked to neither overlap nor leave a gap.
+fn merge_files(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let mut parts: Vec<(u64, u64, &PathBuf, ActivationCache)> = Vec::new();
+    for p in inputs {
+        let c = ActivationCache::load(p)?;
+        let (first, n) = examples_of(&c, p)?;
+        parts.push((first, n, p, c));
+    }
+    parts.sort_by_key(|&(first, ..)| first);
+    let (start, mut expect) = (parts[0].0, parts[0].0);
+    for &(first, n, p, _) in &parts {
+        if first < expect {
+            bail!("{} holds examples {first}..{} which another input holds too: merge each shard once", p.display(), first + n);
+        }
+        if first > expect {
+            bail!("examples {expect}..{first} are in none of the inputs: a shard is missing (before {})", p.display());
+        }
+        expect = first + n;
+    }
+    let mut sink = FileSink::new(out, None);
+    let mut meta = None;
+    for (_, n, _, mut c) in parts {
+        c.remove("hookrs_batches");
+        if let Some(m) = c.remove("metadata") {
+            meta.get_or_insert(m);
+        }
+        sink.push(Part { cache: c, examples: n, batches: Vec::new(), string_tokens: Vec::new() }).map_err(crate::from_extract)?;
+    }
+    if let Some(m) = meta {
+        sink.insert("metadata", m.inner().clone());
+    }
+    sink.insert("hookrs_batches", CacheValue::Data(serde_json::json!({"merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "examples": [start, expect - start]})));
+    sink.finish().map_err(crate::from_extract)?;
+    println!("merged examples {start}..{expect} from {} files -> {}", inputs.len(), out.display());
     Ok(())
 }
 
@@ -144,46 +169,5 @@ pub fn run(out: &Path, inputs: &[PathBuf]) -> Result<()> {
     if dirs == inputs.len() {
         return merge_dirs(out, inputs);
     }
-    let mut parts: Vec<(usize, ActivationCache)> = Vec::new();
-    let mut total_batches = 0;
-    for p in inputs {
-        let c = ActivationCache::load(p)?;
-        let batches = batches_of(&c, p)?;
-        let total: i64 = batches.iter().map(|b| b.1).sum();
-        let mut offset = 0;
-        for (gi, n) in batches {
-            let mut one = ActivationCache::new();
-            for (k, v) in c.iter() {
-                if k == "hookrs_batches" || k == "metadata" {
-                    continue;
-                }
-                one.insert(k, slice(v, offset, n, total)?);
-            }
-            parts.push((gi, one));
-            offset += n;
-            total_batches += 1;
-        }
-    }
-    parts.sort_by_key(|(gi, _)| *gi);
-    if let Some(w) = parts.windows(2).find(|w| w[0].0 == w[1].0) {
-        bail!("the batch starting at example {} appears in two inputs: merge each shard once", w[0].0);
-    }
-    let first = ActivationCache::load(&inputs[0])?;
-    let mut merged = ActivationCache::new();
-    if parts.iter().any(|(_, c)| c.get(hook_cache::ragged::TOKEN_AXES).is_some()) {
-        // every token of mixed-length prompts: files padded to different widths
-        for (_, c) in parts {
-            hook_cache::ragged::cat_ragged(&mut merged, c)?;
-        }
-    } else {
-        merged.deferred_mode(|m| parts.into_iter().try_for_each(|(_, c)| m.cat(c)))?;
-    }
-    if let Some(meta) = first.get("metadata") {
-        merged.insert("metadata", meta.clone());
-    }
-    merged.insert("hookrs_batches", serde_json::json!({"merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "batches": total_batches}));
-    merged.shrink_to_fit()?;
-    merged.save(out)?;
-    println!("merged {} batches from {} files -> {}", total_batches, inputs.len(), out.display());
-    Ok(())
+    merge_files(out, inputs)
 }

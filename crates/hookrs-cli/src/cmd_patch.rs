@@ -18,9 +18,8 @@ use crate::{answers, inputs};
 #[derive(clap::Args, Debug)]
 #[command(group = clap::ArgGroup::new("input").required(true).args(["clean", "clean_ids", "pairs"]))]
 pub struct Args {
-    /// A TorchScript model exported by `cargo xtask export` (with its tokenizer beside it).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: inputs::ModelOptions,
     /// The clean prompt.
     #[arg(long, requires = "corrupted")]
     pub clean: Option<String>,
@@ -51,32 +50,8 @@ pub struct Args {
     /// Which positions: all, last, or a list such as 0,3,-1 (negative from the end).
     #[arg(long, default_value = "all")]
     pub positions: String,
-    /// Tokenize without the special tokens the tokenizer adds by default (its BOS, for
-    /// example); by default they are added, as `tokenizer(text)` does in transformers.
-    #[arg(long)]
-    pub no_special_tokens: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Run the model in this dtype: `model` (the default: the dtype it was exported in),
-    /// float32, bfloat16 or float16. A bfloat16 or float16 export converts to any of them; a
-    /// float32 export runs only in float32 (export with --dtype for half precision).
-    #[arg(long, value_parser = ["model", "float32", "bfloat16", "float16"], default_value = "model")]
-    pub dtype: String,
-    /// Draw the picture as SVG (PREFIX.svg) instead of PNG.
-    #[arg(long)]
-    pub svg: bool,
-    /// Output prefix: writes RESULT.json and RESULT.png (or .svg).
-    #[arg(long)]
-    pub out: PathBuf,
-}
-
-pub(crate) fn one_token(tok: &tokenizers::Tokenizer, flag: &str, s: &str) -> Result<i64> {
-    let e = inputs::encode(tok, s, false)?;
-    if e.ids.len() != 1 {
-        bail!("{flag} {s:?} is {} tokens ({:?}): it must be exactly one token", e.ids.len(), e.tokens.unwrap_or_default());
-    }
-    Ok(e.ids[0])
+    #[command(flatten)]
+    pub figure: inputs::FigureArgs,
 }
 
 /// One pair as read: the ids, and the clean and corrupted string tokens for labels.
@@ -87,7 +62,7 @@ struct ReadPair {
 }
 
 fn read_pairs(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<ReadPair>> {
-    let special = !a.no_special_tokens;
+    let special = !a.model.no_special_tokens;
     let answer = |obj: Option<&Value>, flag: &str, given: &Option<String>, at: &str| -> Result<Vec<i64>> {
         let v = match (obj, given) {
             (Some(v), _) => v.clone(),
@@ -131,11 +106,11 @@ fn read_pairs(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<ReadP
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = inputs::device(&a.device)?;
+    inputs::device(&a.model)?; // a bad --device is a usage error before anything is read
     let positions = answers::positions(&a.positions)?;
-    let tok = inputs::tokenizer_for(&a.model)?;
+    let tok = inputs::tokenizer_for(&a.model.model)?;
     let read = read_pairs(&a, tok.as_ref())?;
-    let mut m = inputs::load_model(&a.model, device, &a.dtype)?;
+    let mut m = inputs::load_model(&a.model)?;
     let (part, each_position) = match a.component.as_str() {
         "attn_out" => (Part::Attn, true),
         "mlp_out" => (Part::Mlp, true),
@@ -166,9 +141,9 @@ pub fn run(a: Args) -> Result<()> {
         "metric": answers::METRIC,
         "answer": a.answer, "wrong": a.wrong, "clean": a.clean, "corrupted": a.corrupted,
     });
-    let base = strip(&a.out);
+    let base = strip(&a.figure.out);
     let json_path = base.with_extension("json");
-    let png_path = base.with_extension(if a.svg { "svg" } else { "png" });
+    let png_path = base.with_extension(if a.figure.svg { "svg" } else { "png" });
     let over = if pairs.len() > 1 { format!(", mean of {} pairs", pairs.len()) } else { String::new() };
     let title = format!("activation patching of {}: share of the {} restored{over}", a.component, answers::metric_name(one_token));
     let x = if part == Part::Heads && !each_position { "head" } else if read.len() == 1 { "position (clean/corrupted token)" } else { "position" };

@@ -34,7 +34,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let source = inputs::Source::from_flags(&a.text, a.prompts.as_deref(), None, &a.column, inputs::BadLine::Stop)?;
+    let source = inputs::Source::from_flags(&a.text, a.prompts.as_deref(), None, &a.column, hook_extract::BadLine::Stop).map_err(crate::from_extract)?;
     let stream = source.stream(&a.model, 0, !a.no_special_tokens)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

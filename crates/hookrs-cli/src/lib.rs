@@ -1,21 +1,25 @@
 //! # hookrs-cli
 //!
 //! The `hookrs` command (`src/main.rs` is its binary): extraction, activation patching and
-//! pictures from the shell. As a library, [`run`] runs one command line in-process (the Python
-//! package's `hookrs.extract` calls it), and [`progress`] reports how far a run is.
+//! pictures from the shell. Each command is a thin layer over a library (hook-extract,
+//! hook-analysis, hook-cache); as a library, [`run`] runs one command line in-process.
+//!
+//! - [`Cli`], [`Command`]: the command line; [`run`]: one command line, run.
+//! - [`Failure`], [`Usage`]: how a command fails, and its exit code.
+//! - `inputs`: the flags the model commands share (model, prompt, figure).
+//! - `answers`: answer/wrong tokens and their metric; `heatmap`, `cmd_view`: pictures.
+//! - `cmd_*`: one file per command.
 //!
 //! Exit codes: 0 ok, 2 usage (clap's errors and flag values that do not parse: [`Usage`]),
 //! 1 runtime error. Nothing is written under `--out` unless the command succeeded (writes go
 //! to a temporary file renamed at the end).
 
-pub mod progress;
 mod answers;
 mod heatmap;
 mod inputs;
 mod cmd_ablate;
 mod cmd_devices;
 mod cmd_extract;
-mod cmd_extract_chunks;
 mod cmd_attribute;
 mod cmd_generate;
 mod cmd_inspect;
@@ -213,6 +217,14 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         2
     } else {
         1
+    }
+}
+
+/// A hook-extract error as the CLI reports it: an invalid job is a usage error (exit 2).
+pub(crate) fn from_extract(e: hook_extract::ExtractError) -> anyhow::Error {
+    match e {
+        hook_extract::ExtractError::Invalid(m) => anyhow::Error::new(Usage(m)),
+        hook_extract::ExtractError::Failed(e) => e,
     }
 }
 

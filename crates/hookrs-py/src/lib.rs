@@ -689,31 +689,37 @@ fn field<'py, T: pyo3::FromPyObject<'py>>(d: &Bound<'py, PyDict>, name: &str) ->
     v.extract().map_err(|e| PyValueError::new_err(format!("intervention field {name:?}: {e}")))
 }
 
-/// Runs one `hookrs` command line in this process (`["extract", "--model", ...]`, without the
-/// program name), the GIL released; `progress(done, total)` is called as examples complete
-/// (`total` None when unknown). A usage error raises ValueError, a runtime error
-/// RuntimeError, each with the command's message; `--help` returns its text.
+/// Runs an extraction (hook-extract) in this process, the GIL released: `options` is a JSON
+/// object of `hookrs.extract`'s keywords (with `model` and `out`); `progress(done, total)` is
+/// called as examples complete (`total` None when unknown). An invalid option raises
+/// ValueError, a failed run RuntimeError. Returns the run's report as a dict-like JSON text.
 #[pyfunction]
-#[pyo3(signature = (args, progress=None))]
-fn cli(py: Python<'_>, args: Vec<String>, progress: Option<PyObject>) -> PyResult<Option<String>> {
-    let listener: Option<hookrs_cli::progress::Listener> = progress.map(|f| -> hookrs_cli::progress::Listener {
-        Box::new(move |done, total| {
-            Python::with_gil(|py| {
+#[pyo3(signature = (options, progress=None))]
+fn extract(py: Python<'_>, options: &str, progress: Option<PyObject>) -> PyResult<String> {
+    let invalid = |e: hook_extract::ExtractError| -> PyErr {
+        match e {
+            hook_extract::ExtractError::Invalid(m) => PyValueError::new_err(m),
+            hook_extract::ExtractError::Failed(e) => PyRuntimeError::new_err(format!("{e:#}")),
+        }
+    };
+    let job = hook_extract::ExtractOptions::from_json(options).and_then(|o| o.validate(|k| std::env::var(k).ok())).map_err(invalid)?;
+    let report = py.allow_threads(move || {
+        let mut call = |done: u64, total: Option<u64>| {
+            if let Some(f) = &progress {
                 // a failing progress callback must not stop the run
-                let _ = f.call1(py, (done, total));
-            })
-        })
+                Python::with_gil(|py| {
+                    let _ = f.call1(py, (done, total));
+                });
+            }
+        };
+        hook_extract::run(job, &mut call)
     });
-    let previous = hookrs_cli::progress::set(listener);
-    let argv: Vec<String> = std::iter::once("hookrs".to_string()).chain(args).collect();
-    let result = py.allow_threads(move || hookrs_cli::run(argv));
-    hookrs_cli::progress::set(previous);
-    match result {
-        Ok(()) => Ok(None),
-        Err(f) if f.code == 0 => Ok(Some(f.message)),
-        Err(f) if f.code == 2 => Err(PyValueError::new_err(f.message)),
-        Err(f) => Err(PyRuntimeError::new_err(f.message)),
-    }
+    let r = report.map_err(invalid)?;
+    Ok(serde_json::json!({
+        "out": r.out, "already_complete": r.already_complete, "resumed_after": r.resumed_after, "examples": r.examples,
+        "examples_run": r.examples_run, "tokens": r.tokens, "computed_tokens": r.computed_tokens, "seconds": r.seconds, "chunks": r.chunks,
+    })
+    .to_string())
 }
 
 /// The native module (`hookrs._native`).
@@ -724,6 +730,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ValueWithInfo>()?;
     m.add_class::<HookHandle>()?;
     m.add_class::<DeferredMode>()?;
-    m.add_function(wrap_pyfunction!(cli, m)?)?;
+    m.add_function(wrap_pyfunction!(extract, m)?)?;
     Ok(())
 }

@@ -30,13 +30,34 @@ def test_extract_to_a_file_and_a_chunk_directory_with_progress(tmp_path):
 
 
 def test_extract_errors_are_python_exceptions(tmp_path):
-    with pytest.raises(ValueError, match="--token-groups is not a JSON list"):
-        hookrs.cli(["extract", "--model", str(model_path()), "--input-ids", "[[1]]", "--token-groups", "[[0,", "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(ValueError, match="token_groups"):
+        hookrs.extract(model_path(), tmp_path / "x.safetensors", input_ids=[[1]], token_groups="[[0,")
     with pytest.raises(ValueError, match="unknown extraction `resid`"):
         hookrs.extract(model_path(), tmp_path / "x.safetensors", input_ids=[[1, 2]], extract="resid")
     with pytest.raises(RuntimeError, match="out of the vocabulary"):
         hookrs.extract(model_path(), tmp_path / "x.safetensors", input_ids=[[1, 999]])
-    with pytest.raises(ValueError, match="unexpected argument"):
-        hookrs.extract(model_path(), tmp_path / "x.safetensors", input_ids=[[1, 2]], no_such_option=3)
-    assert "--chunk-size" in hookrs.cli(["extract", "--help"])
+    with pytest.raises(ValueError, match="unknown option \"batchsize\" \\(did you mean \"batch_size\"\\?\\)"):
+        hookrs.extract(model_path(), tmp_path / "x.safetensors", input_ids=[[1, 2]], batchsize=3)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_two_extractions_at_once_each_report_to_their_own_progress(tmp_path):
+    import threading
+    seen = {"a": [], "b": [], "errors": []}
+
+    def one(name, n):
+        try:
+            hookrs.extract(model_path(), tmp_path / f"{name}.safetensors", input_ids=[[5, 9, 3]] * n, extract="resid_out",
+                           batch_size=1, progress=lambda done, total: seen[name].append((done, total)))
+        except Exception as e:  # pragma: no cover - reported below
+            seen["errors"].append(e)
+
+    threads = [threading.Thread(target=one, args=("a", 6)), threading.Thread(target=one, args=("b", 9))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["errors"] == []
+    assert seen["a"][-1] == (6, None) and all(total is None and done <= 6 for done, total in seen["a"])
+    assert seen["b"][-1] == (9, None) and len(seen["b"]) == 9
+    assert hookrs.ActivationCache.load(str(tmp_path / "a.safetensors"))["resid_out_0"].shape[0] == 6

@@ -25,7 +25,8 @@ import sys
 
 import torch  # noqa: F401  loads libtorch (and its CUDA backend) that the native module links
 
-from ._native import ActivationCache, DeferredMode, HookHandle, HookedModule, ValueWithInfo, cli
+from ._native import ActivationCache, DeferredMode, HookHandle, HookedModule, ValueWithInfo
+from ._native import extract as _extract
 
 __all__ = ["ActivationCache", "DeferredMode", "ExtractionConfig", "HookHandle", "HookedModule", "Intervention", "ValueWithInfo", "cli",
            "extract"]
@@ -38,37 +39,55 @@ def extract(model, out, *, progress=True, **options):
     resumable). Every option of the command is a keyword, named as the flag without its dashes
     (``prompts="data.parquet"``, ``column="text"``, ``extract=["resid_out", "attn_pattern"]``,
     ``token_groups=[[0], [-1]]``, ``input_ids=[[1, 5, 9]]``, ``text=["a", "b"]``, ``tokens="all"``,
-    ``batch_size=8``, ``max_batch_tokens=4096``, ``chunk_size="256MiB"``, ``shard="0/4"``,
-    ``device="cuda"``, ``dtype="float16"``, ``cache_dtype="float32"``, ``overwrite=True``, ...;
-    ``hookrs.cli(["extract", "--help"])`` lists them). ``progress`` is True (a bar: tqdm's
-    when installed, else a line on stderr), False, or a callable ``(done, total)``.
+    ``batch_size=8``, ``max_batch_tokens=4096``, ``no_sort=True``, ``chunk_size="256MiB"`` (or a
+    number of examples), ``shard="0/4"``, ``device="cuda"``, ``dtype="float16"``,
+    ``cache_dtype="float32"``, ``overwrite=True``, ...; ``hookrs extract --help`` describes each).
+    An unknown keyword is a ValueError naming the options there are. ``progress`` is True (a
+    bar: tqdm's when installed, else a line on stderr), False, or a callable ``(done, total)``.
 
-    Returns ``out``; open it with ``hookrs.ActivationCache.load(out)`` (or lazily, a key at a
-    time, with ``xtask/python/load_cache.py``). A bad option raises ValueError, a failed run
-    RuntimeError; a chunk directory keeps every chunk completed before the failure."""
-    argv = ["extract", "--model", str(model), "--out", str(out)]
+    The run is hook-extract's, the same as the command's; two runs at once (threads) each report
+    to their own ``progress``. Returns ``out``; open it with ``hookrs.ActivationCache.load(out)``
+    (or lazily, a key at a time, with ``xtask/python/load_cache.py``). A bad option raises
+    ValueError, a failed run RuntimeError; a chunk directory keeps every chunk completed before
+    the failure."""
+    given = {"model": str(model), "out": str(out)}
     for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is None or value is False:
+        if value is None:
             continue
-        if value is True:
-            argv.append(flag)
-        elif key in ("input_ids", "token_groups"):
-            argv += [flag, json.dumps(value)]
-        elif key == "extract" and not isinstance(value, str):
-            argv += [flag, ",".join(value)]
-        elif key == "text" and not isinstance(value, str):
-            for t in value:
-                argv += [flag, t]
-        else:
-            argv += [flag, str(value)]
+        if key == "extract" and isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        elif key == "text" and isinstance(value, str):
+            value = [value]
+        elif key == "token_groups" and not isinstance(value, str):
+            value = [list(g) if isinstance(g, (list, tuple)) else [g] for g in value]
+        elif key in ("prompts", "config"):
+            value = str(value)
+        given[key] = value
     bar = _progress(progress)
     try:
-        cli(argv, bar)
+        _extract(json.dumps(given), bar)
     finally:
         if hasattr(bar, "close"):
             bar.close()
     return out
+
+
+def cli(args):
+    """Runs the ``hookrs`` command (found on PATH, or in ``$HOOKRS_BIN``) with ``args`` and
+    returns its standard output; a failing command raises ValueError (usage, exit 2) or
+    RuntimeError (exit 1) with its message."""
+    import os
+    import shutil
+    import subprocess
+    exe = os.environ.get("HOOKRS_BIN") or shutil.which("hookrs")
+    if exe is None:
+        raise RuntimeError("the hookrs command is not on PATH (build it with `cargo build -p hookrs-cli`, or set HOOKRS_BIN)")
+    done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True)
+    if done.returncode == 2:
+        raise ValueError(done.stderr.strip())
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip())
+    return done.stdout
 
 
 def _progress(progress):
