@@ -13,7 +13,8 @@ use crate::shard::Shard;
 use crate::source::{BadLine, Source};
 use crate::{ExtractError, Result};
 
-/// The dtype a model runs in, or a cache is stored in.
+/// The dtype a model runs in, or a cache is stored in: `model` is the dtype the model was
+/// exported in (for a cache, the model's own dtype).
 ///
 /// ```
 /// use hook_extract::Dtype;
@@ -25,14 +26,15 @@ use crate::{ExtractError, Result};
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
-    /// The dtype the model was exported in (or the model's own dtype, for a cache).
+    // (no doc comments on the variants: `--help` lists their names on one line)
     #[default]
+    #[allow(missing_docs)]
     Model,
-    /// float32.
+    #[allow(missing_docs)]
     Float32,
-    /// bfloat16.
+    #[allow(missing_docs)]
     Bfloat16,
-    /// float16.
+    #[allow(missing_docs)]
     Float16,
 }
 

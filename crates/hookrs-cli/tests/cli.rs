@@ -149,10 +149,10 @@ fn errors_say_what_is_wrong_and_exit_1_at_runtime_or_2_for_usage() {
     let tok = dir.path().join("llama.tokenizer.json");
     // usage: a flag's value that does not parse, or flags that do not go together (exit 2)
     let usage: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2],[3,]]", "--out", s(&out)], "--input-ids is not a JSON list of lists of token ids: trailing comma at line 1 column 11"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2],[3,]]", "--out", s(&out)], "for '--input-ids <INPUT_IDS>': not a JSON list of lists of token ids: trailing comma at line 1 column 11"),
         (vec!["extract", "--model", s(&m), "--input-ids", "[]", "--out", s(&out)], "--input-ids needs at least one example"),
         (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--extract", "resid", "--out", s(&out)], "unknown extraction `resid`; closest: resid_in, resid_mid, resid_out"),
-        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--token-groups", "[[0,", "--out", s(&out)], "--token-groups is not a JSON list of lists of positions"),
+        (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--token-groups", "[[0,", "--out", s(&out)], "invalid value '[[0,' for '--token-groups <TOKEN_GROUPS>'"),
         (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--shard", "2/2", "--out", s(&out)], "expected 0 <= K < N"),
         (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--shard", "a/2", "--out", s(&out)], "K is not a number"),
         (vec!["extract", "--model", s(&m), "--input-ids", "[[1,2]]", "--shard", "half", "--out", s(&out)], "expected K/N"),
