@@ -50,6 +50,7 @@ pub fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Example> {
 }
 
 /// Where prompts come from: exactly one of `--text`, `--prompts`, `--input-ids`.
+#[derive(Debug)]
 pub enum Source {
     /// `--input-ids`: token ids, one list per example.
     Ids(Vec<Vec<i64>>),
