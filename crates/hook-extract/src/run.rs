@@ -87,7 +87,7 @@ pub fn run_with(model: &mut HookedModule, job: ExtractJob, progress: &mut dyn Pr
         Box::new(ChunkSink::open(&job.out, fingerprints, job.overwrite, job.chunk_size, Some(stamp), settings.into_iter().collect())?)
     };
     let done = sink.examples_done();
-    let total = (hi != u64::MAX).then(|| hi - lo);
+    let total = if hi != u64::MAX { Some(hi - lo) } else { job.source.known_len() };
     if sink.complete() && done > 0 {
         return Ok(Report { out: job.out, already_complete: true, resumed_after: done, examples: done, examples_run: 0, tokens: 0, computed_tokens: 0, seconds: 0.0, chunks: sink.chunks(), table: None });
     }

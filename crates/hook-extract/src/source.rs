@@ -125,6 +125,15 @@ impl Source {
         Ok(format!("sha256:{:x} ({what})", h.finalize()))
     }
 
+    /// How many examples the input holds, when that is known without reading a file.
+    pub fn known_len(&self) -> Option<u64> {
+        match self {
+            Source::Ids(ids) => Some(ids.len() as u64),
+            Source::Texts(t) => Some(t.len() as u64),
+            Source::File { .. } => None,
+        }
+    }
+
     /// How many examples the input holds (a pass that parses but does not tokenize; a bad line
     /// is counted as `--on-bad-line` says: an error, or skipped).
     pub fn count(&self) -> Result<u64> {

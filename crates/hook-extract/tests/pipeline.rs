@@ -30,7 +30,7 @@ fn a_file_and_a_chunk_directory_hold_the_same_rows_with_every_batching_option() 
     let mut listen = |done: u64, total: Option<u64>| seen.push((done, total));
     let a = hook_extract::run(options(&model, &file, batching.clone()).validate(|_| None).unwrap(), &mut listen).unwrap();
     assert_eq!((a.examples, a.chunks), (13, None));
-    assert_eq!(seen.last(), Some(&(13, None)));
+    assert_eq!(seen.last(), Some(&(13, Some(13))));
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "progress only grows: {seen:?}");
     let mut extra = batching.clone();
     extra["chunk_size"] = serde_json::json!(5);

@@ -58,6 +58,6 @@ def test_two_extractions_at_once_each_report_to_their_own_progress(tmp_path):
     for t in threads:
         t.join()
     assert seen["errors"] == []
-    assert seen["a"][-1] == (6, None) and all(total is None and done <= 6 for done, total in seen["a"])
-    assert seen["b"][-1] == (9, None) and len(seen["b"]) == 9
+    assert seen["a"][-1] == (6, 6) and all(total == 6 and done <= 6 for done, total in seen["a"])
+    assert seen["b"][-1] == (9, 9) and len(seen["b"]) == 9
     assert hookrs.ActivationCache.load(str(tmp_path / "a.safetensors"))["resid_out_0"].shape[0] == 6
