@@ -113,8 +113,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// through writing chunk K's temporary file, `chunk-renamed:K` right after chunk K is renamed
 /// (before the manifest names it), `manifest-write:K` halfway through the K-th manifest write;
 /// `chunk-enospc:K` makes the write of chunk K fail halfway with "No space left on device".
+/// Only builds with the `fault-injection` feature (the tests') read it: a release build never
+/// aborts on an environment variable.
 fn fault(point: &str, k: usize) -> bool {
-    std::env::var("HOOKRS_FAULT").is_ok_and(|f| f == format!("{point}:{k}"))
+    cfg!(feature = "fault-injection") && std::env::var("HOOKRS_FAULT").is_ok_and(|f| f == format!("{point}:{k}"))
 }
 
 /// Writes `bytes` at `path` durably and atomically (temporary file, sync, rename, folder

@@ -195,6 +195,7 @@ fn token_groups_either<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::R
     }
 }
 
+#[cfg(feature = "clap")]
 fn parse_token_groups(s: &str) -> std::result::Result<TokenGroups, String> {
     s.parse::<TokenGroups>().map_err(|e| e.to_string())
 }

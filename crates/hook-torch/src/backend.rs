@@ -4,11 +4,12 @@
 //! answer the first time anything asks about CUDA. Loading that library costs about 260 MB
 //! of resident memory and a fraction of a second at start (the CUDA runtime, cuBLAS, cuDNN …
 //! come with it), which a CPU-only machine pays for nothing. So binaries do not link it; this
-//! module loads it (`dlopen`, next to the `libtorch_cpu.so` the process runs) **before
-//! `main`** when the machine has a GPU driver ([`gpu_driver_present`]), and on demand when a
-//! CUDA device is asked for ([`parse_device`], [`HookedModule::load`](crate::HookedModule::load),
-//! [`cuda_device_count`]). `HOOKRS_GPU_BACKEND=on|off` overrides the automatic choice.
-//! In Python, `import torch` has loaded it already.
+//! module loads it (`dlopen`, next to the `libtorch_cpu.so` the process runs; Linux only) when
+//! a program asks at its start ([`crate::runtime::init`]: the `hookrs` binary does, when the
+//! machine has a GPU driver, [`gpu_driver_present`], or `HOOKRS_GPU_BACKEND=on`), and on
+//! demand when a CUDA device is asked for ([`parse_device`],
+//! [`HookedModule::load`](crate::HookedModule::load), [`cuda_device_count`]). Nothing loads it
+//! behind a library caller's back. In Python, `import torch` has loaded it already.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -63,6 +64,12 @@ pub fn load_gpu_backend() -> Result<Option<PathBuf>, String> {
     r
 }
 
+#[cfg(not(target_os = "linux"))]
+fn load_now() -> Result<Option<PathBuf>, String> {
+    Ok(None) // the backend is linked, or absent: hookrs loads it by hand only on Linux
+}
+
+#[cfg(target_os = "linux")]
 fn load_now() -> Result<Option<PathBuf>, String> {
     if let Some(mapped) = mapped_backend() {
         return Ok(Some(mapped));
@@ -98,29 +105,6 @@ fn mapped_backend() -> Option<PathBuf> {
         BACKEND_LIBRARIES.iter().any(|b| path.ends_with(&format!("/{b}"))).then(|| PathBuf::from(path))
     })
 }
-
-/// `HOOKRS_GPU_BACKEND`: `on` loads the GPU backend at start, `off` never at start (it still
-/// loads when a CUDA device is asked for), anything else (the default, `auto`) loads it when
-/// [`gpu_driver_present`].
-fn load_at_start() -> bool {
-    match std::env::var("HOOKRS_GPU_BACKEND").as_deref() {
-        Ok("on") | Ok("1") => true,
-        Ok("off") | Ok("0") => false,
-        _ => gpu_driver_present(),
-    }
-}
-
-extern "C" fn at_start() {
-    if load_at_start() {
-        let _ = load_gpu_backend(); // a failure is reported by `hookrs devices` and device errors
-    }
-}
-
-/// Runs [`at_start`] before `main` (and when a Python extension built on this crate loads),
-/// ahead of any CUDA query.
-#[used]
-#[link_section = ".init_array"]
-static AT_START: extern "C" fn() = at_start;
 
 /// The CUDA runtime version libtorch's CUDA hooks report (`13000` for CUDA 13.0), or `None`
 /// when libtorch answers CUDA queries with its stub: no backend, or the backend loaded only

@@ -38,6 +38,6 @@ extern "C" {
     pub fn hookrs_host_copy_wait(handle: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_host_copy_free(handle: *mut c_void);
     pub fn hookrs_cuda_runtime_version() -> std::ffi::c_long;
-    pub fn hookrs_memory_guard(limit: i64) -> i64;
+    pub fn hookrs_memory_guard(limit: i64, why: *const c_char) -> i64;
     pub fn hookrs_memory_held() -> i64;
 }

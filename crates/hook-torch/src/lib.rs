@@ -13,6 +13,7 @@
 //! | [`error`] | [`TorchError`] |
 //! | [`backend`] | libtorch's device backends: loading the CUDA backend when the machine has a GPU |
 //! | [`memory`] | the memory guard: live CPU tensors cannot pass a limit (clean error, not the OOM killer) |
+//! | [`runtime`] | what a program sets for its whole process at start: the memory guard, the GPU backend |
 //! | [`dlpack`] | zero-copy tensor exchange with the Python `torch` in the same process |
 //! | [`transfer`] | cache copies from a GPU to host memory on a side stream, beside the next batch |
 //! | `script` | the instrumented TorchScript module, owned through the shim (no save/reload) |
@@ -31,6 +32,7 @@ mod script;
 pub mod intervention;
 pub mod memory;
 pub mod module;
+pub mod runtime;
 pub mod site;
 pub mod transfer;
 

@@ -2,15 +2,18 @@
 //! input that asks for more memory than the machine has (a corrupted constant, a batch of a
 //! million tokens) is a clean error naming the sizes, not a visit from the kernel's OOM killer.
 //!
-//! [`HookedModule::load`](crate::HookedModule::load) installs it over libtorch's CPU allocator
-//! with the [`default_limit`]: 90 % of the machine's memory, or `HOOKRS_MEMORY_LIMIT`
-//! (`16GiB`, `500MB`, a number of bytes, or `off`).
+//! It replaces libtorch's CPU allocator for the whole process (every CPU allocation then takes
+//! a mutex and a map insert), so nothing installs it behind the caller's back: a program opts
+//! in at its start with [`crate::runtime::init`] (the `hookrs` binary does, with the
+//! [`default_limit`]: 90 % of the machine's memory, or `HOOKRS_MEMORY_LIMIT`: `16GiB`,
+//! `500MB`, a number of bytes, or `off`), or with [`set_limit`]. Python:
+//! `hookrs.set_memory_limit(...)`.
 
 use crate::ffi;
 
-/// Sets the limit on the bytes all live CPU tensors may hold together (`None`: no limit) and
-/// installs the guard if it is not yet. Returns the bytes they hold now (tensors made before
-/// the guard are not counted).
+/// Installs the guard (once, for the whole process) and sets the limit on the bytes all live
+/// CPU tensors may hold together (`None`: count, but no limit). Returns the bytes they hold
+/// now (tensors made before the guard are not counted).
 ///
 /// ```
 /// let held = hook_torch::memory::set_limit(Some(1 << 40));
@@ -18,13 +21,18 @@ use crate::ffi;
 /// let t = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
 /// assert!(hook_torch::memory::cpu_tensor_bytes() >= held + (4 << 20));
 /// drop(t);
-/// hook_torch::memory::set_limit(hook_torch::memory::default_limit());
 /// ```
 pub fn set_limit(bytes: Option<u64>) -> i64 {
-    CONFIGURED.store(true, std::sync::atomic::Ordering::SeqCst);
+    set_limit_because(bytes, "set by hook_torch::memory::set_limit")
+}
+
+/// [`set_limit`], saying where the limit came from (the refusal's message repeats it).
+pub fn set_limit_because(bytes: Option<u64>, why: &str) -> i64 {
     let limit = bytes.map(|b| b.min(i64::MAX as u64) as i64).unwrap_or(0);
-    // SAFETY: no pointers; the shim catches every C++ exception.
-    unsafe { ffi::hookrs_memory_guard(limit) }
+    let why = std::ffi::CString::new(why.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: `why` is a NUL-terminated string the shim copies before returning; the shim
+    // catches every C++ exception.
+    unsafe { ffi::hookrs_memory_guard(limit, why.as_ptr()) }
 }
 
 /// Bytes held by live CPU tensors allocated since the guard was installed (0 before).
@@ -33,10 +41,7 @@ pub fn cpu_tensor_bytes() -> i64 {
     unsafe { ffi::hookrs_memory_held() }
 }
 
-/// Whether a limit was set (by [`set_limit`] or at the first load).
-static CONFIGURED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The limit the guard starts with: `HOOKRS_MEMORY_LIMIT` if set (`off` for none), else 90 %
+/// The limit a program starts with: `HOOKRS_MEMORY_LIMIT` if set (`off` for none), else 90 %
 /// of the machine's memory (`/proc/meminfo`; none where that cannot be read).
 pub fn default_limit() -> Option<u64> {
     match std::env::var("HOOKRS_MEMORY_LIMIT") {
@@ -46,7 +51,8 @@ pub fn default_limit() -> Option<u64> {
     }
 }
 
-fn machine_limit() -> Option<u64> {
+/// 90 % of the machine's memory (`/proc/meminfo`), if it can be read.
+pub fn machine_limit() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024 / 10 * 9)
@@ -77,11 +83,4 @@ pub fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     (num.is_finite() && num >= 0.0).then(|| (num * scale) as u64)
-}
-
-/// Installs the guard with the default limit, unless a limit was set already.
-pub(crate) fn install() {
-    if !CONFIGURED.load(std::sync::atomic::Ordering::SeqCst) {
-        set_limit(default_limit());
-    }
 }

@@ -180,7 +180,6 @@ impl HookedModule {
     /// tree), with a warning: extraction by easyroutine's component templates needs it.
     pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
         install_callback();
-        crate::memory::install();
         let path = path.as_ref();
         let load_err = |reason: String| TorchError::Load { path: path.to_path_buf(), reason };
         if !path.is_file() {

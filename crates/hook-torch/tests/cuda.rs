@@ -11,8 +11,9 @@ use tch::Device;
 
 #[test]
 fn cuda_is_found() {
+    hook_torch::runtime::init(&hook_torch::runtime::RuntimeOptions::from_env());
     assert!(backend::gpu_driver_present(), "no GPU driver found (/dev/nvidiactl, /proc/driver/nvidia/version …)");
-    assert!(backend::cuda_backend_loaded(), "libtorch_cuda.so was not loaded at start: see hook_torch::backend");
+    assert!(backend::cuda_backend_loaded(), "runtime::init did not load libtorch_cuda.so: see hook_torch::backend");
     assert!(backend::cuda_runtime_version().is_some(), "libtorch answers CUDA queries with its stub");
     assert!(tch::Cuda::is_available(), "the cuda-tests feature needs a CUDA device");
 }

@@ -11,14 +11,21 @@ use hook_torch::{backend, ExtractionConfig, HookedModule, TorchError};
 use tch::{Device, IValue};
 
 #[test]
-fn binaries_do_not_link_the_cuda_backend_and_load_it_on_machines_with_a_gpu_driver() {
+fn binaries_do_not_link_the_cuda_backend_and_load_it_at_init_on_machines_with_a_gpu_driver() {
+    // nothing loads it before the program asks: loading a library changes nothing of the process
+    let before = backend::cuda_backend_loaded();
+    let _m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    assert_eq!(backend::cuda_backend_loaded(), before, "a CPU load must not load the CUDA backend");
+    // nor replace libtorch's CPU allocator: the memory guard counts nothing until a program asks
+    assert_eq!(hook_torch::memory::cpu_tensor_bytes(), 0, "a load installed the memory guard");
+    hook_torch::runtime::init(&hook_torch::runtime::RuntimeOptions { memory_limit: hook_torch::runtime::MemoryLimit::Off, ..hook_torch::runtime::RuntimeOptions::from_env() });
     let lib = Path::new(env!("HOOKRS_LIBTORCH_LIB"));
     let needed = backend::needed_libraries(&std::env::current_exe().unwrap()).expect("the test binary is an ELF file");
     assert!(needed.iter().any(|l| l == "libtorch_cpu.so"), "{needed:?}");
     // ~260 MB of CUDA libraries that a CPU-only run does not need
     assert!(!needed.iter().any(|l| l.starts_with("libtorch_cuda")), "{needed:?}");
     if lib.join("libtorch_cuda.so").exists() && backend::gpu_driver_present() {
-        assert!(backend::cuda_backend_loaded(), "a GPU driver is present, yet libtorch_cuda.so was not loaded at start");
+        assert!(backend::cuda_backend_loaded(), "a GPU driver is present, yet runtime::init did not load libtorch_cuda.so");
     }
     // on demand: loads (or was loaded), and libtorch's real CUDA hooks answer
     let loaded = backend::load_gpu_backend().expect("the CUDA backend loads");

@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HOOKRS_LOG").unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .try_init();
+    // the process-wide settings: the GPU backend (before any CUDA query) and the memory guard
+    hook_torch::runtime::init(&hook_torch::runtime::RuntimeOptions::from_env());
     match hookrs_cli::run(std::env::args_os()) {
         Ok(()) => ExitCode::SUCCESS,
         // clap's own output (usage errors, --help, --version), printed and exited as clap does

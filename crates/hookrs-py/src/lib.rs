@@ -722,6 +722,36 @@ fn extract(py: Python<'_>, options: &str, progress: Option<PyObject>) -> PyResul
     .to_string())
 }
 
+/// Installs hookrs's memory guard over libtorch's CPU allocator, for this whole process (the
+/// user's own torch included: every CPU allocation then takes a mutex and a map insert), and
+/// sets its limit: bytes (int), a size ("16GiB", "500MB"), "machine" (90 % of this machine's
+/// memory), or None (count, no limit). Past the limit, an allocation is a RuntimeError naming
+/// the sizes instead of a visit from the OOM killer. Off unless called. Returns the bytes the
+/// CPU tensors allocated since the guard was installed hold now.
+#[pyfunction]
+fn set_memory_limit(limit: Option<&Bound<'_, PyAny>>) -> PyResult<i64> {
+    let (bytes, why) = match limit {
+        None => (None, "no limit".to_string()),
+        Some(v) => {
+            if let Ok(n) = v.extract::<u64>() {
+                (Some(n), format!("hookrs.set_memory_limit({n})"))
+            } else if let Ok(s) = v.extract::<String>() {
+                if s == "machine" {
+                    let b = hook_torch::memory::machine_limit().ok_or_else(|| PyRuntimeError::new_err("this machine's memory cannot be read (/proc/meminfo)"))?;
+                    (Some(b), "hookrs.set_memory_limit(\"machine\"): 90% of this machine's memory".to_string())
+                } else {
+                    let b = hook_torch::memory::parse_size(&s)
+                        .ok_or_else(|| PyValueError::new_err(format!("memory limit {s:?}: expected bytes, a size such as \"16GiB\" or \"500MB\", \"machine\", or None")))?;
+                    (Some(b), format!("hookrs.set_memory_limit({s:?})"))
+                }
+            } else {
+                return Err(PyValueError::new_err("memory limit: expected bytes (int), a size such as \"16GiB\", \"machine\", or None"));
+            }
+        }
+    };
+    Ok(hook_torch::memory::set_limit_because(bytes, &why))
+}
+
 /// The native module (`hookrs._native`).
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -731,5 +761,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HookHandle>()?;
     m.add_class::<DeferredMode>()?;
     m.add_function(wrap_pyfunction!(extract, m)?)?;
+    m.add_function(wrap_pyfunction!(set_memory_limit, m)?)?;
     Ok(())
 }

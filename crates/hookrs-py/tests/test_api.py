@@ -146,3 +146,25 @@ def test_cat_of_plain_tuples_and_lists_is_easyroutines(tmp_path):
     a.save(str(tmp_path / "t.safetensors"))
     back = hookrs.ActivationCache.load(str(tmp_path / "t.safetensors"))
     assert back["t"] == [(1, 2), (3, 4)] and back["l"] == [1, 2, 3, 4]
+
+
+def test_the_memory_guard_is_off_until_asked_for_and_then_refuses_cleanly():
+    import subprocess
+    import sys
+    # a fresh process: importing hookrs and loading a model leave torch's allocator alone
+    code = f"""
+import torch, hookrs
+m = hookrs.HookedModule.load({str(model_path())!r})
+assert hookrs.set_memory_limit(None) == 0, "a load installed the guard"
+hookrs.set_memory_limit("1MB")
+try:
+    torch.zeros(1 << 20)
+except RuntimeError as e:
+    assert "hookrs.set_memory_limit" in str(e) and "1000000 bytes" in str(e), e
+else:
+    raise AssertionError("the guard let 4 MB through a 1 MB limit")
+hookrs.set_memory_limit(None)
+torch.zeros(1 << 20)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

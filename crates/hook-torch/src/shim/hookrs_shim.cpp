@@ -463,6 +463,7 @@ struct MemoryGuard final : c10::Allocator {
   c10::Allocator* inner = nullptr;
   std::atomic<int64_t> live{0};
   std::atomic<int64_t> limit{0};  // 0: no limit
+  std::string why;                 // where the limit came from (set with it, read on refusal)
   std::mutex mu;
   std::unordered_map<void*, std::pair<size_t, c10::DeleterFnPtr>> held;
 
@@ -491,8 +492,13 @@ struct MemoryGuard final : c10::Allocator {
     const int64_t lim = limit.load(std::memory_order_relaxed);
     const int64_t now = live.load(std::memory_order_relaxed);
     if (lim > 0 && now + static_cast<int64_t>(n) > lim) {
+      std::string why_now;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        why_now = why;
+      }
       TORCH_CHECK(false, "out of memory guard: a tensor of ", n, " bytes would bring the CPU tensors held to ", now + static_cast<int64_t>(n),
-                  " bytes, past hookrs's limit of ", lim, " bytes (90% of this machine's memory; HOOKRS_MEMORY_LIMIT changes it). ",
+                  " bytes, past hookrs's limit of ", lim, " bytes (", why_now, "). ",
                   "The model or its input asks for more memory than there is: check the input's size and the model's sizes.");
     }
     c10::DataPtr d = inner->allocate(n);
@@ -737,7 +743,8 @@ long hookrs_cuda_runtime_version() {
 
 // Installs the memory guard over libtorch's CPU allocator (once) and sets its limit in bytes
 // (0: no limit). Returns the bytes the CPU tensors hold now.
-int64_t hookrs_memory_guard(int64_t limit) {
+// `why` says where the limit came from, for the refusal's message.
+int64_t hookrs_memory_guard(int64_t limit, const char* why) {
   try {
     auto& g = MemoryGuard::get();
     static std::once_flag once;
@@ -745,6 +752,10 @@ int64_t hookrs_memory_guard(int64_t limit) {
       g.inner = c10::GetCPUAllocator();
       c10::SetCPUAllocator(&g, /*priority=*/1);
     });
+    {
+      std::lock_guard<std::mutex> lock(g.mu);
+      g.why = why != nullptr ? why : "";
+    }
     g.limit.store(limit);
     return g.live.load();
   } catch (...) {

@@ -27,8 +27,9 @@ import torch  # noqa: F401  loads libtorch (and its CUDA backend) that the nativ
 
 from ._native import ActivationCache, DeferredMode, HookHandle, HookedModule, ValueWithInfo
 from ._native import extract as _extract
+from ._native import set_memory_limit
 
-__all__ = ["ActivationCache", "DeferredMode", "ExtractionConfig", "HookHandle", "HookedModule", "Intervention", "ValueWithInfo", "cli",
+__all__ = ["ActivationCache", "DeferredMode", "ExtractionConfig", "HookHandle", "HookedModule", "Intervention", "ValueWithInfo", "cli", "set_memory_limit",
            "extract"]
 
 
