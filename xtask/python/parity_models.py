@@ -112,6 +112,13 @@ def resolve(ivs, templates):
     return out
 
 
+def engine_form(ivs):
+    """The interventions as hookrs reads them (`Intervention`'s JSON form): a qkv
+    intervention names its layer (the engine finds the site and the part of a fused
+    projection), not the component easyroutine hooks."""
+    return [{k: v for k, v in iv.items() if not (iv["kind"] == "qkv" and k == "component")} for iv in ivs]
+
+
 def intervention_hooks(ivs, desc):
     import pandas as pd
     from easyroutine.interpretability import hooks as H
@@ -371,7 +378,7 @@ def run_cases(model, desc, family, name_of, dtype, ids, model_file):
         for k, v in entries.items():
             tensors[f"{case_id}/{k}"] = v.detach().clone().contiguous()
         record = {"family": name_of, "dtype": dtype, "name": name, "config": fields, "keys": list(entries), "deviation": None,
-                  "vocabulary_index": VOCAB_INDEX if fields.get("keep_gradient") else None, "interventions": ivs or []}
+                  "vocabulary_index": VOCAB_INDEX if fields.get("keep_gradient") else None, "interventions": engine_form(ivs or [])}
         if corrected is not None:
             fixed, why = corrected
             fixed_entries = {}

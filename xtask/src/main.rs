@@ -12,11 +12,13 @@
 //! | `py` | setup (which builds and installs `import hookrs`), then the Python package's pytest suite |
 //! | `parity [ops\|cache\|models\|lens]` | compare against the real easyroutine, write `docs/parity.md` |
 //! | `bench [ops\|cache\|models\|dataset]` | side-by-side benchmarks against easyroutine |
+//! | `lint` | layering the compiler does not check: no module cycles inside a crate |
 //! | `wheel`, `soak`, `fuzz`, `deny` | the Python wheel, soak runs, fuzzers, cargo deny |
 //!
 //! xtask must build before setup has run, so it never depends on tch.
 
 mod bench;
+mod lint;
 mod parity;
 mod real;
 mod setup;
@@ -26,7 +28,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo [--tiny]|fetch smollm2 [--dtype D]|real|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader|config [--secs N]|deny [--advisories]|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo [--tiny]|fetch smollm2 [--dtype D]|real|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader|config [--secs N]|deny [--advisories]|lint|parity [ops|cache|models|lens]|bench [ops|cache|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +52,7 @@ const HELP: &[(&str, &str)] = &[
     ("wheel", "usage: cargo xtask wheel [--debug]\n\nmaturin build of crates/hookrs-py into target/wheels (release unless --debug), then installs the wheel into an empty folder and imports and runs it."),
     ("soak", "usage: cargo xtask soak [--forwards N] [--loads N]\n\nForwards with extraction, a hook and an intervention, then load/drop cycles on the tiny llama (defaults 10,000 and 1,000); prints RSS figures and fails if a hook or an armed site is left behind."),
     ("fuzz", "usage: cargo xtask fuzz core|cache|loader|config [--secs N]\n\nThe seeded mutation fuzzers of one target for N seconds (default 60): token groups, component paths and head selections (core); cache files and chunk manifests (cache); TorchScript archives (loader); ExtractionConfig and token-group JSON (config)."),
+    ("lint", lint::USAGE),
     ("deny", "usage: cargo xtask deny [--advisories]\n\ncargo deny check of licenses, bans and sources (deny.toml); --advisories adds RustSec advisories (needs GitHub)."),
     ("parity", "usage: cargo xtask parity [ops|cache|models|lens ...]\n\nThe parity suites against the real easyroutine 1.1.5 (all by default); each writes its section of docs/parity.md. The real-model section comes from `cargo xtask real`."),
     ("bench", "usage: cargo xtask bench [ops|cache|models|dataset] [OPTIONS]\n\n  ops       attention_pattern_head block reductions, easyroutine vs hook-ops\n  cache     cache aggregation (criterion)\n  models    [--device D] [--batch B] [--seq S] [--config bench|large|FILE.json | --model FILE.pt|smollm2] [--loads N] [--no-easyroutine]: load time and RSS, plain / instrumented / full extraction forwards, easyroutine's full extraction on the same model\n  dataset   [--model smollm2] [--prompts N] [--scale K] [--rss-only]: `hookrs extract` end to end against easyroutine's loop (tokens/s, peak RSS, share of the sgemm ceiling); --model smollm2: the real model on real text (the standard library's sources)"),
@@ -83,6 +86,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("soak") => soak(rest),
         Some("fuzz") => fuzz(rest),
         Some("deny") => deny(rest),
+        Some("lint") => lint::lint(&project_root()),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

@@ -48,12 +48,62 @@ pub enum CoreError {
     #[error("invalid head selection `{0}`: expected \"all\" or a head index such as 3")]
     InvalidHead(String),
 
-    /// A hook failed.
+    /// A hook failed. `component` is empty when the error is made inside a hook's body (the
+    /// module that ran the hook names the site).
     #[error("hook on `{component}` failed: {message}")]
     Hook {
         /// The component the hook was attached to.
         component: String,
         /// What went wrong.
         message: String,
+        /// The error behind it (an ops error, a libtorch error), when there is one.
+        #[source]
+        cause: Option<Cause>,
     },
 }
+
+impl CoreError {
+    /// A hook failed because of `cause` (kept as the error's source).
+    ///
+    /// ```
+    /// use std::error::Error;
+    /// let io = std::io::Error::other("disk full");
+    /// let e = hook_core::CoreError::hook("model.layers[0].mlp.output", io);
+    /// assert_eq!(e.to_string(), "hook on `model.layers[0].mlp.output` failed: disk full");
+    /// assert_eq!(e.source().unwrap().to_string(), "disk full");
+    /// ```
+    pub fn hook(component: impl Into<String>, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        let cause: Box<dyn std::error::Error + Send + Sync> = cause.into();
+        CoreError::Hook { component: component.into(), message: cause.to_string(), cause: Some(Cause(std::sync::Arc::from(cause))) }
+    }
+
+    /// A hook failed, for the reason `message` (no underlying error).
+    pub fn hook_message(component: impl Into<String>, message: impl Into<String>) -> Self {
+        CoreError::Hook { component: component.into(), message: message.into(), cause: None }
+    }
+}
+
+/// The error behind a failed hook, kept whole (and shared, so that the error stays `Clone`);
+/// two causes are equal when their messages are.
+#[derive(Clone, Debug)]
+pub struct Cause(pub std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for Cause {}

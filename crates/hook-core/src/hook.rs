@@ -109,7 +109,7 @@ mod tests {
     fn hook_errors_propagate_and_leave_io_alone() {
         let p = ComponentPath::parse("model.layers[0].output").unwrap();
         let mut failing = |ctx: &HookContext, _: &HookIo<i32>| -> Result<Option<i32>> {
-            Err(CoreError::Hook { component: ctx.component.to_string(), message: "boom".into() })
+            Err(CoreError::hook_message(ctx.component.to_string(), "boom"))
         };
         let mut io = HookIo::before(vec![Value::Tensor(3)], vec![]);
         let e = apply(&mut failing, &HookContext::new(&p, 0), &mut io).unwrap_err();

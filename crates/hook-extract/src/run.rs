@@ -193,7 +193,8 @@ impl Batcher<'_> {
             Some(g) => g.clone(),
             None => TokenGroups::all(len).map_err(anyhow::Error::from)?,
         };
-        let (_, cache) = model.run_with_cache_options(ids, mask, &groups, self.config, hook_torch::RunOptions { stop_early: self.stop_early, ..Default::default() })?;
+        let spec = hook_torch::RunSpec { extraction: Some(hook_torch::Extraction::new(&groups, self.config)), stop_early: self.stop_early, ..Default::default() };
+        let cache = model.run(ids, mask, spec)?.cache;
         let mut cache = match self.cache_dtype.kind() {
             Some(k) => cache.to_float_kind(k)?,
             None => cache,

@@ -33,13 +33,17 @@ pub enum TorchError {
     #[error("invalid input: {0}")]
     Input(String),
 
-    /// A hook failed or returned something unusable.
+    /// A hook failed or returned something unusable: the site's component, what went wrong,
+    /// and the error behind it (an ops or libtorch error) as the source.
     #[error("hook on `{component}` failed: {message}")]
     Hook {
         /// The component.
         component: String,
         /// What went wrong.
         message: String,
+        /// The error behind it, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
     /// A hook panicked (the forward was aborted; the module is still usable).

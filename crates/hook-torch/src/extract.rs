@@ -5,20 +5,26 @@
 //! Batches may hold several prompts, left-padded: token positions are relative to each
 //! example's own tokens (position 0 is its first real token, -1 its last), so every example
 //! gets the values it would get run alone.
+//!
+//! Each config flag maps to one of the catalogue's hooks through one table ([`TABLE`]'s rows
+//! are in easyroutine's `create_hooks` order, the order of the cache's keys); the forward
+//! itself is [`HookedModule::run`](crate::HookedModule::run).
 
 use std::sync::{Arc, Mutex};
 
 use hook_cache::{ActivationCache, CacheValue};
 use hook_core::{keys, HeadSelection, HookContext, HookIo, TokenGroups};
-use hook_ops::heads::{self, Projected};
-use hook_ops::pattern::{self, RunningPatternAverage};
+use hook_ops::heads::Projected;
+use hook_ops::pattern::RunningPatternAverage;
 use hook_ops::{resid, stats, Keyed, PatternAvg, Qkv};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::catalogue::{self, Part, SharedCache};
 use crate::description::ModelDescription;
 use crate::error::{Result, TorchError};
 use crate::module::{BoxedHook, HookedModule};
+use crate::padding::{self, Pads};
 
 /// One attention head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,156 +176,114 @@ impl ExtractionConfig {
     }
 }
 
-/// Left-padding offsets of each example (`seq - sum(mask)`).
-pub(crate) fn pads(mask: &Tensor) -> Result<Vec<i64>> {
-    let s = mask.size()[1];
-    let sums: Vec<i64> = Vec::<i64>::try_from(mask.f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Int64)?.f_to_device(tch::Device::Cpu)?)?;
-    Ok(sums.into_iter().map(|n| s - n).collect())
-}
-
-/// Groups with non-negative positions shifted by `pad` (negative ones count from the end,
-/// which left padding does not move).
-fn shifted(g: &TokenGroups, pad: i64) -> hook_core::Result<TokenGroups> {
-    TokenGroups::new(g.groups().iter().map(|grp| grp.iter().map(|&p| if p >= 0 { p + pad } else { p }).collect()).collect())
-}
-
-/// Runs `f` on the whole batch when no example is padded differently, else on each example
-/// with its shifted groups, and concatenates the entries of the examples along dim 0.
-fn per_example(
-    x: &Tensor,
-    pads: &[i64],
-    groups: &[&TokenGroups],
-    f: &mut dyn FnMut(&Tensor, &[TokenGroups]) -> hook_ops::Result<Vec<Keyed>>,
-) -> hook_ops::Result<Vec<Keyed>> {
-    if pads.iter().all(|&p| p == pads[0]) {
-        let g: Vec<TokenGroups> = groups.iter().map(|g| shifted(g, pads[0])).collect::<hook_core::Result<_>>()?;
-        return f(x, &g);
-    }
-    let mut parts: Vec<Vec<Keyed>> = Vec::new();
-    for (b, &pad) in pads.iter().enumerate() {
-        let g: Vec<TokenGroups> = groups.iter().map(|g| shifted(g, pad)).collect::<hook_core::Result<_>>()?;
-        parts.push(f(&x.f_narrow(0, b as i64, 1)?, &g)?);
-    }
-    let first = parts.remove(0);
-    first
-        .into_iter()
-        .enumerate()
-        .map(|(i, k)| {
-            let mut all = vec![k.value];
-            all.extend(parts.iter().map(|p| p[i].value.shallow_clone()));
-            Ok(Keyed { key: k.key, value: Tensor::f_cat(&all, 0)?, info: k.info })
-        })
-        .collect()
-}
-
-pub(crate) type SharedCache = Arc<Mutex<ActivationCache>>;
-
-/// Extra options of [`HookedModule::run_with_cache_options`].
-#[derive(Default)]
-pub struct RunOptions<'a> {
+/// What an extraction run takes besides the inputs: easyroutine's token groups and config,
+/// and the options only some flags read. Part of a [`RunSpec`](crate::RunSpec).
+///
+/// ```
+/// let groups = "[[-1]]".parse().unwrap();
+/// let config = hook_torch::ExtractionConfig::default().with_flags(&["resid_out"]).unwrap();
+/// let e = hook_torch::Extraction::new(&groups, &config);
+/// assert!(e.average.is_none() && e.vocabulary_index.is_none());
+/// ```
+pub struct Extraction<'a> {
+    /// easyroutine's `token_indexes` (positions per example; negative from the end).
+    pub token_groups: &'a TokenGroups,
+    /// What to extract.
+    pub config: &'a ExtractionConfig,
     /// For `avg_over_example`: the running average and this batch's index.
     pub average: Option<(&'a mut RunningPatternAverage, usize)>,
     /// For `keep_gradient`: the vocabulary entry whose last-position logit is differentiated.
     pub vocabulary_index: Option<i64>,
-    /// Interventions applied during the extraction.
-    pub interventions: &'a [crate::intervention::Intervention],
-    /// Stop the forward pass as soon as every hooked site (extraction, interventions, stored
-    /// hooks) has fired, instead of running the rest of the model and the LM head. Needs
-    /// `save_logits` and `keep_gradient` off (they need the end of the forward); the returned
-    /// logits are then an empty tensor (shape `[0]`).
-    pub stop_early: bool,
 }
 
-fn store(cache: &SharedCache, entries: Vec<Keyed>) {
-    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
-    for k in entries {
-        let value = k.value.detach();
-        match k.info {
-            Some(info) => c.add_with_info(k.key, value, info),
-            None => {
-                c.insert(k.key, value);
-            }
-        }
+impl<'a> Extraction<'a> {
+    /// An extraction of `config` at `token_groups`, without a running average or a
+    /// vocabulary index.
+    pub fn new(token_groups: &'a TokenGroups, config: &'a ExtractionConfig) -> Self {
+        Extraction { token_groups, config, average: None, vocabulary_index: None }
     }
 }
 
-/// A hook that applies `f` to the main tensor (with the per-example positions) and stores
-/// what it returns.
-pub(crate) fn extractor(
-    cache: &SharedCache,
-    pads: &Arc<Vec<i64>>,
-    groups: Vec<TokenGroups>,
-    mut f: impl FnMut(&Tensor, &[TokenGroups]) -> hook_ops::Result<Vec<Keyed>> + Send + 'static,
-) -> BoxedHook {
-    let cache = cache.clone();
-    let pads = pads.clone();
-    Box::new(move |_ctx: &HookContext<'_>, io: &HookIo<Tensor>| {
-        let x = io.main_tensor()?;
-        let refs: Vec<&TokenGroups> = groups.iter().collect();
-        let entries = per_example(x, &pads, &refs, &mut f).map_err(|e| hook_core::CoreError::Hook { component: String::new(), message: e.to_string() })?;
-        store(&cache, entries);
-        Ok(None)
-    })
+/// What the hooks of one config flag store.
+#[derive(Clone, Copy)]
+enum Stores {
+    /// `[batch, tokens, d]` of the component `template` at every layer, under `key(layer)`.
+    Resid(&'static str, fn(usize) -> String),
+    /// The same of the queries, keys or values of every layer, under `{prefix}L{layer}`.
+    QkvResid(Qkv, &'static str),
+    /// `input_ids` (no hook).
+    InputIds,
+    /// The input embeddings (with `keep_gradient`, a leaf whose gradient is taken after the
+    /// forward).
+    Embed,
+    /// For each selected head: its queries, keys or values, `{prefix}L{l}H{h}`.
+    HeadQkv(Qkv, &'static str),
+    /// For each selected head: its W_O contribution, `head_out_L{l}H{h}`.
+    HeadOut,
+    /// Mean / variance / second moment at the input of the last layernorm.
+    LastLayernorm,
+    /// For each selected head: its queries, keys or values projected through W_O.
+    Projected(Projected, Qkv),
+    /// For each selected head: its attention pattern (or, with `avg_over_example`, a running
+    /// average of it).
+    Pattern,
 }
 
-impl HookedModule {
-    /// easyroutine's forward with an `ExtractionConfig`: returns the logits `[batch, seq,
-    /// vocab]` and the cache (keys as easyroutine writes them, plus `logits` at the selected
-    /// positions when `save_logits`, and `mapping_index`: group name → rows of the flattened
-    /// token axis).
-    ///
-    /// `token_groups` are easyroutine's `token_indexes` (positions per example; negative
-    /// from the end). Runs without gradient tracking.
-    pub fn run_with_cache(
-        &mut self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        token_groups: &TokenGroups,
-        config: &ExtractionConfig,
-    ) -> Result<(Tensor, ActivationCache)> {
-        self.run_with_cache_and_average(input_ids, attention_mask, token_groups, config, None)
-    }
+type Flag = fn(&ExtractionConfig) -> bool;
 
-    /// [`HookedModule::run_with_cache`] with `avg_over_example`: attention patterns are folded
-    /// into `average` (batch `batch_idx` of a running mean) instead of being stored per batch.
-    pub fn run_with_cache_and_average(
-        &mut self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        token_groups: &TokenGroups,
-        config: &ExtractionConfig,
-        average: Option<(&mut RunningPatternAverage, usize)>,
-    ) -> Result<(Tensor, ActivationCache)> {
-        self.run_with_cache_options(input_ids, attention_mask, token_groups, config, RunOptions { average, ..RunOptions::default() })
-    }
+/// Each config flag and what its hooks store, in easyroutine's `create_hooks` order.
+const TABLE: &[(Flag, Stores)] = &[
+    (|c| c.extract_resid_out, Stores::Resid("residual_stream_hook_name", keys::resid_out)),
+    (|c| c.extract_resid_in, Stores::Resid("residual_stream_input_hook_name", keys::resid_in)),
+    (|c| c.extract_resid_in_post_layernorm, Stores::Resid("residual_stream_input_post_layernorm_hook_name", keys::resid_in_post_layernorm)),
+    (|c| c.save_input_ids, Stores::InputIds),
+    (|c| c.extract_embed, Stores::Embed),
+    // q/k/v sites in forward order (q, k, v): separate projections fire in that order whatever
+    // the registration order, and hooks on one fused site run in registration order, so the
+    // cache keys come in the same order on every family.
+    (|c| c.extract_head_queries, Stores::HeadQkv(Qkv::Query, "head_queries_")),
+    (|c| c.extract_head_keys, Stores::HeadQkv(Qkv::Key, "head_keys_")),
+    (|c| c.extract_head_values, Stores::HeadQkv(Qkv::Value, "head_values_")),
+    (|c| c.extract_queries, Stores::QkvResid(Qkv::Query, "queries_")),
+    (|c| c.extract_keys, Stores::QkvResid(Qkv::Key, "keys_")),
+    (|c| c.extract_values, Stores::QkvResid(Qkv::Value, "values_")),
+    (|c| c.extract_head_out, Stores::HeadOut),
+    (|c| c.extract_attn_in, Stores::Resid("attn_in_hook_name", keys::attn_in)),
+    (|c| c.extract_attn_out, Stores::Resid("attn_out_hook_name", keys::attn_out)),
+    (|c| c.extract_resid_mid, Stores::Resid("intermediate_stream_hook_name", keys::resid_mid)),
+    (|c| c.extract_mlp_out, Stores::Resid("mlp_out_hook_name", keys::mlp_out)),
+    (|c| c.extract_last_layernorm, Stores::LastLayernorm),
+    (|c| c.extract_head_queries_projected, Stores::Projected(Projected::Query, Qkv::Query)),
+    (|c| c.extract_head_keys_projected, Stores::Projected(Projected::Key, Qkv::Key)),
+    (|c| c.extract_head_values_projected, Stores::Projected(Projected::Value, Qkv::Value)),
+    (|c| c.extract_attn_pattern, Stores::Pattern),
+];
 
-    /// [`HookedModule::run_with_cache`] with every option: a running average of patterns
-    /// (`avg_over_example`), the vocabulary index whose last-position logit `keep_gradient`
-    /// differentiates, and interventions applied during the extraction (before the
-    /// extraction hooks of a site, as easyroutine registers them first).
-    pub fn run_with_cache_options(
-        &mut self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        token_groups: &TokenGroups,
-        config: &ExtractionConfig,
-        options: RunOptions<'_>,
-    ) -> Result<(Tensor, ActivationCache)> {
-        let RunOptions { average, vocabulary_index, interventions, stop_early } = options;
-        if stop_early && (config.save_logits || config.keep_gradient) {
-            return Err(TorchError::Input(
-                "stop_early needs save_logits and keep_gradient off: the logits (and their gradient) come from the end of the forward pass".into(),
-            ));
-        }
+/// One extraction during a forward: the hooks it adds, and what it does after the forward
+/// (gradients, running averages, logits, `mapping_index`).
+pub(crate) struct Plan<'a> {
+    cache: SharedCache,
+    pads: Pads,
+    token_groups: &'a TokenGroups,
+    config: &'a ExtractionConfig,
+    vocabulary_index: Option<i64>,
+    embed: Option<(String, Arc<Mutex<Option<Tensor>>>)>,
+    average: Option<(Arc<Mutex<RunningPatternAverage>>, &'a mut RunningPatternAverage)>,
+    vocab_size: usize,
+}
+
+impl<'a> Plan<'a> {
+    /// Checks `e` against the model and the batch (`ids`, padded by `pads`) and returns the
+    /// plan with the hooks it adds to the forward.
+    pub(crate) fn new(m: &HookedModule, ids: &Tensor, pads: &Pads, e: Extraction<'a>) -> Result<(Self, Vec<(String, BoxedHook)>)> {
+        let Extraction { token_groups, config, average, vocabulary_index } = e;
         if config.keep_gradient && (!config.extract_embed || vocabulary_index.is_none()) {
             return Err(TorchError::Input(
-                "keep_gradient needs extract_embed and a vocabulary index (RunOptions::vocabulary_index): the gradient of that logit at the last position w.r.t. the input embeddings is stored as input_embeddings_gradients".into(),
+                "keep_gradient needs extract_embed and a vocabulary index (Extraction::vocabulary_index): the gradient of that logit at the last position w.r.t. the input embeddings is stored as input_embeddings_gradients".into(),
             ));
         }
-        let d = self.require_description()?.clone();
-        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
+        let d = m.require_description()?;
         let seq = ids.size()[1] as usize;
-        let pads = Arc::new(pads(&mask)?);
         // every position must exist in every example
         for (b, &pad) in pads.iter().enumerate() {
             let len = seq - pad as usize;
@@ -330,8 +294,8 @@ impl HookedModule {
         }
         let layout = d.layout()?;
         let n_layers = d.num_hidden_layers;
-        let (layers, heads): (Vec<usize>, Vec<HeadSelection>) = match &config.attn_heads {
-            AttnHeads::All => ((0..n_layers).collect(), vec![HeadSelection::All; n_layers]),
+        let selected: Vec<(usize, HeadSelection)> = match &config.attn_heads {
+            AttnHeads::All => (0..n_layers).map(|l| (l, HeadSelection::All)).collect(),
             AttnHeads::List(l) => {
                 for lh in l {
                     if lh.layer >= n_layers || lh.head >= d.num_attention_heads {
@@ -341,249 +305,168 @@ impl HookedModule {
                         )));
                     }
                 }
-                (l.iter().map(|x| x.layer).collect(), l.iter().map(|x| HeadSelection::One(x.head)).collect())
+                l.iter().map(|x| (x.layer, HeadSelection::One(x.head))).collect()
             }
         };
         let cache: SharedCache = Arc::new(Mutex::new(ActivationCache::new()));
         let g = token_groups.clone();
         let avg = config.avg;
-        let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
-        for iv in interventions {
-            hooks.push((iv.component(self)?, iv.hook(self, pads.clone())?));
-        }
-        let comp = |name: &str, l: usize| d.component(name, l);
-        let weight = |l: usize| -> Result<(Tensor, Option<Tensor>)> {
-            let w = self.parameter(&d.component("attn_out_proj_weight", l)?).ok_or_else(|| TorchError::Description(format!("names no parameter for layer {l}'s o_proj weight")))?;
-            let b = self.parameter(&d.component("attn_out_proj_bias", l)?).map(Tensor::shallow_clone);
+        let part = |which: Qkv| Part { fused: d.qkv_layout, which, layout };
+        let o_proj = |l: usize| -> Result<(Tensor, Option<Tensor>)> {
+            let w = m.parameter(&d.component("attn_out_proj_weight", l)?).ok_or_else(|| TorchError::Description(format!("names no parameter for layer {l}'s o_proj weight")))?;
+            let b = m.parameter(&d.component("attn_out_proj_bias", l)?).map(Tensor::shallow_clone);
             Ok((d.o_proj_weight(w), b))
         };
-        // q/k/v sites: the part of a fused projection's output, or the whole output
-        let fused = d.qkv_layout;
-        let part = move |x: &Tensor, which: Qkv| hook_ops::fused::qkv_part(x, fused, which, &layout);
-        // `[batch, seq, d]` at the token groups, of the main tensor or (`which`) of its q/k/v part
-        let resid_of = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize, which: Option<Qkv>| -> Result<()> {
-            let info = avg.then_some(resid::AVG_INFO);
-            hooks.push((
-                comp(template, layer)?,
-                extractor(&cache, &pads, vec![g.clone()], move |x, g| {
-                    let x = match which {
-                        Some(w) => part(x, w)?,
-                        None => x.shallow_clone(),
-                    };
-                    Ok(vec![Keyed { key: key.clone(), value: resid::resid(&x, &g[0], avg)?, info }])
-                }),
-            ));
-            Ok(())
-        };
-        let resid_hook = |hooks: &mut Vec<(String, BoxedHook)>, template: &str, key: String, layer: usize| resid_of(hooks, template, key, layer, None);
-        // Registration order follows easyroutine's create_hooks, so the keys of one site come in its order.
-        for l in 0..n_layers {
-            if config.extract_resid_out {
-                resid_hook(&mut hooks, "residual_stream_hook_name", keys::resid_out(l), l)?;
-            }
-        }
-        for l in 0..n_layers {
-            if config.extract_resid_in {
-                resid_hook(&mut hooks, "residual_stream_input_hook_name", keys::resid_in(l), l)?;
-            }
-        }
-        for l in 0..n_layers {
-            if config.extract_resid_in_post_layernorm {
-                resid_hook(&mut hooks, "residual_stream_input_post_layernorm_hook_name", keys::resid_in_post_layernorm(l), l)?;
-            }
-        }
-        if config.save_input_ids {
-            cache.lock().unwrap_or_else(|e| e.into_inner()).insert("input_ids", ids.shallow_clone());
-        }
-        let embed_leaf: Arc<Mutex<Option<Tensor>>> = Arc::new(Mutex::new(None));
-        if config.extract_embed && config.keep_gradient {
-            // the embeddings become a leaf that requires grad; the rest of the forward reads it
-            let slot = embed_leaf.clone();
-            hooks.push((
-                comp("embed_tokens", 0)?,
-                Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
-                    let leaf = io.main_tensor()?.detach().set_requires_grad(true);
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(leaf.shallow_clone());
-                    Ok(Some(leaf))
-                }),
-            ));
-        } else if config.extract_embed {
-            resid_hook(&mut hooks, "embed_tokens", "input_embeddings".into(), 0)?;
-        }
-        // q/k/v sites, listed in forward order (q, k, v): separate projections fire in that
-        // order whatever the registration order, and hooks on one fused site run in
-        // registration order, so the cache keys come in the same order on every family.
-        for (flag, which, prefix) in [
-            (config.extract_head_queries, Qkv::Query, "head_queries_"),
-            (config.extract_head_keys, Qkv::Key, "head_keys_"),
-            (config.extract_head_values, Qkv::Value, "head_values_"),
-        ] {
-            if !flag {
+        let mut embed = None;
+        let mut average = average.map(|(a, i)| (Arc::new(Mutex::new(std::mem::take(a))), i, a));
+        let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
+        for &(flag, stores) in TABLE {
+            if !flag(config) {
                 continue;
             }
-            for (&l, &h) in layers.iter().zip(&heads) {
-                hooks.push((
-                    comp(ModelDescription::qkv_template(which), l)?,
-                    extractor(&cache, &pads, vec![g.clone()], move |x, g| heads::query_key_value(&part(x, which)?, prefix, l, &layout, &g[0], h, avg)),
-                ));
-            }
-        }
-        for (flag, which, prefix) in [
-            (config.extract_queries, Qkv::Query, "queries_"),
-            (config.extract_keys, Qkv::Key, "keys_"),
-            (config.extract_values, Qkv::Value, "values_"),
-        ] {
-            if flag {
-                for l in 0..n_layers {
-                    resid_of(&mut hooks, ModelDescription::qkv_template(which), keys::layer_head_free_key(prefix, l), l, Some(which))?;
-                }
-            }
-        }
-        if config.extract_head_out {
-            for (&l, &h) in layers.iter().zip(&heads) {
-                let (w, b) = weight(l)?;
-                hooks.push((
-                    comp("attn_o_proj_input_hook_name", l)?,
-                    extractor(&cache, &pads, vec![g.clone()], move |x, g| heads::head_out(x, "head_out_", l, &layout, &w, b.as_ref(), &g[0], h, avg)),
-                ));
-            }
-        }
-        for (flag, template, key) in [
-            (config.extract_attn_in, "attn_in_hook_name", keys::attn_in as fn(usize) -> String),
-            (config.extract_attn_out, "attn_out_hook_name", keys::attn_out),
-            (config.extract_resid_mid, "intermediate_stream_hook_name", keys::resid_mid),
-            (config.extract_mlp_out, "mlp_out_hook_name", keys::mlp_out),
-        ] {
-            if flag {
-                for l in 0..n_layers {
-                    resid_hook(&mut hooks, template, key(l), l)?;
-                }
-            }
-        }
-        if config.extract_last_layernorm {
-            hooks.push((
-                comp("last_layernorm_hook_name", 0)?,
-                extractor(&cache, &pads, vec![g.clone()], move |x, g| {
-                    let s = stats::layernorm_statistics(x, &g[0], avg)?;
-                    Ok(s.into_iter()
-                        .enumerate()
-                        .flat_map(|(i, st)| st.into_named().into_iter().map(move |(n, v)| Keyed::new(format!("last_layernorm\u{0}{i}\u{0}{n}"), v)))
-                        .collect())
-                }),
-            ));
-        }
-        for (flag, which, qkv) in [
-            (config.extract_head_queries_projected, Projected::Query, Qkv::Query),
-            (config.extract_head_keys_projected, Projected::Key, Qkv::Key),
-            (config.extract_head_values_projected, Projected::Value, Qkv::Value),
-        ] {
-            if !flag {
-                continue;
-            }
-            for (&l, &h) in layers.iter().zip(&heads) {
-                let (w, b) = weight(l)?;
-                hooks.push((
-                    comp(ModelDescription::qkv_template(qkv), l)?,
-                    extractor(&cache, &pads, vec![g.clone()], move |x, g| heads::projected_vectors(&part(x, qkv)?, which, l, &layout, &w, b.as_ref(), &g[0], h, avg)),
-                ));
-            }
-        }
-        let average = average.map(|(a, i)| (Arc::new(Mutex::new(std::mem::take(a))), i, a));
-        if config.extract_attn_pattern {
-            match &average {
-                Some((state, batch_idx, _)) if config.avg_over_example => {
+            match stores {
+                Stores::Resid(template, key) => {
                     for l in 0..n_layers {
-                        let state = state.clone();
-                        let batch_idx = *batch_idx;
-                        let g = g.clone();
-                        let pads = pads.clone();
-                        hooks.push((
-                            comp("attn_matrix_hook_name", l)?,
-                            Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
-                                let x = io.main_tensor()?;
-                                let g = shifted(&g, pads[0])?;
-                                if pads.iter().any(|&p| p != pads[0]) {
-                                    return Err(hook_core::CoreError::Hook {
-                                        component: String::new(),
-                                        message: "avg_over_example needs examples of one length in a batch (no padding differences)".into(),
-                                    });
-                                }
-                                let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-                                s.update_pattern(x, l, &g, batch_idx, None).map_err(|e| hook_core::CoreError::Hook { component: String::new(), message: e.to_string() })?;
-                                Ok(None)
-                            }),
-                        ));
+                        hooks.push((d.component(template, l)?, catalogue::resid_padded(&cache, pads, key(l), g.clone(), avg, None)));
                     }
                 }
-                _ => {
-                    let rows = config.attn_pattern_row_positions.clone();
-                    let mode = config.attn_pattern_avg;
-                    for (&l, &h) in layers.iter().zip(&heads) {
-                        let mut gs = vec![g.clone()];
-                        gs.extend(rows.clone());
-                        let has_rows = rows.is_some();
-                        hooks.push((
-                            comp("attn_matrix_hook_name", l)?,
-                            extractor(&cache, &pads, gs, move |x, g| pattern::attention_pattern(x, l, &g[0], if has_rows { Some(&g[1]) } else { None }, h, mode)),
-                        ));
+                Stores::QkvResid(which, prefix) => {
+                    for l in 0..n_layers {
+                        let key = keys::layer_head_free_key(prefix, l);
+                        hooks.push((d.component(ModelDescription::qkv_template(which), l)?, catalogue::resid_padded(&cache, pads, key, g.clone(), avg, Some(part(which)))));
                     }
                 }
+                Stores::InputIds => {
+                    cache.lock().unwrap_or_else(|e| e.into_inner()).insert("input_ids", ids.shallow_clone());
+                }
+                Stores::Embed if config.keep_gradient => {
+                    // the embeddings become a leaf that requires grad; the rest of the forward reads it
+                    let slot: Arc<Mutex<Option<Tensor>>> = Arc::new(Mutex::new(None));
+                    let s = slot.clone();
+                    let component = d.component("embed_tokens", 0)?;
+                    hooks.push((
+                        component.clone(),
+                        Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
+                            let leaf = io.main_tensor()?.detach().set_requires_grad(true);
+                            *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(leaf.shallow_clone());
+                            Ok(Some(leaf))
+                        }),
+                    ));
+                    embed = Some((component, slot));
+                }
+                Stores::Embed => hooks.push((d.component("embed_tokens", 0)?, catalogue::resid_padded(&cache, pads, "input_embeddings".into(), g.clone(), avg, None))),
+                Stores::HeadQkv(which, prefix) => {
+                    for &(l, h) in &selected {
+                        hooks.push((d.component(ModelDescription::qkv_template(which), l)?, catalogue::query_key_value_padded(&cache, pads, prefix, g.clone(), l, part(which), h, avg)));
+                    }
+                }
+                Stores::HeadOut => {
+                    for &(l, h) in &selected {
+                        hooks.push((d.component("attn_o_proj_input_hook_name", l)?, catalogue::head_out_padded(&cache, pads, "head_out_", g.clone(), l, layout, o_proj(l)?, h, avg)));
+                    }
+                }
+                Stores::LastLayernorm => {
+                    hooks.push((
+                        d.component("last_layernorm_hook_name", 0)?,
+                        catalogue::extractor(&cache, pads, vec![g.clone()], move |x, g| {
+                            let s = stats::layernorm_statistics(x, &g[0], avg)?;
+                            Ok(s.into_iter()
+                                .enumerate()
+                                .flat_map(|(i, st)| st.into_named().into_iter().map(move |(n, v)| Keyed::new(format!("last_layernorm\u{0}{i}\u{0}{n}"), v)))
+                                .collect())
+                        }),
+                    ));
+                }
+                Stores::Projected(projected, which) => {
+                    for &(l, h) in &selected {
+                        let site = d.component(ModelDescription::qkv_template(which), l)?;
+                        hooks.push((site, catalogue::projected_padded(&cache, pads, projected, g.clone(), l, Some(part(which)), layout, o_proj(l)?, h, avg)));
+                    }
+                }
+                Stores::Pattern => match &mut average {
+                    Some((state, batch_idx, _)) if config.avg_over_example => {
+                        for l in 0..n_layers {
+                            hooks.push((d.component("attn_matrix_hook_name", l)?, catalogue::avg_attention_pattern_padded(state.clone(), pads, g.clone(), l, *batch_idx)));
+                        }
+                    }
+                    _ => {
+                        for &(l, h) in &selected {
+                            let site = d.component("attn_matrix_hook_name", l)?;
+                            hooks.push((site, catalogue::attention_pattern_padded(&cache, pads, g.clone(), l, h, config.attn_pattern_avg, config.attn_pattern_row_positions.clone())));
+                        }
+                    }
+                },
             }
         }
-        let logits = if config.keep_gradient {
-            self.run_checked(ids.shallow_clone(), mask.shallow_clone(), hooks)?
-        } else {
-            tch::no_grad(|| self.run_checked_until(ids.shallow_clone(), mask.shallow_clone(), hooks, stop_early))?
-                .unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, ids.device())))
+        let plan = Plan {
+            cache,
+            pads: pads.clone(),
+            token_groups,
+            config,
+            vocabulary_index,
+            embed,
+            average: average.map(|(state, _, target)| (state, target)),
+            vocab_size: d.vocab_size,
         };
-        if config.keep_gradient {
-            let leaf = embed_leaf.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| TorchError::Hook {
-                component: d.component("embed_tokens", 0).unwrap_or_default(),
+        Ok((plan, hooks))
+    }
+
+    /// The forward needs gradients (`keep_gradient`).
+    pub(crate) fn needs_gradients(&self) -> bool {
+        self.config.keep_gradient
+    }
+
+    /// The cache, once the forward returned `logits` (`None`: it stopped early): the gradient
+    /// of `keep_gradient`, the running average put back, statistics folded, logits at the
+    /// selected positions, `mapping_index`.
+    pub(crate) fn finish(self, logits: Option<&Tensor>) -> Result<ActivationCache> {
+        let Plan { cache, pads, token_groups, config, vocabulary_index, embed, average, vocab_size } = self;
+        let select = |t: &Tensor, key: &str| -> Result<Keyed> {
+            let mut f = |x: &Tensor, g: &[TokenGroups]| Ok(vec![Keyed::new(key, resid::resid(x, &g[0], false)?)]);
+            Ok(padding::each_example_keyed(t, &pads, std::slice::from_ref(token_groups), &mut f)?.remove(0))
+        };
+        if let Some((component, slot)) = embed {
+            let leaf = slot.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| TorchError::Hook {
+                component,
                 message: "the embedding site did not fire".into(),
+                source: None,
             })?;
-            let v = vocabulary_index.expect("checked above");
-            if v < 0 || v >= d.vocab_size as i64 {
-                return Err(TorchError::Input(format!("vocabulary_index {v} is out of the vocabulary 0..{}", d.vocab_size)));
+            let logits = logits.ok_or_else(|| TorchError::Input("keep_gradient needs the logits: the forward stopped early".into()))?;
+            let v = vocabulary_index.expect("checked in Plan::new");
+            if v < 0 || v >= vocab_size as i64 {
+                return Err(TorchError::Input(format!("vocabulary_index {v} is out of the vocabulary 0..{vocab_size}")));
             }
             // every example's last (real) position; examples do not interact, so one backward
             let target = logits.f_select(1, -1)?.f_select(1, v)?.f_sum(Kind::Float)?;
             let grad = Tensor::f_run_backward(&[target], &[&leaf], false, false)?.remove(0);
-            let sel = |t: &Tensor| per_example(t, &pads, &[token_groups], &mut |x, g| Ok(vec![Keyed::new("x", resid::resid(x, &g[0], false)?)]));
             let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
-            c.insert("input_embeddings", sel(&leaf.detach())?.remove(0).value);
-            c.insert("input_embeddings_gradients", sel(&grad)?.remove(0).value);
+            c.insert("input_embeddings", select(&leaf.detach(), "input_embeddings")?.value);
+            c.insert("input_embeddings_gradients", select(&grad, "input_embeddings_gradients")?.value);
         }
-        let logits = logits.detach();
-        if let Some((state, _, target)) = average {
+        if let Some((state, target)) = average {
             *target = std::mem::take(&mut *state.lock().unwrap_or_else(|e| e.into_inner()));
         }
         let mut cache = Arc::try_unwrap(cache).map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).unwrap_or_else(|arc| {
             let c = arc.lock().unwrap_or_else(|e| e.into_inner());
             c.clone()
         });
-        fold_statistics(&mut cache, avg);
+        fold_statistics(&mut cache, config.avg);
         if config.save_logits {
-            let sel = per_example(&logits, &pads, &[token_groups], &mut |x, g| Ok(vec![Keyed::new("logits", resid::resid(x, &g[0], false)?)]))?;
-            store_into(&mut cache, sel);
+            let logits = logits.ok_or_else(|| TorchError::Input("save_logits needs the logits: the forward stopped early".into()))?;
+            cache.insert("logits", select(&logits.detach(), "logits")?.value);
         }
         let mut mapping = serde_json::Map::new();
         let mut row = 0usize;
         for (i, grp) in token_groups.groups().iter().enumerate() {
-            let n = if avg { 1 } else { grp.len() };
+            let n = if config.avg { 1 } else { grp.len() };
             mapping.insert(i.to_string(), serde_json::Value::from((row..row + n).collect::<Vec<_>>()));
             row += n;
         }
-        if avg {
+        if config.avg {
             mapping.insert("info".into(), "avg".into());
         }
         cache.insert("mapping_index", serde_json::Value::Object(mapping));
-        Ok((logits, cache))
-    }
-}
-
-fn store_into(cache: &mut ActivationCache, entries: Vec<Keyed>) {
-    for k in entries {
-        cache.insert(k.key, k.value);
+        Ok(cache)
     }
 }
 

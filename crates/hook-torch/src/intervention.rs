@@ -10,15 +10,14 @@
 //!
 //! Token positions are relative to each example's own tokens (left padding is accounted for).
 
-use std::sync::Arc;
-
-use hook_core::{HeadSelection, HookContext, HookIo, TokenGroups};
+use hook_core::{HeadSelection, HookContext, HookIo};
 use hook_ops::{fused, intervene, Patch, Qkv, QkvLayout};
 use tch::Tensor;
 
 use crate::description::ModelDescription;
-use crate::error::{Result, TorchError};
+use crate::error::Result;
 use crate::module::{BoxedHook, HookedModule};
+use crate::padding::{self, shift_positions, Pads};
 
 /// What an intervention writes.
 #[derive(Debug)]
@@ -113,26 +112,150 @@ pub enum Intervention {
     },
 }
 
-fn shift(ps: &[i64], pad: i64) -> Vec<i64> {
-    ps.iter().map(|&p| if p >= 0 { p + pad } else { p }).collect()
+/// The JSON form of an intervention (the CLI's, Python's dicts, the parity cases'), with
+/// `"kind"` naming the variant; a missing required field or an unknown one is an error that
+/// names it. `patch` is `null` or `"ablation"` (absent: ablation); values to patch in are
+/// tensors, set on the parsed [`Intervention`] with [`Intervention::with_patch`].
+///
+/// ```
+/// use hook_torch::Intervention;
+/// let iv: Intervention = serde_json::from_str(r#"{"kind": "qkv", "which": "keys", "layer": 1, "head": 0, "positions": [-1]}"#).unwrap();
+/// assert!(matches!(iv, Intervention::QkvHead { layer: 1, head: 0, .. }));
+/// // a typo is refused, not read as layer 0
+/// let e = serde_json::from_str::<Intervention>(r#"{"kind": "heads", "layr": 2, "heads": [0]}"#).unwrap_err();
+/// assert!(e.to_string().contains("layr"), "{e}");
+/// ```
+impl<'de> serde::Deserialize<'de> for Intervention {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::Deserialize;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Which {
+            #[serde(alias = "query", alias = "q")]
+            Queries,
+            #[serde(alias = "key", alias = "k")]
+            Keys,
+            #[serde(alias = "value", alias = "v")]
+            Values,
+        }
+        /// `null` or `"ablation"`: the values of a patch are tensors, not JSON.
+        #[derive(Default)]
+        struct Ablation;
+        impl<'de> Deserialize<'de> for Ablation {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                match Option::<String>::deserialize(d)? {
+                    None => Ok(Ablation),
+                    Some(s) if s == "ablation" => Ok(Ablation),
+                    Some(s) => Err(serde::de::Error::custom(format!("patch {s:?}: expected \"ablation\" or null (values to patch in are tensors, given apart)"))),
+                }
+            }
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Resid {
+            component: String,
+            positions: Vec<i64>,
+            #[serde(default)]
+            #[allow(dead_code)]
+            patch: Ablation,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct QkvForm {
+            layer: usize,
+            which: Which,
+            positions: Vec<i64>,
+            head: usize,
+            #[serde(default)]
+            #[allow(dead_code)]
+            patch: Ablation,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Attn {
+            layer: usize,
+            head: usize,
+            q_positions: Vec<i64>,
+            k_positions: Vec<i64>,
+            #[serde(default)]
+            multiplication_value: f64,
+            #[serde(default)]
+            apply_softmax: bool,
+            #[serde(default)]
+            #[allow(dead_code)]
+            patch: Ablation,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Heads {
+            layer: usize,
+            heads: Vec<usize>,
+        }
+        #[derive(Deserialize)]
+        #[serde(tag = "kind", rename_all = "lowercase")]
+        enum Form {
+            Resid(Resid),
+            Qkv(QkvForm),
+            Attn(Attn),
+            Heads(Heads),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::Resid(r) => Intervention::Resid { component: r.component, positions: r.positions, patch: PatchValue::Ablation },
+            Form::Qkv(q) => Intervention::QkvHead {
+                layer: q.layer,
+                which: match q.which {
+                    Which::Queries => Qkv::Query,
+                    Which::Keys => Qkv::Key,
+                    Which::Values => Qkv::Value,
+                },
+                positions: q.positions,
+                head: q.head,
+                patch: PatchValue::Ablation,
+            },
+            Form::Attn(a) => Intervention::AttentionMatrix {
+                layer: a.layer,
+                q_positions: a.q_positions,
+                k_positions: a.k_positions,
+                head: a.head,
+                multiplication_value: a.multiplication_value,
+                patch: PatchValue::Ablation,
+                apply_softmax: a.apply_softmax,
+            },
+            Form::Heads(h) => Intervention::Heads { layer: h.layer, heads: h.heads },
+        })
+    }
 }
 
-fn err(e: impl std::fmt::Display) -> hook_core::CoreError {
-    hook_core::CoreError::Hook { component: String::new(), message: e.to_string() }
+impl Intervention {
+    /// The same intervention writing `values` instead of zeros (for
+    /// [`Intervention::AttentionMatrix`]: taking its block from the `values` pattern).
+    /// [`Intervention::Heads`] zeroes heads and takes no values: it is returned as it is.
+    ///
+    /// ```
+    /// use hook_torch::{Intervention, PatchValue};
+    /// let iv: Intervention = serde_json::from_str(r#"{"kind": "resid", "component": "model.layers[0].output", "positions": [0]}"#).unwrap();
+    /// let iv = iv.with_patch(PatchValue::Values(tch::Tensor::zeros([1, 1, 8], (tch::Kind::Float, tch::Device::Cpu))));
+    /// assert!(matches!(iv, Intervention::Resid { patch: PatchValue::Values(_), .. }));
+    /// ```
+    pub fn with_patch(mut self, value: PatchValue) -> Self {
+        match &mut self {
+            Intervention::Resid { patch, .. }
+            | Intervention::QueryKeyValue { patch, .. }
+            | Intervention::QkvHead { patch, .. }
+            | Intervention::AttentionMatrix { patch, .. } => *patch = value,
+            Intervention::Heads { .. } => {}
+        }
+        self
+    }
+}
+
+fn err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> hook_core::CoreError {
+    hook_core::CoreError::hook("", e)
 }
 
 /// Applies `f` to each example with its own padding offset and stacks the results.
 fn per_example(x: &Tensor, pads: &[i64], mut f: impl FnMut(&Tensor, i64, usize) -> hook_ops::Result<Tensor>) -> hook_core::Result<Tensor> {
-    if pads.iter().all(|&p| p == pads[0]) {
-        return f(x, pads[0], usize::MAX).map_err(err);
-    }
-    let parts = pads
-        .iter()
-        .enumerate()
-        .map(|(b, &pad)| f(&x.narrow(0, b as i64, 1), pad, b))
-        .collect::<hook_ops::Result<Vec<_>>>()
-        .map_err(err)?;
-    Tensor::f_cat(&parts, 0).map_err(err)
+    padding::each_example_tensor(x, pads, |t, pad, b| f(t, pad, b.unwrap_or(usize::MAX))).map_err(err)
 }
 
 /// Rows of a batched patch for example `b` (`usize::MAX`: the whole batch).
@@ -156,7 +279,7 @@ impl Intervention {
     }
 
     /// The hook that performs it, for a batch with these left-padding offsets.
-    pub(crate) fn hook(&self, m: &HookedModule, pads: Arc<Vec<i64>>) -> Result<BoxedHook> {
+    pub(crate) fn hook(&self, m: &HookedModule, pads: Pads) -> Result<BoxedHook> {
         let this = self.clone();
         let (layout, fused) = match self {
             Intervention::QueryKeyValue { .. } | Intervention::QkvHead { .. } => {
@@ -169,86 +292,30 @@ impl Intervention {
             let x = io.main_tensor()?;
             let out = match &this {
                 Intervention::Resid { positions, patch, .. } => {
-                    per_example(x, &pads, |t, pad, b| intervene::resid(t, &shift(positions, pad), rows(patch, b).as_patch()))?
+                    per_example(x, &pads, |t, pad, b| intervene::resid(t, &shift_positions(positions, pad), rows(patch, b).as_patch()))?
                 }
                 Intervention::QueryKeyValue { positions, head, patch, .. } => {
                     let layout = layout.expect("set for QueryKeyValue");
                     per_example(x, &pads, |t, pad, b| {
-                        intervene::query_key_value(t, &layout, &shift(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())
+                        intervene::query_key_value(t, &layout, &shift_positions(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())
                     })?
                 }
                 Intervention::QkvHead { which, positions, head, patch, .. } => {
                     let layout = layout.expect("set for QkvHead");
                     per_example(x, &pads, |t, pad, b| {
                         let part = fused::qkv_part(t, fused, *which, &layout)?;
-                        let edited = intervene::query_key_value(&part, &layout, &shift(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())?;
+                        let edited = intervene::query_key_value(&part, &layout, &shift_positions(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())?;
                         fused::replace_qkv_part(t, fused, *which, &layout, &edited)
                     })?
                 }
                 Intervention::AttentionMatrix { q_positions, k_positions, head, multiplication_value, patch, apply_softmax, .. } => {
                     per_example(x, &pads, |t, pad, _| {
-                        intervene::attention_matrix(t, &shift(q_positions, pad), &shift(k_positions, pad), *head, *multiplication_value, patch.as_patch(), *apply_softmax)
+                        intervene::attention_matrix(t, &shift_positions(q_positions, pad), &shift_positions(k_positions, pad), *head, *multiplication_value, patch.as_patch(), *apply_softmax)
                     })?
                 }
                 Intervention::Heads { heads, .. } => intervene::zero_heads(x, heads).map_err(err)?,
             };
             Ok(Some(out))
         }))
-    }
-}
-
-impl HookedModule {
-    /// A forward pass with interventions; returns the logits.
-    pub fn run_with_interventions(&mut self, input_ids: &Tensor, attention_mask: &Tensor, interventions: &[Intervention]) -> Result<Tensor> {
-        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
-        let pads = Arc::new(crate::extract::pads(&mask)?);
-        let hooks = interventions.iter().map(|i| Ok((i.component(self)?, i.hook(self, pads.clone())?))).collect::<Result<Vec<_>>>()?;
-        tch::no_grad(|| self.run_checked(ids, mask, hooks))
-    }
-
-    /// Activation patching: runs `clean` and records `component` at `positions`, then runs
-    /// `corrupted` with those clean activations written in, and returns the patched logits
-    /// `[batch, seq, vocab]` of the corrupted run. Both prompts are one example each (batch 1),
-    /// positions relative to each prompt.
-    pub fn patch_activations(
-        &mut self,
-        clean: (&Tensor, &Tensor),
-        corrupted: (&Tensor, &Tensor),
-        patches: &[(String, Vec<i64>)],
-    ) -> Result<Tensor> {
-        for (ids, _) in [clean, corrupted] {
-            if ids.dim() != 2 || ids.size()[0] != 1 {
-                return Err(TorchError::Input(format!("activation patching takes one prompt per run (input_ids [1, seq]), got {:?}", ids.size())));
-            }
-        }
-        let mut recorded: Vec<Arc<std::sync::Mutex<Option<Tensor>>>> = Vec::new();
-        let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
-        for (component, positions) in patches {
-            let slot = Arc::new(std::sync::Mutex::new(None));
-            recorded.push(slot.clone());
-            let g = TokenGroups::new(vec![positions.clone()])?;
-            hooks.push((
-                component.clone(),
-                Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
-                    let x = io.main_tensor()?;
-                    let sel = hook_ops::select::flatten(x, -2, &g).map_err(err)?;
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(sel);
-                    Ok(None)
-                }),
-            ));
-        }
-        let _clean_logits = tch::no_grad(|| self.run_with_hooks(clean.0, clean.1, hooks))?;
-        let interventions = patches
-            .iter()
-            .zip(recorded)
-            .map(|((component, positions), slot)| {
-                let values = slot.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| TorchError::Hook {
-                    component: component.clone(),
-                    message: "did not fire in the clean run".into(),
-                })?;
-                Ok(Intervention::Resid { component: component.clone(), positions: positions.clone(), patch: PatchValue::Values(values) })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.run_with_interventions(corrupted.0, corrupted.1, &interventions)
     }
 }

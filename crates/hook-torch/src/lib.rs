@@ -8,7 +8,9 @@
 //! | [`site`] | [`SiteInfo`]: one hookable place (`….input`, `….output`, attention patterns) |
 //! | [`description`] | [`ModelDescription`]: the facts and component templates stored by the exporter |
 //! | [`catalogue`] | easyroutine's hook functions as ready hooks writing into a shared cache |
-//! | [`extract`] | [`ExtractionConfig`] and `run_with_cache` |
+//! | [`run`] | [`HookedModule::run`] with a [`RunSpec`]: the one forward pass, and its short cuts (`forward`, `run_with_cache`, …) |
+//! | [`extract`] | [`ExtractionConfig`] and [`Extraction`]: each config flag's catalogue hook, in easyroutine's order |
+//! | `padding` | left padding: each example's offset, positions moved by it |
 //! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
 //! | [`error`] | [`TorchError`] |
 //! | [`backend`] | libtorch's device backends: loading the CUDA backend when the machine has a GPU |
@@ -32,13 +34,16 @@ mod script;
 pub mod intervention;
 pub mod memory;
 pub mod module;
+mod padding;
+pub mod run;
 pub mod runtime;
 pub mod site;
 pub mod transfer;
 
 pub use description::{ModelDescription, WeightLayout};
 pub use error::{Result, TorchError};
-pub use extract::{AttnHeads, ExtractionConfig, LayerHead, RunOptions};
+pub use extract::{AttnHeads, Extraction, ExtractionConfig, LayerHead};
+pub use run::{RunOutput, RunSpec};
 pub use intervention::{Intervention, PatchValue};
 pub use module::{BoxedHook, HookHandle, HookedModule};
 pub use site::{SiteInfo, SiteKind};

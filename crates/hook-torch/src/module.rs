@@ -35,7 +35,8 @@ type Dispatch<'a> = dyn FnMut(usize, Tensor) -> std::result::Result<Option<Tenso
 
 thread_local! {
     static ACTIVE: Cell<Option<*mut Dispatch<'static>>> = const { Cell::new(None) };
-    static PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// The site and message of a hook that panicked during this thread's forward.
+    static PANIC: RefCell<Option<(usize, String)>> = const { RefCell::new(None) };
 }
 
 unsafe extern "C" fn callback(site: i64, x: *mut AtTensor, out: *mut *mut AtTensor) -> c_int {
@@ -63,7 +64,7 @@ unsafe extern "C" fn callback(site: i64, x: *mut AtTensor, out: *mut *mut AtTens
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".into());
-            PANIC.with(|p| *p.borrow_mut() = Some(format!("{site}\u{0}{msg}")));
+            PANIC.with(|p| *p.borrow_mut() = Some((site as usize, msg)));
             1
         }
     }
@@ -76,7 +77,7 @@ fn install_callback() {
 }
 
 /// How many hook sites (armed or idle) have run on this thread since it started: a
-/// diagnostic that shows how much of a forward ran (e.g. with `RunOptions::stop_early`).
+/// diagnostic that shows how much of a forward ran (e.g. with `RunSpec::stop_early`).
 ///
 /// ```no_run
 /// let before = hook_torch::module::site_calls_on_this_thread();
@@ -130,6 +131,39 @@ fn check_device(device: Device) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// This thread's dispatcher and armed-site table for the duration of one forward: set when
+/// made, and the previous ones (an outer forward's, or none) put back when dropped, on every
+/// way out of the forward (errors and unwinding included).
+struct ArmedForward<'t> {
+    previous: Option<*mut Dispatch<'static>>,
+    prev_table: *const u8,
+    prev_len: i64,
+    _table: std::marker::PhantomData<&'t [u8]>,
+}
+
+impl<'t> ArmedForward<'t> {
+    /// Makes `dispatch` this thread's dispatcher and `table` its armed-site table (empty: no
+    /// site armed, every site returns in C++).
+    fn arm(dispatch: Option<*mut Dispatch<'static>>, table: &'t [u8]) -> Self {
+        let previous = ACTIVE.with(|a| a.replace(dispatch));
+        let (mut prev_table, mut prev_len) = (std::ptr::null(), 0i64);
+        let ptr = if table.is_empty() { std::ptr::null() } else { table.as_ptr() };
+        // SAFETY: `table` outlives the guard (its lifetime `'t`); the guard restores the
+        // previous table before `table` can go away.
+        unsafe { ffi::hookrs_set_armed(ptr, table.len() as i64, &mut prev_table, &mut prev_len) };
+        ArmedForward { previous, prev_table, prev_len, _table: std::marker::PhantomData }
+    }
+}
+
+impl Drop for ArmedForward<'_> {
+    fn drop(&mut self) {
+        // SAFETY: restores the table that was armed before this forward (still alive: its owner
+        // is an outer forward on this thread, or it is null).
+        unsafe { ffi::hookrs_set_armed(self.prev_table, self.prev_len, &mut std::ptr::null(), &mut 0) };
+        ACTIVE.with(|a| a.set(self.previous));
+    }
 }
 
 /// A TorchScript module instrumented for hooks.
@@ -186,15 +220,13 @@ impl HookedModule {
             return Err(load_err("no such file".into()));
         }
         check_device(device)?;
-        let Loaded { module, sites_json, description_json: desc_json } = ScriptModule::load(path, device, &device_name(device))?;
-        let raw: Vec<serde_json::Value> = serde_json::from_str(&sites_json).map_err(|e| load_err(format!("bad site list: {e}")))?;
+        let Loaded { module, sites: raw, description_json: desc_json } = ScriptModule::load(path, device, &device_name(device))?;
         let mut all: Vec<(usize, SiteInfo)> = Vec::new();
         let mut max_id = 0;
         for s in raw {
-            let id = s["id"].as_u64().unwrap_or(0) as usize;
-            max_id = max_id.max(id + 1);
-            if let Some(info) = SiteInfo::new(id, s["module"].as_str().unwrap_or(""), s["kind"].as_str().unwrap_or("")) {
-                all.push((id, info));
+            max_id = max_id.max(s.id + 1);
+            if let Some(info) = SiteInfo::new(s.id, &s.module, &s.kind) {
+                all.push((s.id, info));
             }
         }
         let description = if desc_json.trim().is_empty() {
@@ -421,28 +453,13 @@ impl HookedModule {
         Ok((ids.f_to_device(self.device)?, mask.f_to_device(self.device)?))
     }
 
-    /// A forward pass with the stored hooks; returns the logits `[batch, seq, vocab]`.
-    pub fn forward(&mut self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        self.run_with_hooks(input_ids, attention_mask, Vec::new())
-    }
-
-    /// A forward pass with the stored hooks plus `scoped` hooks that apply to this call only.
-    pub fn run_with_hooks(&mut self, input_ids: &Tensor, attention_mask: &Tensor, scoped: Vec<(String, BoxedHook)>) -> Result<Tensor> {
-        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
-        self.run_checked(ids, mask, scoped)
-    }
-
-    /// [`HookedModule::run_with_hooks`] on inputs that [`HookedModule::check_inputs`] returned
-    /// (callers that checked them already do not pay for the checks twice).
-    pub(crate) fn run_checked(&mut self, ids: Tensor, mask: Tensor, scoped: Vec<(String, BoxedHook)>) -> Result<Tensor> {
-        Ok(self.run_checked_until(ids, mask, scoped, false)?.expect("runs to the end"))
-    }
-
-    /// [`HookedModule::run_checked`] that, with `stop_when_done`, stops the forward pass as
-    /// soon as every site with a hook has fired once: the TorchScript forward unwinds (the op
-    /// throws), nothing after the last hooked site runs, and `None` comes back instead of the
-    /// logits. The module stays usable.
-    pub(crate) fn run_checked_until(&mut self, ids: Tensor, mask: Tensor, scoped: Vec<(String, BoxedHook)>, stop_when_done: bool) -> Result<Option<Tensor>> {
+    /// The forward pass every public way of running the model ends in
+    /// ([`HookedModule::run`]): inputs that [`HookedModule::check_inputs`] returned, the
+    /// stored hooks and then `scoped` (for this call only) at each site. With
+    /// `stop_when_done`, it stops as soon as every site with a hook has fired once: the
+    /// TorchScript forward unwinds (the op throws), nothing after the last hooked site runs,
+    /// and `None` comes back instead of the logits. The module stays usable.
+    pub(crate) fn forward_checked(&mut self, ids: Tensor, mask: Tensor, scoped: Vec<(String, BoxedHook)>, stop_when_done: bool) -> Result<Option<Tensor>> {
         let scoped = scoped.into_iter().map(|(c, h)| Ok((self.site_index(&c)?, h))).collect::<Result<Vec<_>>>()?;
         let mut scoped_by_site: Vec<Vec<BoxedHook>> = (0..self.sites.len()).map(|_| Vec::new()).collect();
         for (i, h) in scoped {
@@ -491,6 +508,7 @@ impl HookedModule {
                             error = Some(TorchError::Hook {
                                 component: info.component.clone(),
                                 message: format!("the hook returned a tensor of shape {:?}; the activation has shape {:?}", new.size(), current.size()),
+                                source: None,
                             });
                             return Err(());
                         }
@@ -509,11 +527,12 @@ impl HookedModule {
                         changed = true;
                     }
                     Err(e) => {
-                        let message = match e {
-                            hook_core::CoreError::Hook { message, .. } => message,
-                            other => other.to_string(),
+                        // the site names the component; the hook's own error is the source
+                        let (message, source): (String, Option<Box<dyn std::error::Error + Send + Sync>>) = match e {
+                            hook_core::CoreError::Hook { message, cause, .. } => (message, cause.map(|c| Box::new(c) as _)),
+                            other => (other.to_string(), Some(Box::new(other))),
                         };
-                        error = Some(TorchError::Hook { component: info.component.clone(), message });
+                        error = Some(TorchError::Hook { component: info.component.clone(), message, source });
                         return Err(());
                     }
                 }
@@ -528,27 +547,21 @@ impl HookedModule {
             Ok(changed.then_some(current))
         };
         // Without hooks the dispatcher is not installed, so every site returns at once.
-        let active = if any_hooks {
-            let ptr: *mut Dispatch<'_> = &mut dispatch;
-            // SAFETY: the pointer only lives in ACTIVE for the duration of this forward.
-            Some(unsafe { std::mem::transmute::<*mut Dispatch<'_>, *mut Dispatch<'static>>(ptr) })
-        } else {
-            None
+        let out = {
+            let _armed = if any_hooks {
+                let ptr: *mut Dispatch<'_> = &mut dispatch;
+                // SAFETY: the guard takes the pointer out of ACTIVE when it drops, at the end of
+                // this block, before `dispatch` goes out of scope.
+                let ptr = unsafe { std::mem::transmute::<*mut Dispatch<'_>, *mut Dispatch<'static>>(ptr) };
+                ArmedForward::arm(Some(ptr), &armed)
+            } else {
+                ArmedForward::arm(None, &[])
+            };
+            module.forward(&ids, &mask)
         };
-        let previous = ACTIVE.with(|a| a.replace(active));
-        let (mut prev_table, mut prev_len) = (std::ptr::null(), 0i64);
-        let table = if any_hooks { armed.as_ptr() } else { std::ptr::null() };
-        // SAFETY: `armed` outlives the forward; the previous table is restored right after it.
-        unsafe { ffi::hookrs_set_armed(table, armed.len() as i64, &mut prev_table, &mut prev_len) };
-        let out = module.forward(&ids, &mask);
-        // SAFETY: restores the table that was armed before this forward (still alive: its owner
-        // is an outer forward on this thread, or it is null).
-        unsafe { ffi::hookrs_set_armed(prev_table, prev_len, &mut std::ptr::null(), &mut 0) };
-        ACTIVE.with(|a| a.set(previous));
-        if let Some(p) = PANIC.with(|p| p.borrow_mut().take()) {
-            let (site, msg) = p.split_once('\u{0}').unwrap_or(("?", p.as_str()));
-            let component = site.parse::<usize>().ok().and_then(|s| id_to_index.get(s)).and_then(|&i| sites.get(i)).map(|s| s.component.clone()).unwrap_or_default();
-            return Err(TorchError::HookPanic { component, message: msg.to_string() });
+        if let Some((site, message)) = PANIC.with(|p| p.borrow_mut().take()) {
+            let component = id_to_index.get(site).and_then(|&i| sites.get(i)).map(|s| s.component.clone()).unwrap_or_default();
+            return Err(TorchError::HookPanic { component, message });
         }
         if let Some(e) = error {
             return Err(e);

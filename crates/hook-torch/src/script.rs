@@ -109,11 +109,50 @@ fn scalar_type(kind: tch::Kind) -> Result<i64> {
     }
 }
 
+/// One site `hookrs_load` made: its graph id, the dotted path of its module, its kind.
+pub(crate) struct RawSite {
+    pub id: usize,
+    pub module: String,
+    pub kind: String,
+}
+
 /// What `hookrs_load` returns.
 pub(crate) struct Loaded {
     pub module: ScriptModule,
-    pub sites_json: String,
+    pub sites: Vec<RawSite>,
     pub description_json: String,
+}
+
+/// Takes a `hookrs_strings` the shim filled (and frees it).
+fn take_strings(mut s: ffi::Strings) -> Vec<String> {
+    let items = if s.items.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: the shim filled `len` NUL-terminated strings.
+        (0..s.len as usize).map(|i| unsafe { CStr::from_ptr(*s.items.add(i)) }.to_string_lossy().into_owned()).collect()
+    };
+    // SAFETY: `s` came from the shim and is freed once, here.
+    unsafe { ffi::hookrs_strings_free(&mut s) };
+    items
+}
+
+/// Takes a `hookrs_sites` the shim filled (and frees it).
+fn take_sites(mut s: ffi::Sites) -> Vec<RawSite> {
+    let text = |p: *mut c_char| if p.is_null() { String::new() } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() };
+    let items = if s.items.is_null() {
+        Vec::new()
+    } else {
+        (0..s.len as usize)
+            .map(|i| {
+                // SAFETY: the shim filled `len` sites with NUL-terminated strings.
+                let site = unsafe { &*s.items.add(i) };
+                RawSite { id: site.id as usize, module: text(site.module), kind: text(site.kind) }
+            })
+            .collect()
+    };
+    // SAFETY: `s` came from the shim and is freed once, here.
+    unsafe { ffi::hookrs_sites_free(&mut s) };
+    items
 }
 
 impl ScriptModule {
@@ -124,7 +163,7 @@ impl ScriptModule {
         let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| load_err("the path contains a NUL byte".into()))?;
         let cdev = CString::new(device_name(device)).expect("device names have no NUL");
         let cconst = CString::new(constants_device).map_err(|_| load_err("the device name contains a NUL byte".into()))?;
-        let (mut module, mut sites, mut desc, mut err) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+        let (mut module, mut sites, mut desc, mut err) = (std::ptr::null_mut(), ffi::Sites::EMPTY, std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: every pointer is valid; the shim catches every C++ exception.
         let status = unsafe { ffi::hookrs_load(cpath.as_ptr(), cdev.as_ptr(), cconst.as_ptr(), &mut module, &mut sites, &mut desc, &mut err) };
         if status != 0 {
@@ -135,7 +174,7 @@ impl ScriptModule {
                 first
             }));
         }
-        Ok(Loaded { module: ScriptModule { ptr: module }, sites_json: take(sites), description_json: take(desc) })
+        Ok(Loaded { module: ScriptModule { ptr: module }, sites: take_sites(sites), description_json: take(desc) })
     }
 
     /// `forward(input_ids, attention_mask)`: the logits (the returned tensor, or element 0 of
@@ -171,24 +210,24 @@ impl ScriptModule {
 
     /// The device of each device or tensor constant in the module's graphs.
     pub(crate) fn device_constants(&self) -> Result<Vec<String>> {
-        let (mut json, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let (mut list, mut err) = (ffi::Strings::EMPTY, std::ptr::null_mut());
         // SAFETY: valid pointers; the shim catches every exception.
-        let status = unsafe { ffi::hookrs_device_constants(self.ptr, &mut json, &mut err) };
+        let status = unsafe { ffi::hookrs_device_constants(self.ptr, &mut list, &mut err) };
         if status != 0 {
             return Err(shim_error(err, "the shim call failed"));
         }
-        serde_json::from_str(&take(json)).map_err(|e| TorchError::Torch(tch::TchError::Torch(format!("bad device list from the shim: {e}"))))
+        Ok(take_strings(list))
     }
 
     /// The dtype named by each constant `dtype` argument in the module's graphs.
     pub(crate) fn dtype_constants(&self) -> Result<Vec<String>> {
-        let (mut json, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let (mut list, mut err) = (ffi::Strings::EMPTY, std::ptr::null_mut());
         // SAFETY: valid pointers; the shim catches every exception.
-        let status = unsafe { ffi::hookrs_dtype_constants(self.ptr, &mut json, &mut err) };
+        let status = unsafe { ffi::hookrs_dtype_constants(self.ptr, &mut list, &mut err) };
         if status != 0 {
             return Err(shim_error(err, "the shim call failed"));
         }
-        serde_json::from_str(&take(json)).map_err(|e| TorchError::Torch(tch::TchError::Torch(format!("bad dtype list from the shim: {e}"))))
+        Ok(take_strings(list))
     }
 
     /// Converts the tensors and graph constants of dtype `from` to `to` (see the shim's

@@ -25,7 +25,7 @@ fn a_hook_failing_on_its_1000th_call_is_an_error_for_that_forward_only() {
         let c = c.clone();
         m.add_hook(s, move |_: &HookContext, _: &HookIo<Tensor>| {
             if c.fetch_add(1, Ordering::SeqCst) + 1 == 1000 {
-                return Err(hook_core::CoreError::Hook { component: String::new(), message: "call 1000 fails".into() });
+                return Err(hook_core::CoreError::hook_message("", "call 1000 fails"));
             }
             Ok(None)
         })
@@ -155,4 +155,24 @@ fn threads_with_their_own_modules_or_a_shared_one_get_the_single_threaded_result
             h.join().expect("no thread panicked");
         }
     }
+}
+
+#[test]
+fn an_error_inside_a_hook_names_the_site_and_keeps_its_cause() {
+    use std::error::Error;
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let (ids, mask) = common::inputs();
+    // an ops error, as the catalogue's hooks raise them: made inside the hook's body, without the site
+    m.add_hook(SITE, |_: &HookContext, io: &HookIo<Tensor>| {
+        let x = io.main_tensor()?;
+        let e = x.f_matmul(&Tensor::zeros([3, 3], (Kind::Float, Device::Cpu))).unwrap_err();
+        Err(hook_core::CoreError::hook("", e))
+    })
+    .unwrap();
+    let e = m.forward(&ids, &mask).unwrap_err();
+    let TorchError::Hook { component, .. } = &e else { panic!("{e:?}") };
+    assert_eq!(component, SITE);
+    assert!(e.to_string().starts_with(&format!("hook on `{SITE}` failed: ")), "{e}");
+    let cause = e.source().expect("the libtorch error is the source");
+    assert!(cause.to_string().contains("cannot be multiplied") || cause.to_string().contains("shape"), "{cause}");
 }

@@ -119,7 +119,7 @@ fn mutated_configs_and_token_groups_parse_and_run_or_fail_cleanly() {
     let (ids, mask) = common::inputs();
     for c in CONFIGS {
         let cfg: ExtractionConfig = serde_json::from_str(c).unwrap();
-        m.run_with_cache(&ids, &mask, &"[[0, 1], [-1]]".parse().unwrap(), &cfg).unwrap();
+        let _ = m.run_with_cache(&ids, &mask, &"[[0, 1], [-1]]".parse().unwrap(), &cfg).unwrap();
     }
     let started = Instant::now();
     let mut rng = Rng::new(0xC0F1);

@@ -114,7 +114,8 @@ fn running_average_of_patterns_over_batches() {
     let mut avg = RunningPatternAverage::new();
     let mut singles = vec![];
     for (i, ids) in [&a, &b].into_iter().enumerate() {
-        let (_, cache) = m.run_with_cache_and_average(ids, &ids.ones_like(), &g, &cfg, Some((&mut avg, i))).unwrap();
+        let extraction = hook_torch::Extraction { average: Some((&mut avg, i)), ..hook_torch::Extraction::new(&g, &cfg) };
+        let cache = m.run(ids, &ids.ones_like(), hook_torch::RunSpec { extraction: Some(extraction), ..Default::default() }).unwrap().cache;
         assert!(!cache.contains("pattern_L0H0"), "patterns go to the running average");
         let plain = ExtractionConfig::default().with_flags(&["attn_pattern"]).unwrap();
         singles.push(m.run_with_cache(ids, &ids.ones_like(), &g, &plain).unwrap().1.tensor("pattern_L1H2").unwrap().shallow_clone());
@@ -137,10 +138,10 @@ fn stop_early_runs_only_up_to_the_last_hooked_site_and_gives_the_same_values() {
     let (logits, full) = m.run_with_cache(&ids, &mask, &g, &cfg).unwrap();
     let full_calls = site_calls_on_this_thread() - before;
     let before = site_calls_on_this_thread();
-    let opts = hook_torch::RunOptions { stop_early: true, ..Default::default() };
-    let (none, early) = m.run_with_cache_options(&ids, &mask, &g, &cfg, opts).unwrap();
+    let spec = hook_torch::RunSpec { extraction: Some(hook_torch::Extraction::new(&g, &cfg)), stop_early: true, ..Default::default() };
+    let hook_torch::RunOutput { logits: none, cache: early } = m.run(&ids, &mask, spec).unwrap();
     let early_calls = site_calls_on_this_thread() - before;
-    assert_eq!(none.numel(), 0);
+    assert!(none.is_none(), "no logits when the forward stops early");
     assert!(early.same_as(&full), "stopping early changed the values");
     // resid_in of layer 1 is the last requested site: layer 1's inside, the final norm and the
     // LM head never ran
@@ -151,6 +152,6 @@ fn stop_early_runs_only_up_to_the_last_hooked_site_and_gives_the_same_values() {
     assert!(again.same_as(&full));
     // logits need the end of the forward
     let with_logits = hook_torch::ExtractionConfig { save_logits: true, ..cfg.clone() };
-    let opts = hook_torch::RunOptions { stop_early: true, ..Default::default() };
-    assert!(m.run_with_cache_options(&ids, &mask, &g, &with_logits, opts).unwrap_err().to_string().contains("stop_early needs save_logits"));
+    let spec = hook_torch::RunSpec { extraction: Some(hook_torch::Extraction::new(&g, &with_logits)), stop_early: true, ..Default::default() };
+    assert!(m.run(&ids, &mask, spec).unwrap_err().to_string().contains("stop_early needs save_logits"));
 }

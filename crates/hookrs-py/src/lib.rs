@@ -16,7 +16,6 @@
 //! Errors: bad input is a `ValueError`, everything else a `RuntimeError`, each with the Rust
 //! error's message. PyO3 turns a panic into a Python exception; none is expected.
 
-use std::ffi::c_void;
 
 use hook_cache::CacheValue;
 use hook_core::TokenGroups;
@@ -74,19 +73,19 @@ unsafe extern "C" fn dltensor_destructor(capsule: *mut pyo3::ffi::PyObject) {
     unsafe {
         if pyo3::ffi::PyCapsule_IsValid(capsule, DLTENSOR.as_ptr()) == 1 {
             let p = pyo3::ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr());
-            hook_torch::dlpack::delete(p);
+            drop(hook_torch::dlpack::ManagedTensor::from_raw(p));
         }
     }
 }
 
 /// `t` as a `torch.Tensor` sharing its memory.
 fn tensor_to_py(py: Python<'_>, t: &Tensor) -> PyResult<PyObject> {
-    let managed: *mut c_void = hook_torch::dlpack::to_dlpack(t).map_err(torch_err)?;
+    let managed = hook_torch::dlpack::to_dlpack(t).map_err(torch_err)?.into_raw();
     // SAFETY: `managed` is an owned DLManagedTensor*; the capsule owns it until torch consumes it.
     let capsule = unsafe { pyo3::ffi::PyCapsule_New(managed, DLTENSOR.as_ptr(), Some(dltensor_destructor)) };
     if capsule.is_null() {
-        // SAFETY: nobody else holds `managed`.
-        unsafe { hook_torch::dlpack::delete(managed) };
+        // SAFETY: the capsule was not made: nobody else holds `managed`.
+        drop(unsafe { hook_torch::dlpack::ManagedTensor::from_raw(managed) });
         return Err(PyErr::fetch(py));
     }
     // SAFETY: a new reference we own.
@@ -446,7 +445,7 @@ fn python_hook(function: PyObject, raised: Raised) -> impl hook_core::Hook<Tenso
         result.map_err(|e| {
             let message = Python::with_gil(|py| e.value(py).repr().map(|r| r.to_string()).unwrap_or_else(|_| e.to_string()));
             *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            hook_core::CoreError::Hook { component: ctx.component.to_string(), message: format!("the Python hook raised {message}") }
+            hook_core::CoreError::hook_message(ctx.component.to_string(), format!("the Python hook raised {message}"))
         })
     }
 }
@@ -613,13 +612,14 @@ impl HookedModule {
         let config = extraction_config(py, config)?;
         let ivs = self.interventions(py, interventions, &ids)?;
         let inner = &mut self.inner;
-        let (logits, cache) = py
+        let out = py
             .allow_threads(move || {
-                let options = hook_torch::RunOptions { vocabulary_index, interventions: &ivs, ..Default::default() };
-                inner.run_with_cache_options(&ids, &mask, &groups, &config, options)
+                let extraction = hook_torch::Extraction { vocabulary_index, ..hook_torch::Extraction::new(&groups, &config) };
+                inner.run(&ids, &mask, hook_torch::RunSpec { extraction: Some(extraction), interventions: &ivs, ..Default::default() })
             })
             .map_err(|e| self.failed(e))?;
-        Ok((tensor_to_py(py, &logits)?, ActivationCache { inner: cache }))
+        let logits = out.logits.expect("an extraction without stop_early runs to the end");
+        Ok((tensor_to_py(py, &logits)?, ActivationCache { inner: out.cache }))
     }
 
     /// The logits with interventions active for this forward only. `interventions` are
@@ -646,47 +646,23 @@ impl HookedModule {
 
 /// One intervention dict (see `run_with_interventions`).
 fn intervention_from_py(obj: &Bound<'_, PyAny>) -> PyResult<hook_torch::Intervention> {
-    use hook_torch::{Intervention, PatchValue};
+    use hook_torch::PatchValue;
     let d = obj.downcast::<PyDict>().map_err(|_| PyTypeError::new_err("an intervention is a dict (hookrs.Intervention(...).to_dict())"))?;
-    let kind: String = field(d, "kind")?;
-    let positions = |name: &str| -> PyResult<Vec<i64>> { field(d, name) };
-    let patch = || -> PyResult<PatchValue> {
-        match d.get_item("patch")? {
-            None => Ok(PatchValue::Ablation),
-            Some(v) if v.is_none() => Ok(PatchValue::Ablation),
-            Some(v) if v.extract::<String>().map(|s| s == "ablation").unwrap_or(false) => Ok(PatchValue::Ablation),
-            Some(v) => Ok(PatchValue::Values(tensor_from_py(&v)?)),
+    // the patch values are a tensor (not JSON): the rest goes through Intervention's one parser
+    let rest = d.copy()?;
+    let patch = match rest.get_item("patch")? {
+        Some(v) if !v.is_none() && !v.extract::<String>().is_ok_and(|s| s == "ablation") => {
+            rest.del_item("patch")?;
+            Some(PatchValue::Values(tensor_from_py(&v)?))
         }
+        _ => None,
     };
-    Ok(match kind.as_str() {
-        "resid" => Intervention::Resid { component: field(d, "component")?, positions: positions("positions")?, patch: patch()? },
-        "qkv" => {
-            let which: String = field(d, "which")?;
-            let which = match which.as_str() {
-                "queries" | "query" | "q" => hook_ops::Qkv::Query,
-                "keys" | "key" | "k" => hook_ops::Qkv::Key,
-                "values" | "value" | "v" => hook_ops::Qkv::Value,
-                w => return Err(PyValueError::new_err(format!("intervention which={w:?}: expected queries, keys or values"))),
-            };
-            Intervention::QkvHead { layer: field(d, "layer")?, which, positions: positions("positions")?, head: field(d, "head")?, patch: patch()? }
-        }
-        "attn" => Intervention::AttentionMatrix {
-            layer: field(d, "layer")?,
-            q_positions: positions("q_positions")?,
-            k_positions: positions("k_positions")?,
-            head: field(d, "head")?,
-            multiplication_value: d.get_item("multiplication_value")?.map(|v| v.extract()).transpose()?.unwrap_or(0.0),
-            patch: patch()?,
-            apply_softmax: d.get_item("apply_softmax")?.map(|v| v.extract()).transpose()?.unwrap_or(false),
-        },
-        "heads" => Intervention::Heads { layer: field(d, "layer")?, heads: field(d, "heads")? },
-        k => return Err(PyValueError::new_err(format!("intervention kind {k:?}: expected resid, qkv, attn or heads"))),
+    let text: String = obj.py().import("json")?.call_method1("dumps", (rest,))?.extract()?;
+    let iv: hook_torch::Intervention = serde_json::from_str(&text).map_err(|e| PyValueError::new_err(format!("intervention {text}: {e}")))?;
+    Ok(match patch {
+        Some(p) => iv.with_patch(p),
+        None => iv,
     })
-}
-
-fn field<'py, T: pyo3::FromPyObject<'py>>(d: &Bound<'py, PyDict>, name: &str) -> PyResult<T> {
-    let v = d.get_item(name)?.ok_or_else(|| PyValueError::new_err(format!("the intervention has no {name:?} field")))?;
-    v.extract().map_err(|e| PyValueError::new_err(format!("intervention field {name:?}: {e}")))
 }
 
 /// Runs an extraction (hook-extract) in this process, the GIL released: `options` is a JSON

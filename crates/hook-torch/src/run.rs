@@ -1,0 +1,193 @@
+//! Running the model: [`HookedModule::run`] with a [`RunSpec`] (hooks for this call,
+//! interventions, an extraction, early stop, gradients) is the one forward pass; the other
+//! ways of running the model are short cuts to it.
+//!
+//! | call | what it is |
+//! |---|---|
+//! | [`HookedModule::forward`] | the stored hooks only; the logits |
+//! | [`HookedModule::run_with_hooks`] | plus hooks for this call |
+//! | [`HookedModule::run_with_interventions`] | plus interventions (no gradients) |
+//! | [`HookedModule::run_with_cache`] | an extraction: the logits and the cache |
+//! | [`HookedModule::patch_activations`] | a clean run recording sites, then a corrupted run with them patched in |
+//!
+//! At each site the hooks run in this order: the stored ones, the interventions, the hooks of
+//! the spec, then the extraction's (so the cache holds what the model computed after every
+//! edit, as easyroutine registers interventions first).
+
+use std::sync::{Arc, Mutex};
+
+use hook_cache::ActivationCache;
+use hook_core::{HookContext, HookIo, TokenGroups};
+use tch::{Kind, Tensor};
+
+use crate::error::{Result, TorchError};
+use crate::extract::{Extraction, ExtractionConfig, Plan};
+use crate::intervention::{Intervention, PatchValue};
+use crate::module::{BoxedHook, HookedModule};
+use crate::padding;
+
+/// What one forward pass does besides computing the logits.
+///
+/// ```no_run
+/// use hook_torch::{Extraction, ExtractionConfig, HookedModule, RunSpec};
+/// let mut m = HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
+/// let ids = tch::Tensor::from_slice(&[5i64, 6, 7]).view([1, 3]);
+/// let groups = "[[-1]]".parse().unwrap();
+/// let config = ExtractionConfig::default().with_flags(&["resid_out"]).unwrap();
+/// let out = m.run(&ids, &ids.ones_like(), RunSpec { extraction: Some(Extraction::new(&groups, &config)), ..RunSpec::default() }).unwrap();
+/// assert!(out.cache.contains("resid_out_0"));
+/// ```
+#[derive(Default)]
+pub struct RunSpec<'a> {
+    /// Hooks for this call only: (component, hook).
+    pub hooks: Vec<(String, BoxedHook)>,
+    /// Interventions (positions relative to each example's tokens).
+    pub interventions: &'a [Intervention],
+    /// An extraction into the returned cache.
+    pub extraction: Option<Extraction<'a>>,
+    /// Stop the forward pass as soon as every hooked site has fired, instead of running the
+    /// rest of the model and the LM head: the logits are then `None`. An extraction must have
+    /// `save_logits` and `keep_gradient` off (they need the end of the forward).
+    pub stop_early: bool,
+    /// Run with the caller's gradient mode (autograd records the forward, as a plain
+    /// `forward` does); otherwise the forward runs without gradient tracking. An extraction
+    /// with `keep_gradient` always tracks gradients.
+    pub track_gradients: bool,
+}
+
+/// What [`HookedModule::run`] returns.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// The logits `[batch, seq, vocab]` (`None` when the forward stopped early).
+    pub logits: Option<Tensor>,
+    /// What the extraction stored (empty without one).
+    pub cache: ActivationCache,
+}
+
+impl HookedModule {
+    /// The forward pass: checks the inputs (`[batch, seq]` ids and a 0/1 mask, left padding
+    /// allowed), runs the stored hooks and everything `spec` asks for, and returns the logits
+    /// and the extraction's cache. The module is unchanged afterwards: the hooks of the spec
+    /// are gone, the stored ones stay.
+    pub fn run(&mut self, input_ids: &Tensor, attention_mask: &Tensor, spec: RunSpec<'_>) -> Result<RunOutput> {
+        let RunSpec { hooks: scoped, interventions, extraction, stop_early, track_gradients } = spec;
+        if let Some(e) = &extraction {
+            if stop_early && (e.config.save_logits || e.config.keep_gradient) {
+                return Err(TorchError::Input(
+                    "stop_early needs save_logits and keep_gradient off: the logits (and their gradient) come from the end of the forward pass".into(),
+                ));
+            }
+        }
+        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
+        let pads = padding::offsets(&mask)?;
+        let mut hooks = Vec::with_capacity(interventions.len() + scoped.len());
+        for iv in interventions {
+            hooks.push((iv.component(self)?, iv.hook(self, pads.clone())?));
+        }
+        hooks.extend(scoped);
+        let plan = match extraction {
+            Some(e) => {
+                let (plan, extraction_hooks) = Plan::new(self, &ids, &pads, e)?;
+                hooks.extend(extraction_hooks);
+                Some(plan)
+            }
+            None => None,
+        };
+        let gradients = track_gradients || plan.as_ref().is_some_and(Plan::needs_gradients);
+        let logits = if gradients {
+            self.forward_checked(ids, mask, hooks, stop_early)?
+        } else {
+            tch::no_grad(|| self.forward_checked(ids, mask, hooks, stop_early))?
+        };
+        match plan {
+            Some(plan) => {
+                let cache = plan.finish(logits.as_ref())?;
+                Ok(RunOutput { logits: logits.map(|l| l.detach()), cache })
+            }
+            None => Ok(RunOutput { logits, cache: ActivationCache::new() }),
+        }
+    }
+
+    /// A forward pass with the stored hooks; returns the logits `[batch, seq, vocab]`.
+    pub fn forward(&mut self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.run_with_hooks(input_ids, attention_mask, Vec::new())
+    }
+
+    /// A forward pass with the stored hooks plus `scoped` hooks that apply to this call only.
+    pub fn run_with_hooks(&mut self, input_ids: &Tensor, attention_mask: &Tensor, scoped: Vec<(String, BoxedHook)>) -> Result<Tensor> {
+        let out = self.run(input_ids, attention_mask, RunSpec { hooks: scoped, track_gradients: true, ..RunSpec::default() })?;
+        Ok(out.logits.expect("runs to the end"))
+    }
+
+    /// A forward pass with interventions, without gradient tracking; returns the logits.
+    pub fn run_with_interventions(&mut self, input_ids: &Tensor, attention_mask: &Tensor, interventions: &[Intervention]) -> Result<Tensor> {
+        let out = self.run(input_ids, attention_mask, RunSpec { interventions, ..RunSpec::default() })?;
+        Ok(out.logits.expect("runs to the end"))
+    }
+
+    /// easyroutine's forward with an `ExtractionConfig`: returns the logits `[batch, seq,
+    /// vocab]` and the cache (keys as easyroutine writes them, plus `logits` at the selected
+    /// positions when `save_logits`, and `mapping_index`: group name → rows of the flattened
+    /// token axis).
+    ///
+    /// `token_groups` are easyroutine's `token_indexes` (positions per example; negative
+    /// from the end). Runs without gradient tracking (but for `keep_gradient`, which needs a
+    /// vocabulary index: use [`HookedModule::run`] with [`Extraction::vocabulary_index`]).
+    pub fn run_with_cache(
+        &mut self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_groups: &TokenGroups,
+        config: &ExtractionConfig,
+    ) -> Result<(Tensor, ActivationCache)> {
+        let out = self.run(input_ids, attention_mask, RunSpec { extraction: Some(Extraction::new(token_groups, config)), ..RunSpec::default() })?;
+        Ok((out.logits.unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, self.device()))), out.cache))
+    }
+
+    /// Activation patching: runs `clean` and records `component` at `positions`, then runs
+    /// `corrupted` with those clean activations written in, and returns the patched logits
+    /// `[batch, seq, vocab]` of the corrupted run. Both prompts are one example each (batch 1),
+    /// positions relative to each prompt.
+    pub fn patch_activations(
+        &mut self,
+        clean: (&Tensor, &Tensor),
+        corrupted: (&Tensor, &Tensor),
+        patches: &[(String, Vec<i64>)],
+    ) -> Result<Tensor> {
+        for (ids, _) in [clean, corrupted] {
+            if ids.dim() != 2 || ids.size()[0] != 1 {
+                return Err(TorchError::Input(format!("activation patching takes one prompt per run (input_ids [1, seq]), got {:?}", ids.size())));
+            }
+        }
+        let mut recorded: Vec<Arc<Mutex<Option<Tensor>>>> = Vec::new();
+        let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
+        for (component, positions) in patches {
+            let slot = Arc::new(Mutex::new(None));
+            recorded.push(slot.clone());
+            let g = TokenGroups::new(vec![positions.clone()])?;
+            hooks.push((
+                component.clone(),
+                Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
+                    let x = io.main_tensor()?;
+                    let sel = hook_ops::select::flatten(x, -2, &g).map_err(|e| hook_core::CoreError::hook("", e))?;
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(sel);
+                    Ok(None)
+                }),
+            ));
+        }
+        self.run(clean.0, clean.1, RunSpec { hooks, ..RunSpec::default() })?;
+        let interventions = patches
+            .iter()
+            .zip(recorded)
+            .map(|((component, positions), slot)| {
+                let values = slot.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| TorchError::Hook {
+                    component: component.clone(),
+                    message: "did not fire in the clean run".into(),
+                    source: None,
+                })?;
+                Ok(Intervention::Resid { component: component.clone(), positions: positions.clone(), patch: PatchValue::Values(values) })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.run_with_interventions(corrupted.0, corrupted.1, &interventions)
+    }
+}
