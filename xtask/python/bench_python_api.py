@@ -3,7 +3,10 @@
 every layer, all-head patterns, head q/k/v; every token), the same batch, one warm-up, the
 median of 8 runs, best of 3 rounds. Run by `cargo xtask bench models`.
 
-Usage: bench_python_api.py MODEL BATCH SEQ DEVICE  ->  {"python_full_ms": ..., "keys": ...}"""
+With GUARD `on`, hookrs's memory guard is installed first (`hookrs.set_memory_limit("machine")`):
+every CPU allocation of the process then goes through it, the cost a user opts into.
+
+Usage: bench_python_api.py MODEL BATCH SEQ DEVICE [on|off]  ->  {"python_full_ms": ..., "keys": ...}"""
 import json
 import statistics
 import sys
@@ -16,7 +19,10 @@ import hookrs
 
 def main():
     model, batch, seq, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    guard = (sys.argv[5] if len(sys.argv) > 5 else "off") == "on"
     torch.set_num_threads(2)
+    if guard:
+        hookrs.set_memory_limit("machine")
     m = hookrs.HookedModule.load(model, device=device)
     vocab = m.description["vocab_size"]
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ For each family, builds the tiny random model, exports it (the very same weights
 OUT/<family>.pt, extracts a cache with hookrs (resid_out of every layer, head_out, the final
 norm's statistics) at two sets of token positions, and hands that very cache to easyroutine's
 LogitLens (built from the eager model's LM head and final norm, as LogitLens.from_model does)
-for each case. The Rust runner (hook-analysis, example parity_lens) computes the same cases on
+for each case. The Rust runner (hook-parity, bin parity_lens) computes the same cases on
 the same cache and compares. Where easyroutine fails or differs by construction, the case
 records why (a deviation), with hookrs's intended value computed here for the check.
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 
 import export
+from harness import flatten
 from load_cache import save_cache
 from easyroutine.logger import logger as er_logger
 from easyroutine.interpretability.activation_cache import ActivationCache
@@ -221,20 +222,6 @@ def model_config(desc, t):
                        layernorm_type=desc["layernorm_type"])
 
 
-def flat(prefix, v, acc):
-    from easyroutine.interpretability.activation_cache import ValueWithInfo
-    if isinstance(v, ValueWithInfo):
-        v = v.value()
-    if isinstance(v, torch.Tensor):
-        acc[prefix] = v
-    elif isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            flat(f"{prefix}/{i}", x, acc)
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            flat(f"{prefix}/{k}", x, acc)
-
-
 def correct(cache, seen, desc, token_indexes, fields, ids):
     """The cache with easyroutine's known deviations replaced by the documented behaviour, and
     the reasons; None when nothing in this case is affected."""
@@ -372,7 +359,7 @@ def run_cases(model, desc, family, name_of, dtype, ids, model_file):
         cache["logits"] = logits[:, flatpos, :]
         corrected = correct(cache, seen, desc, token_indexes, fields, ids)
         entries = {}
-        flat("", cache.cache, entries)
+        flatten("", cache.cache, entries)
         entries = {k.lstrip("/"): v for k, v in entries.items()}
         case_id = f"{name_of}/{name}"
         for k, v in entries.items():
@@ -382,7 +369,7 @@ def run_cases(model, desc, family, name_of, dtype, ids, model_file):
         if corrected is not None:
             fixed, why = corrected
             fixed_entries = {}
-            flat("", fixed, fixed_entries)
+            flatten("", fixed, fixed_entries)
             fixed_entries = {k.lstrip("/"): v for k, v in fixed_entries.items()}
             differs = list(fixed_entries) != list(entries) or any(not torch.equal(fixed_entries[k], entries[k]) for k in entries)
             if differs:

@@ -27,6 +27,12 @@ from easyroutine.interpretability import hooks as H
 from easyroutine.interpretability.activation_cache import ActivationCache, ValueWithInfo
 from easyroutine.interpretability.utils import repeat_kv
 
+from harness import flat_cache as _flat_cache
+
+
+def flat_cache(d):
+    return _flat_cache(d, skip=())
+
 torch.manual_seed(0)
 tensors = {}
 cases = []
@@ -44,28 +50,6 @@ DEVIATIONS = {
 
 def name(case, kind, key):
     return f"{case}/{kind}/{key}"
-
-
-def flatten_value(prefix, v, out):
-    if isinstance(v, ValueWithInfo):
-        v = v.value()
-    if isinstance(v, torch.Tensor):
-        out[prefix] = v
-    elif isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            flatten_value(f"{prefix}/{i}", x, out)
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            flatten_value(f"{prefix}/{k}", x, out)
-    else:
-        raise TypeError(f"{prefix}: {type(v)}")
-
-
-def flat_cache(d):
-    out = {}
-    for k, v in d.items():
-        flatten_value(k, v, out)
-    return out
 
 
 def add(case, fn, inputs, opts, got, corrected=None, deviation=None):

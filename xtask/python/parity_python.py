@@ -13,20 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import hookrs
-
-
-def flatten(prefix, v, out):
-    join = (lambda k: f"{prefix}/{k}" if prefix else str(k))
-    if isinstance(v, torch.Tensor):
-        out[prefix] = v
-    elif isinstance(v, hookrs.ValueWithInfo):
-        flatten(prefix, v.value(), out)
-    elif isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            flatten(join(i), x, out)
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            flatten(join(k), x, out)
+from harness import flat_cache
 
 
 def bitwise_equal(a, b):
@@ -55,10 +42,7 @@ def main():
         ids = expected[f"{family}/input_ids"]
         _, cache = models[family].run_with_cache(ids, torch.ones_like(ids), spec["tokens"], case["config"],
                                                  interventions=case["interventions"] or None, vocabulary_index=case["vocabulary_index"])
-        got = {}
-        for k in cache.keys():
-            if k != "mapping_index":
-                flatten(k, cache[k], got)
+        got = flat_cache(cache)
         problems = []
         if list(got) != list(want):
             problems.append(f"keys: python {list(got)}, rust {list(want)}")

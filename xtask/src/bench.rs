@@ -192,8 +192,11 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
     let full_logits = json_num(&ours, "full_logits_ms")?;
     println!("| hookrs: full extraction ({} entries) with the logits: the same forward as plain | {full_logits:.1} | {:.3}x plain |", json_num(&ours, "keys")?, full_logits / plain);
     println!("| hookrs: full extraction without logits (stops after the last layer, no LM head) | {full:.1} | {:.3}x plain |", full / plain);
-    let from_python = python_api_full_ms(python, &model, &b, &s, &o.device)?;
+    let from_python = python_api_full_ms(python, &model, &b, &s, &o.device, false)?;
     println!("| hookrs from Python: the same `run_with_cache` through `import hookrs` | {from_python:.1} | {:.3}x the Rust call |", from_python / full);
+    // the memory guard is opt-in in a library; its cost when a Python user turns it on
+    let guarded = python_api_full_ms(python, &model, &b, &s, &o.device, true)?;
+    println!("| hookrs from Python with `hookrs.set_memory_limit(\"machine\")` (every CPU allocation through the guard) | {guarded:.1} | {:.3}x without |", guarded / from_python);
     if o.easyroutine {
         eprintln!("bench models: timing easyroutine (eager plain, full extraction)...");
         if !config.exists() {
@@ -217,7 +220,7 @@ pub fn models(python: &Path, o: &ModelsOptions) -> Result<()> {
 /// build of the extension, so both sides run optimized Rust: the package is copied to
 /// target/bench/python with the release `.so`, ahead of the venv's editable install on
 /// PYTHONPATH.
-fn python_api_full_ms(python: &Path, model: &Path, batch: &str, seq: &str, device: &str) -> Result<f64> {
+fn python_api_full_ms(python: &Path, model: &Path, batch: &str, seq: &str, device: &str, guard: bool) -> Result<f64> {
     let root = project_root();
     eprintln!("bench models: timing run_with_cache from Python (release build of crates/hookrs-py)...");
     run(cargo().args(["build", "--quiet", "--release", "-p", "hookrs-py"]))?;
@@ -228,7 +231,7 @@ fn python_api_full_ms(python: &Path, model: &Path, batch: &str, seq: &str, devic
     let out = Command::new(python)
         .arg(root.join("xtask/python/bench_python_api.py"))
         .arg(model)
-        .args([batch, seq, device])
+        .args([batch, seq, device, if guard { "on" } else { "off" }])
         .env("PYTHONPATH", root.join("target/bench/python"))
         .output()?;
     if !out.status.success() {

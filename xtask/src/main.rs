@@ -552,13 +552,13 @@ fn parity(which: &[String]) -> Result<()> {
     }
     for w in chosen {
         match w {
-            "ops" => parity::suite(&python, "ops", "hook-ops")?,
+            "ops" => parity::suite(&python, "ops")?,
             "cache" => parity::cache(&python)?,
             "models" => {
-                parity::suite(&python, "models", "hook-torch")?;
+                parity::suite(&python, "models")?;
                 parity::python_api(&python)?;
             }
-            "lens" => parity::suite(&python, "lens", "hook-analysis")?,
+            "lens" => parity::suite(&python, "lens")?,
             other => bail!("unknown parity suite `{other}`: expected one of {}", all.join(", ")),
         }
     }

@@ -9,15 +9,16 @@ use anyhow::{Context, Result};
 
 use crate::{cargo, project_root, run};
 
-/// One parity suite: `xtask/python/parity_<suite>.py` writes the cases, the example
-/// `parity_<suite>` of `crate_name` checks them and writes its section of docs/parity.md.
-pub fn suite(python: &Path, suite: &str, crate_name: &str) -> Result<()> {
+/// One parity suite: `xtask/python/parity_<suite>.py` writes the cases, the runner
+/// `parity_<suite>` of the hook-parity crate checks them and writes its section of
+/// docs/parity.md.
+pub fn suite(python: &Path, suite: &str) -> Result<()> {
     let root = project_root();
     let dir = root.join("target/parity").join(suite);
     run(Command::new(python).arg(root.join(format!("xtask/python/parity_{suite}.py"))).arg(&dir))
         .with_context(|| format!("generating the easyroutine cases of parity {suite} failed"))?;
     run(cargo()
-        .args(["run", "--quiet", "-p", crate_name, "--example", &format!("parity_{suite}"), "--"])
+        .args(["run", "--quiet", "-p", "hook-parity", "--bin", &format!("parity_{suite}"), "--"])
         .arg(&dir)
         .arg("--write")
         .arg(root.join("docs/parity.md")))
@@ -27,7 +28,7 @@ pub fn suite(python: &Path, suite: &str, crate_name: &str) -> Result<()> {
 /// Cache parity, then the Python side: every cache hook-cache saved is read by load_cache.py
 /// and compared with easyroutine's state for the same inputs.
 pub fn cache(python: &Path) -> Result<()> {
-    suite(python, "cache", "hook-cache")?;
+    suite(python, "cache")?;
     let root = project_root();
     run(Command::new(python).arg(root.join("xtask/python/parity_cache.py")).arg("verify").arg(root.join("target/parity/cache")))
         .context("Python could not read back a cache saved by hook-cache as easyroutine's state")

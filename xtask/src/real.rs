@@ -35,7 +35,7 @@ pub fn real(args: &[String]) -> Result<()> {
     run(Command::new(&python).arg(root.join("xtask/python/parity_models.py")).arg(&dir).arg("--real").arg(&hf).arg(&f32).arg(&bf16))
         .context("generating easyroutine's cases on the real model failed")?;
     run(cargo()
-        .args(["run", "--quiet", "-p", "hook-torch", "--example", "parity_models", "--"])
+        .args(["run", "--quiet", "-p", "hook-parity", "--bin", "parity_models", "--"])
         .arg(&dir)
         .args(["--section", "real", "--write"])
         .arg(root.join("docs/parity.md")))

@@ -4,11 +4,18 @@
 //! pictures from the shell. Each command is a thin layer over a library (hook-extract,
 //! hook-analysis, hook-cache); as a library, [`run`] runs one command line in-process.
 //!
-//! - [`Cli`], [`Command`]: the command line; [`run`]: one command line, run.
-//! - [`Failure`], [`Usage`]: how a command fails, and its exit code.
-//! - `inputs`: the flags the model commands share (model, prompt, figure).
-//! - `answers`: answer/wrong tokens and their metric; `heatmap`, `cmd_view`: pictures.
-//! - `cmd_*`: one file per command.
+//! | item | what it holds |
+//! |---|---|
+//! | [`Cli`], [`Command`] | the command line (clap) |
+//! | [`run`] | one command line, run |
+//! | [`Failure`], [`Usage`] | how a command fails, and its exit code |
+//! | `inputs` | the flags the model commands share: `ModelOptions`, `PromptArgs`, `FigureArgs` |
+//! | `answers` | answer / wrong tokens and their metric |
+//! | `heatmap`, `cmd_view` | pictures: SVG heatmaps, the attention viewer |
+//! | `cmd_sites`, `cmd_devices`, `cmd_tokenize`, `cmd_inspect` | looking at a model, a machine, a cache |
+//! | `cmd_extract`, `cmd_merge` | extraction and merges (through hook-extract) |
+//! | `cmd_lens`, `cmd_attribute`, `cmd_patch`, `cmd_ablate`, `cmd_generate` | analysis (through hook-analysis) |
+//! | `cmd_plot` | figures of a saved cache |
 //!
 //! Exit codes: 0 ok, 2 usage (clap's errors and flag values that do not parse: [`Usage`]),
 //! 1 runtime error. Nothing is written under `--out` unless the command succeeded (writes go

@@ -8,16 +8,16 @@
 //! Usage: `parity_ops CASE_DIR [--write docs/parity.md]`
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use hook_core::{HeadSelection, TokenGroups};
 use hook_ops::heads::{self, Projected};
 use hook_ops::pattern::{self, RunningPatternAverage};
 use hook_ops::{intervene, resid, stats, HeadLayout, Keyed, Patch, PatternAvg};
+use hook_parity::{exit_code, write_section, Args, Tally, Tol, Verdict};
 use indexmap::IndexMap;
 use serde_json::Value as Json;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The one tolerance of function-level parity: float32 values must agree to 1e-6 of the entry's
 /// largest magnitude, or of 1 when that is smaller.
@@ -204,39 +204,10 @@ fn run(fn_name: &str, c: &Case) -> anyhow::Result<Outputs> {
     })
 }
 
-/// Max |a - b| over all entries; equal NaNs and infinities count as equal.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_kind(Kind::Double);
-    let b = b.to_kind(Kind::Double);
-    let same = a.eq_tensor(&b).logical_or(&a.isnan().logical_and(&b.isnan()));
-    let d = (&a - &b).abs().masked_fill(&same, 0.0);
-    if d.numel() == 0 {
-        0.0
-    } else {
-        d.max().double_value(&[])
-    }
-}
-
-/// Compares `got` with `want`: None when they agree, else what differs. Also the max diff.
+/// Compares `got` with `want` (keys in order, shapes, values within [`RTOL`]).
 fn compare(got: &Outputs, want: &IndexMap<String, &Tensor>) -> (f64, Option<String>) {
-    let gk: Vec<&String> = got.keys().collect();
-    let wk: Vec<&String> = want.keys().collect();
-    if gk != wk {
-        return (f64::NAN, Some(format!("keys differ: got {gk:?}, want {wk:?}")));
-    }
-    let mut worst: f64 = 0.0;
-    for (k, w) in want {
-        let g = &got[k];
-        if g.size() != w.size() {
-            return (f64::NAN, Some(format!("{k}: shape {:?}, want {:?}", g.size(), w.size())));
-        }
-        let scale = if w.numel() == 0 { 1.0 } else { w.to_kind(tch::Kind::Double).abs().max().double_value(&[]).max(1.0) };
-        worst = worst.max(max_abs_diff(g, w) / scale);
-    }
-    if worst > RTOL || worst.is_nan() {
-        return (worst, Some(format!("max diff {worst:.3e} > {RTOL:e} of max(|value|, 1)")));
-    }
-    (worst, None)
+    let want: Outputs = want.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+    hook_parity::compare(got, &want, Tol { limit: RTOL, floor: 1.0 })
 }
 
 fn main() -> ExitCode {
@@ -244,9 +215,7 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<bool> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().ok_or_else(|| anyhow::anyhow!("usage: parity_ops CASE_DIR [--write FILE]"))?);
-    let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let Args { dir, write, section } = Args::from_env("ops")?;
     let manifest: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json"))?)?;
     let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("cases.safetensors"))?.into_iter().collect();
     let get = |n: &Json| -> anyhow::Result<&Tensor> {
@@ -255,7 +224,7 @@ fn real_main() -> anyhow::Result<bool> {
     };
     let cases = manifest["cases"].as_array().ok_or_else(|| anyhow::anyhow!("cases.json has no `cases` list"))?;
     let mut rows = Vec::new();
-    let (mut pass, mut explained, mut fail) = (0, 0, 0);
+    let mut tally = Tally::default();
     for case in cases {
         let name = case["name"].as_str().unwrap_or("?");
         let fn_name = case["fn"].as_str().unwrap_or("?");
@@ -264,37 +233,31 @@ fn real_main() -> anyhow::Result<bool> {
         let c = Case { opts: &case["opts"], inputs };
         let deviation = case["deviation"].as_str();
         let (diff, verdict) = match run(fn_name, &c) {
-            Err(e) => (f64::NAN, format!("FAIL: {e}")),
+            Err(e) => (f64::NAN, Verdict::Fail(e.to_string())),
             Ok(got) => match compare(&got, &expected) {
-                (d, Some(why)) => (d, format!("FAIL: {why}")),
+                (d, Some(why)) => (d, Verdict::Fail(why)),
                 (d, None) => match deviation {
-                    None => (d, "pass".to_string()),
+                    None => (d, Verdict::Pass),
                     Some(_) => {
                         let er = case["easyroutine"].as_object().into_iter().flatten().map(|(k, v)| Ok((k.clone(), get(v)?))).collect::<anyhow::Result<IndexMap<_, _>>>()?;
                         let (erd, _) = compare(&got, &er);
                         let vs = if erd.is_nan() { "different keys/shapes".to_string() } else { format!("{erd:.2e}") };
-                        (d, format!("explained deviation (easyroutine differs: {vs})"))
+                        (d, Verdict::Explained(format!("easyroutine differs: {vs}")))
                     }
                 },
             },
         };
-        if verdict.starts_with("FAIL") {
-            fail += 1;
-        } else if verdict.starts_with("explained") {
-            explained += 1;
-        } else {
-            pass += 1;
-        }
+        tally.count(&verdict);
         rows.push((name.to_string(), fn_name.to_string(), opts_summary(&case["opts"]), diff, verdict, deviation.map(str::to_string)));
     }
-    let table = render(&rows, pass, explained, fail);
+    let table = render(&rows, tally);
     println!("{table}");
     if let Some(path) = write {
-        write_section(&path, "ops", &table)?;
+        write_section(&path, &section, &table)?;
         eprintln!("parity ops: wrote {}", path.display());
     }
-    println!("parity ops: {pass} passed, {fail} failed, {explained} explained deviations (within {RTOL:e} of max(|value|, 1))");
-    Ok(fail == 0)
+    println!("parity ops: {tally} (within {RTOL:e} of max(|value|, 1))");
+    Ok(tally.ok())
 }
 
 fn opts_summary(opts: &Json) -> String {
@@ -306,7 +269,8 @@ fn opts_summary(opts: &Json) -> String {
         .join(" ")
 }
 
-fn render(rows: &[(String, String, String, f64, String, Option<String>)], pass: usize, explained: usize, fail: usize) -> String {
+fn render(rows: &[(String, String, String, f64, Verdict, Option<String>)], tally: Tally) -> String {
+    let Tally { pass, explained, fail } = tally;
     let mut s = String::new();
     s.push_str(&format!(
         "Function-level parity: each function of easyroutine 1.1.5's hooks.py called directly on the same tensors as the hook-ops function. \
@@ -330,4 +294,3 @@ fn render(rows: &[(String, String, String, f64, String, Option<String>)], pass: 
     s
 }
 
-include!("../../../xtask/parity-report/section.rs");

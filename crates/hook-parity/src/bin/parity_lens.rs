@@ -9,10 +9,10 @@
 //! Usage: `parity_lens CASE_DIR [--write docs/parity.md]`
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
+use hook_parity::{exit_code, relative_diff, write_section, Args, Tally, Verdict};
 use hook_analysis::{Direction, LogitLens, Metric};
 use hook_cache::ActivationCache;
 use hook_torch::HookedModule;
@@ -39,13 +39,11 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<bool> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().ok_or_else(|| anyhow!("usage: parity_lens CASE_DIR [--write FILE]"))?);
-    let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let Args { dir, write, section } = Args::from_env("lens")?;
     let spec: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json"))?)?;
     let expected: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("expected.safetensors"))?.into_iter().collect();
     let mut lenses: HashMap<String, LogitLens> = HashMap::new();
-    let (mut pass, mut explained, mut fail) = (0, 0, 0);
+    let mut tally = Tally::default();
     let mut rows = Vec::new();
     for case in spec["cases"].as_array().context("no cases")? {
         let family = case["family"].as_str().unwrap_or_default();
@@ -62,11 +60,11 @@ fn real_main() -> anyhow::Result<bool> {
         let side = if deviation.is_some() { "intended" } else { "easyroutine" };
         let target = case["target_key"].as_str().unwrap_or_default();
         let verdict = match lens.compute(&cache, target, dirs.as_deref(), case["apply_norm"].as_bool().unwrap_or(true), case["apply_softmax"].as_bool().unwrap_or(false), metric) {
-            Err(e) => (f64::NAN, format!("FAIL: {e}")),
+            Err(e) => (f64::NAN, Verdict::Fail(e.to_string())),
             Ok(got) => {
                 let want: Vec<String> = case["keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(String::from)).collect();
                 if got.keys().cloned().collect::<Vec<_>>() != want {
-                    (f64::NAN, format!("FAIL: keys {:?}, expected {want:?}", got.keys().collect::<Vec<_>>()))
+                    (f64::NAN, Verdict::Fail(format!("keys {:?}, expected {want:?}", got.keys().collect::<Vec<_>>())))
                 } else {
                     let mut worst: f64 = 0.0;
                     let mut why = None;
@@ -77,25 +75,19 @@ fn real_main() -> anyhow::Result<bool> {
                             why = Some(format!("{k}: shape {:?}, expected {:?}", g.size(), w.size()));
                             break;
                         }
-                        let scale = w.abs().max().double_value(&[]).max(1.0);
-                        worst = worst.max((&g - w).abs().max().double_value(&[]) / scale);
+                        let d = relative_diff(&g, w, 1.0);
+                        worst = if d.is_nan() { d } else { worst.max(d) };
                     }
                     match (why, deviation) {
-                        (Some(w), _) => (f64::NAN, format!("FAIL: {w}")),
-                        (None, _) if worst.is_nan() || worst > RTOL => (worst, format!("FAIL: max diff {worst:.2e} > {RTOL:e} of max(|value|, 1)")),
-                        (None, None) => (worst, "pass".into()),
-                        (None, Some(r)) => (worst, format!("explained deviation ({r}); compared with the intended value")),
+                        (Some(w), _) => (f64::NAN, Verdict::Fail(w)),
+                        (None, _) if worst.is_nan() || worst > RTOL => (worst, Verdict::Fail(format!("max diff {worst:.2e} > {RTOL:e} of max(|value|, 1)"))),
+                        (None, None) => (worst, Verdict::Pass),
+                        (None, Some(r)) => (worst, Verdict::Explained(format!("{r}; compared with the intended value"))),
                     }
                 }
             }
         };
-        if verdict.1.starts_with("FAIL") {
-            fail += 1;
-        } else if verdict.1.starts_with("explained") {
-            explained += 1;
-        } else {
-            pass += 1;
-        }
+        tally.count(&verdict.1);
         let opts = format!(
             "{target} directions={} norm={} softmax={} metric={} positions={}",
             case["directions"],
@@ -104,7 +96,7 @@ fn real_main() -> anyhow::Result<bool> {
             case["metric"].as_str().unwrap_or_default(),
             case["cache"].as_str().unwrap_or_default().trim_end_matches(".safetensors").trim_start_matches(&format!("{family}-"))
         );
-        rows.push(format!("| {family} | {name} | {} | {} | {} |", opts.replace('|', "/"), if verdict.0.is_nan() { "-".into() } else { format!("{:.1e}", verdict.0) }, verdict.1.replace('|', "\\|")));
+        rows.push(format!("| {family} | {name} | {} | {} | {} |", opts.replace('|', "/"), if verdict.0.is_nan() { "-".into() } else { format!("{:.1e}", verdict.0) }, verdict.1.to_string().replace('|', "\\|")));
     }
     let mut s = format!(
         "Logit-lens parity: easyroutine 1.1.5's `LogitLens.compute` (built from the eager model's LM head and final norm, as \
@@ -113,7 +105,8 @@ fn real_main() -> anyhow::Result<bool> {
          last_layernorm; batch 2, 8 tokens; positions `[[-1]]` or `[[1, 2], [-1]]`). Keys, shapes and values within {RTOL:e} of max(|value|, 1). \
          Where easyroutine raises or computes another thing by construction (LayerNorm bias broadcast as `bias.unsqueeze(-1)`, \
          Gemma's `1 + weight` ignored, accuracy over several positions), hookrs is compared with the intended value computed \
-         by the harness. {pass} pass, {explained} explained deviations, {fail} fail.\n\n"
+         by the harness. {} pass, {} explained deviations, {} fail.\n\n",
+        tally.pass, tally.explained, tally.fail
     );
     s.push_str("| family | case | options | max abs diff | result |\n|---|---|---|---|---|\n");
     for r in &rows {
@@ -122,11 +115,10 @@ fn real_main() -> anyhow::Result<bool> {
     }
     println!("{s}");
     if let Some(path) = write {
-        write_section(&path, "lens", &s)?;
+        write_section(&path, &section, &s)?;
         eprintln!("parity lens: wrote {}", path.display());
     }
-    println!("parity lens: {pass} passed, {fail} failed, {explained} explained deviations");
-    Ok(fail == 0)
+    println!("parity lens: {tally}");
+    Ok(tally.ok())
 }
 
-include!("../../../xtask/parity-report/section.rs");

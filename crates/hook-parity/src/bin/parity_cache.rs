@@ -9,11 +9,11 @@
 //! Usage: `parity_cache CASE_DIR [--write docs/parity.md]`
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use hook_cache::{memory::MemoryNode, ActivationCache, CacheValue};
+use hook_parity::{exit_code, write_section, Args, Tally, Verdict};
 use indexmap::IndexMap;
 use serde_json::{json, Value as Json};
 use tch::Tensor;
@@ -141,22 +141,21 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<bool> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().ok_or_else(|| anyhow!("usage: parity_cache CASE_DIR [--write FILE]"))?);
-    let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let Args { dir, write, section } = Args::from_env("cache")?;
     let spec: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("scenarios.json"))?)?;
     let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("batches.safetensors"))?.into_iter().collect();
     let batches = spec["batches"].as_array().context("no batches")?.clone();
     let mut rows: Vec<(String, String, String)> = Vec::new();
-    let (mut pass, mut explained, mut fail) = (0, 0, 0);
+    let mut tally = Tally::default();
     let mut record = |scenario: &str, aspect: &str, verdict: String| {
-        if verdict.starts_with("FAIL") {
-            fail += 1;
+        // the runner's verdicts carry their own wording ("pass (both refuse: …)")
+        tally.count(&if verdict.starts_with("FAIL") {
+            Verdict::Fail(verdict.clone())
         } else if verdict.starts_with("explained") {
-            explained += 1;
+            Verdict::Explained(verdict.clone())
         } else {
-            pass += 1;
-        }
+            Verdict::Pass
+        });
         rows.push((scenario.to_string(), aspect.to_string(), verdict));
     };
     let mut deviations: Vec<String> = MEMORY_DEVIATIONS.iter().map(|(_, d)| d.to_string()).collect();
@@ -224,7 +223,8 @@ fn real_main() -> anyhow::Result<bool> {
         "Cache parity: easyroutine 1.1.5's ActivationCache and hook-cache replay the same scripted scenarios \
          (inserts of every value kind, cat over three batches with each aggregation strategy, deferred mode, key mismatch, \
          merge, update, delete, memory reports); easyroutine's final state is saved with `xtask/python/load_cache.py` and read \
-         back with hook-cache's loader. {pass} pass, {explained} explained deviations, {fail} fail.\n\nExplained deviations:\n\n"
+         back with hook-cache's loader. {} pass, {} explained deviations, {} fail.\n\nExplained deviations:\n\n",
+        tally.pass, tally.explained, tally.fail
     );
     for d in &deviations {
         s.push_str(&format!("- {d}\n"));
@@ -235,11 +235,11 @@ fn real_main() -> anyhow::Result<bool> {
     }
     println!("{s}");
     if let Some(path) = write {
-        write_section(&path, "cache", &s)?;
+        write_section(&path, &section, &s)?;
         eprintln!("parity cache: wrote {}", path.display());
     }
-    println!("parity cache: {pass} passed, {fail} failed, {explained} explained deviations");
-    Ok(fail == 0)
+    println!("parity cache: {tally}");
+    Ok(tally.ok())
 }
 
 fn short(v: &Json) -> String {
@@ -251,4 +251,3 @@ fn short(v: &Json) -> String {
     }
 }
 
-include!("../../../xtask/parity-report/section.rs");

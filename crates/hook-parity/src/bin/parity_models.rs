@@ -11,16 +11,15 @@
 //! check (`xtask/python/parity_python.py`) compares `import hookrs` against it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context};
-use hook_cache::{ActivationCache, CacheValue};
+use anyhow::Context;
+use hook_parity::{compare, exit_code, flat_cache, write_section, Args, Tally, Tol, Verdict};
 use hook_core::TokenGroups;
 use hook_torch::{ExtractionConfig, HookedModule, Intervention};
 use indexmap::IndexMap;
 use serde_json::Value as Json;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// The tolerance of model-level parity in float32 (activations of a forward pass run by the
 /// TorchScript interpreter vs the eager model), relative to the entry's largest magnitude, or to
@@ -40,73 +39,6 @@ fn tolerance(dtype: &str) -> Tol {
     }
 }
 
-/// A bound on `max |got - want| / max(max |want|, floor)`.
-#[derive(Clone, Copy)]
-struct Tol {
-    limit: f64,
-    floor: f64,
-}
-
-impl std::fmt::Display for Tol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.1e} of max(|value|, {})", self.limit, self.floor)
-    }
-}
-
-fn flatten(prefix: &str, v: &CacheValue, out: &mut IndexMap<String, Tensor>) {
-    let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}/{k}") };
-    match v {
-        CacheValue::Tensor(t) => {
-            out.insert(prefix.to_string(), t.shallow_clone());
-        }
-        CacheValue::Info { value, .. } => flatten(prefix, value, out),
-        CacheValue::List(items) | CacheValue::Tuple(items) => items.iter().enumerate().for_each(|(i, x)| flatten(&join(&i.to_string()), x, out)),
-        CacheValue::Map(m) => m.iter().for_each(|(k, x)| flatten(&join(k), x, out)),
-        CacheValue::Data(_) => {}
-    }
-}
-
-fn flat_cache(c: &ActivationCache) -> IndexMap<String, Tensor> {
-    let mut out = IndexMap::new();
-    for (k, v) in c.iter() {
-        if k != "mapping_index" {
-            flatten(k, v, &mut out);
-        }
-    }
-    out
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    if a.numel() == 0 {
-        return 0.0;
-    }
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-fn compare(got: &IndexMap<String, Tensor>, want: &IndexMap<String, Tensor>, tol: Tol) -> (f64, Option<String>) {
-    let gk: Vec<&String> = got.keys().collect();
-    let wk: Vec<&String> = want.keys().collect();
-    if gk != wk {
-        return (f64::NAN, Some(format!("keys differ: hookrs {gk:?}, expected {wk:?}")));
-    }
-    let mut worst: f64 = 0.0;
-    for (k, w) in want {
-        let g = &got[k];
-        if g.size() != w.size() {
-            return (f64::NAN, Some(format!("{k}: shape {:?}, expected {:?}", g.size(), w.size())));
-        }
-        if w.numel() == 0 {
-            continue;
-        }
-        let d = max_abs_diff(g, w);
-        worst = worst.max(d / w.to_kind(Kind::Double).abs().max().double_value(&[]).max(tol.floor));
-    }
-    if worst.is_nan() || worst > tol.limit {
-        return (worst, Some(format!("max diff {worst:.2e} > {tol}")));
-    }
-    (worst, None)
-}
-
 /// The harness's intervention records as hook-torch interventions (ablations).
 fn interventions_of(v: &Json) -> anyhow::Result<Vec<Intervention>> {
     // one parser: Intervention's own, which refuses a missing or unknown field
@@ -121,16 +53,13 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<bool> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().ok_or_else(|| anyhow!("usage: parity_models CASE_DIR [--write FILE]"))?);
-    let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
     // `--section real`: the cases of `parity_models.py OUT --real HF_DIR EXPORT.pt`
-    let section = args.iter().position(|a| a == "--section").and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| "models".into());
+    let Args { dir, write, section } = Args::from_env("models")?;
     let spec: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json"))?)?;
     let expected: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("expected.safetensors"))?.into_iter().collect();
     let tokens: TokenGroups = serde_json::from_value(spec["tokens"].clone())?;
     let mut models: HashMap<String, HookedModule> = HashMap::new();
-    let (mut pass, mut explained, mut fail) = (0, 0, 0);
+    let mut tally = Tally::default();
     let mut rows = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
     let mut returned: Vec<(String, Tensor)> = Vec::new();
@@ -159,16 +88,16 @@ fn real_main() -> anyhow::Result<bool> {
         let interventions = interventions_of(&case["interventions"])?;
         let extraction = hook_torch::Extraction { vocabulary_index: case["vocabulary_index"].as_i64(), ..hook_torch::Extraction::new(&tokens, &config) };
         let verdict = match m.run(ids, &mask, hook_torch::RunSpec { extraction: Some(extraction), interventions: &interventions, ..Default::default() }) {
-            Err(e) => (f64::NAN, format!("FAIL: {e}")),
+            Err(e) => (f64::NAN, Verdict::Fail(e.to_string())),
             Ok(hook_torch::RunOutput { cache, .. }) => {
                 let got = flat_cache(&cache);
                 returned.extend(got.iter().map(|(k, t)| (format!("{family}/{name}/{k}"), t.contiguous())));
                 order.insert(format!("{family}/{name}"), got.keys().cloned().collect());
                 let tol = tolerance(case["dtype"].as_str().unwrap_or("float32"));
                 match compare(&got, &want, tol) {
-                    (d, Some(why)) => (d, format!("FAIL: {why}")),
+                    (d, Some(why)) => (d, Verdict::Fail(why)),
                     (d, None) => match deviation {
-                        None => (d, "pass".into()),
+                        None => (d, Verdict::Pass),
                         Some(r) => {
                             reasons.extend(r.lines().map(String::from));
                             let er: IndexMap<String, Tensor> = case["keys"]
@@ -180,24 +109,18 @@ fn real_main() -> anyhow::Result<bool> {
                                 .collect();
                             let (ed, _) = compare(&got, &er, tol);
                             let vs = if ed.is_nan() { "different keys/shapes".into() } else { format!("{ed:.2e}") };
-                            (d, format!("explained deviation (easyroutine differs: {vs})"))
+                            (d, Verdict::Explained(format!("easyroutine differs: {vs}")))
                         }
                     },
                 }
             }
         };
-        if verdict.1.starts_with("FAIL") {
-            fail += 1;
-        } else if verdict.1.starts_with("explained") {
-            explained += 1;
-        } else {
-            pass += 1;
-        }
+        tally.count(&verdict.1);
         let mut opts = case["config"].to_string().replace('"', "").replace("extract_", "");
         if !interventions.is_empty() {
             opts.push_str(&format!(" + {}", case["interventions"].to_string().replace('"', "").replace('|', "/")));
         }
-        rows.push(format!("| {family} | {name} | {opts} | {} | {} |", if verdict.0.is_nan() { "-".into() } else { format!("{:.1e}", verdict.0) }, verdict.1.replace('|', "\\|")));
+        rows.push(format!("| {family} | {name} | {opts} | {} | {} |", if verdict.0.is_nan() { "-".into() } else { format!("{:.1e}", verdict.0) }, verdict.1.to_string().replace('|', "\\|")));
     }
     reasons.sort();
     reasons.dedup();
@@ -206,7 +129,8 @@ fn real_main() -> anyhow::Result<bool> {
             "Model-level parity on real checkpoints: the same cases as the models section, on the real model's eager HF form \
              (its save_pretrained directory) against its hookrs export, on a tokenized sentence of real text; token groups {tokens}. \
              Values within {RTOL:e} of max(|value|, 1) (float32; the residual stream of a real model holds values in the hundreds). \
-             {pass} pass, {explained} explained deviations, {fail} fail.\n\n"
+             {} pass, {} explained deviations, {} fail.\n\n",
+            tally.pass, tally.explained, tally.fail
         )
     } else {
         format!(
@@ -219,11 +143,14 @@ fn real_main() -> anyhow::Result<bool> {
          that a fused projection's output passes through (split and joined with HF's own layout), and GPT-2's Conv1D output \
          weight transposed to nn.Linear's layout. Interventions on q/k/v are given by layer (`Intervention::QkvHead`). Keys (in order), shapes and values within {RTOL:e} of max(|value|, 1) in float32; families marked `@bfloat16` / `@float16` are the same \
          models and cases exported and hooked in that dtype on both sides, compared relative to each entry's largest magnitude \
-         within two units in the last place ({} for bfloat16, {} for float16). {pass} pass, {explained} explained deviations, {fail} fail.\n\n\
+         within two units in the last place ({} for bfloat16, {} for float16). {} pass, {} explained deviations, {} fail.\n\n\
          The harness supplies two imports missing from easyroutine's hooked_model.py (`projected_key_vectors_head`, \
          `projected_query_vectors_head`: without them extract_head_keys_projected / extract_head_queries_projected raise NameError).\n\n",
         tolerance("bfloat16"),
-        tolerance("float16")
+        tolerance("float16"),
+        tally.pass,
+        tally.explained,
+        tally.fail
         )
     };
     if !reasons.is_empty() {
@@ -245,8 +172,7 @@ fn real_main() -> anyhow::Result<bool> {
         write_section(&path, &section, &s)?;
         eprintln!("parity models: wrote {}", path.display());
     }
-    println!("parity {section}: {pass} passed, {fail} failed, {explained} explained deviations (float32 within {RTOL:e} of max(|value|, 1); half precision relative)");
-    Ok(fail == 0)
+    println!("parity {section}: {tally} (float32 within {RTOL:e} of max(|value|, 1); half precision relative)");
+    Ok(tally.ok())
 }
 
-include!("../../../xtask/parity-report/section.rs");
