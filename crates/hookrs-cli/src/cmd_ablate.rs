@@ -94,7 +94,7 @@ pub fn run(a: Args) -> Result<()> {
         "metric": answers::METRIC,
         "mean": "mode mean: each activation's mean over every token of the prompts (per layer; per head for heads)",
     });
-    let base = crate::cmd_patch::strip(&a.figure.out);
+    let base = a.figure.prefix();
     let json_path = base.with_extension("json");
     let png_path = base.with_extension(if a.figure.svg { "svg" } else { "png" });
     let over = if prompts.len() > 1 { format!(", mean of {} prompts", prompts.len()) } else { String::new() };

@@ -7,7 +7,7 @@
 //! wrong answer's (the logit difference for one-token answers), averaged over the pairs:
 //! 1 = the clean behaviour is fully restored, 0 = no effect.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use hook_analysis::patching::{patch_sweep, Part, PatchPair};
@@ -141,7 +141,7 @@ pub fn run(a: Args) -> Result<()> {
         "metric": answers::METRIC,
         "answer": a.answer, "wrong": a.wrong, "clean": a.clean, "corrupted": a.corrupted,
     });
-    let base = strip(&a.figure.out);
+    let base = a.figure.prefix();
     let json_path = base.with_extension("json");
     let png_path = base.with_extension(if a.figure.svg { "svg" } else { "png" });
     let over = if pairs.len() > 1 { format!(", mean of {} pairs", pairs.len()) } else { String::new() };
@@ -163,9 +163,3 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn strip(p: &Path) -> PathBuf {
-    match p.extension().and_then(|e| e.to_str()) {
-        Some("json") | Some("png") | Some("svg") => p.with_extension(""),
-        _ => p.to_path_buf(),
-    }
-}

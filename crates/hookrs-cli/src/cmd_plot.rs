@@ -3,22 +3,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use hook_cache::{ActivationCache, CacheValue};
+use hook_cache::ActivationCache;
 use tch::Kind;
-
-/// String tokens of example `ex`, when the cache recorded them.
-pub(crate) fn tokens(c: &ActivationCache, ex: usize) -> Option<Vec<String>> {
-    let CacheValue::Data(d) = c.get("hookrs_batches")?.inner() else { return None };
-    let t = d["string_tokens"].get(ex)?.as_array()?;
-    Some(t.iter().filter_map(|x| x.as_str().map(String::from)).collect())
-}
-
-/// Positions the extraction kept, when the token groups are explicit.
-pub(crate) fn positions(c: &ActivationCache, n_tokens: usize) -> Option<Vec<usize>> {
-    let CacheValue::Data(d) = c.get("metadata")?.inner() else { return None };
-    let groups: hook_core::TokenGroups = d["target_token_positions"].as_str()?.parse().ok()?;
-    groups.resolve(n_tokens).ok().map(|r| r.flatten())
-}
 
 pub fn run(path: &Path, key: &str, example: i64, out: &Path) -> Result<()> {
     let c = ActivationCache::load(path)?;
@@ -33,11 +19,11 @@ pub fn run(path: &Path, key: &str, example: i64, out: &Path) -> Result<()> {
     let (r, k) = (m.size()[0], m.size()[1]);
     let flat: Vec<f64> = Vec::<f64>::try_from(m.flatten(0, -1))?;
     let values: Vec<Vec<f64>> = flat.chunks(k as usize).map(<[f64]>::to_vec).collect();
-    let toks = tokens(&c, example as usize);
+    let toks = crate::heatmap::recorded_tokens(&c, example as usize);
     let label = |n: i64| -> Vec<String> {
         match &toks {
             Some(tk) => {
-                let pos = positions(&c, tk.len()).filter(|p| p.len() == n as usize).unwrap_or_else(|| (0..n as usize).collect());
+                let pos = crate::heatmap::recorded_positions(&c, tk.len()).filter(|p| p.len() == n as usize).unwrap_or_else(|| (0..n as usize).collect());
                 pos.iter().map(|&p| tk.get(p).cloned().unwrap_or_else(|| p.to_string())).collect()
             }
             None => (0..n).map(|i| i.to_string()).collect(),

@@ -155,9 +155,9 @@ pub fn run(a: Args) -> Result<()> {
 
 /// The string tokens of the positions a pattern covers, or their indices.
 fn token_labels(c: &ActivationCache, ex: usize, n: usize) -> Vec<String> {
-    match crate::cmd_plot::tokens(c, ex) {
+    match crate::heatmap::recorded_tokens(c, ex) {
         Some(tk) => {
-            let pos = crate::cmd_plot::positions(c, tk.len()).filter(|p| p.len() == n).unwrap_or_else(|| {
+            let pos = crate::heatmap::recorded_positions(c, tk.len()).filter(|p| p.len() == n).unwrap_or_else(|| {
                 // left padding: the last n positions are the example's own
                 (tk.len().saturating_sub(n)..tk.len()).collect()
             });

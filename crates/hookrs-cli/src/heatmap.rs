@@ -342,6 +342,20 @@ pub fn draw(values: &[Vec<f64>], row_labels: &[String], col_labels: &[String], l
     crate::write_atomic(path, &bytes)
 }
 
+/// String tokens of example `ex`, when the cache recorded them.
+pub(crate) fn recorded_tokens(c: &hook_cache::ActivationCache, ex: usize) -> Option<Vec<String>> {
+    let hook_cache::CacheValue::Data(d) = c.get("hookrs_batches")?.inner() else { return None };
+    let t = d["string_tokens"].get(ex)?.as_array()?;
+    Some(t.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+}
+
+/// Positions the extraction kept, when the token groups are explicit.
+pub(crate) fn recorded_positions(c: &hook_cache::ActivationCache, n_tokens: usize) -> Option<Vec<usize>> {
+    let hook_cache::CacheValue::Data(d) = c.get("metadata")?.inner() else { return None };
+    let groups: hook_core::TokenGroups = d["target_token_positions"].as_str()?.parse().ok()?;
+    groups.resolve(n_tokens).ok().map(|r| r.flatten())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

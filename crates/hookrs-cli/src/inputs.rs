@@ -31,6 +31,17 @@ pub struct FigureArgs {
     pub out: PathBuf,
 }
 
+impl FigureArgs {
+    /// `--out` without the extension a user may have typed (`out/lens.png` → `out/lens`): the
+    /// prefix of the `.json` and picture files.
+    pub fn prefix(&self) -> PathBuf {
+        match self.out.extension().and_then(|e| e.to_str()) {
+            Some("json") | Some("png") | Some("svg") => self.out.with_extension(""),
+            _ => self.out.clone(),
+        }
+    }
+}
+
 /// The model's options, with a bad `--device` or `--dtype` as a usage error.
 pub fn load_model(m: &ModelOptions) -> Result<hook_torch::HookedModule> {
     m.load().map_err(crate::from_extract)
