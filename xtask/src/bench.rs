@@ -275,3 +275,62 @@ pub fn dataset(python: &Path, args: &[String]) -> Result<()> {
     }
     run(&mut cmd)
 }
+
+/// `cargo xtask bench merge [--prompts N]`: the peak RSS of `hookrs merge` of two shards into a
+/// chunk directory (bounded: one chunk at a time) and into one file (the whole cache), for N
+/// and 8N prompts (default 400) of every token's resid_in, resid_out and attention patterns on
+/// the tiny llama. The directory's peak must not grow with the dataset; the file's does.
+pub fn merge(python: &Path, args: &[String]) -> Result<()> {
+    let root = project_root();
+    let n: usize = match args.iter().position(|a| a == "--prompts") {
+        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).context("--prompts needs a number")?,
+        None => 400,
+    };
+    let model = root.join("target/test-models/llama.pt");
+    if !model.exists() {
+        run(Command::new(python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--out"]).arg(&model))?;
+    }
+    run(cargo().args(["build", "--quiet", "--release", "-p", "hookrs-cli"]))?;
+    let hookrs = root.join("target/release/hookrs");
+    let work = root.join("target/bench/merge");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    // the peak RSS of a child, as the kernel counts it (getrusage of the children)
+    let peak = |argv: &[&std::ffi::OsStr]| -> Result<f64> {
+        let code = "import resource, subprocess, sys\nsubprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\nprint(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+        let out = Command::new(python).arg("-c").arg(code).args(argv).output()?;
+        if !out.status.success() {
+            bail!("{:?} failed:\n{}", argv, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().parse::<f64>()? / 1024.0)
+    };
+    println!("| prompts | cache on disk | merge into OUT/ (peak RSS) | merge into one file (peak RSS) |");
+    println!("|---|---|---|---|");
+    for count in [n, 8 * n] {
+        let prompts = work.join(format!("prompts{count}.txt"));
+        let words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "into", "woods", "near", "rivers", "and", "hills"];
+        let text: String = (0..count).map(|i| (0..8 + i % 17).map(|j| words[(i * 7 + j * 3) % words.len()]).collect::<Vec<_>>().join(" ") + "\n").collect();
+        std::fs::write(&prompts, text)?;
+        let mut shards = Vec::new();
+        for k in 0..2 {
+            let out = work.join(format!("shard{count}-{k}/"));
+            run(Command::new(&hookrs)
+                .args(["extract", "--model"])
+                .arg(&model)
+                .arg("--prompts")
+                .arg(&prompts)
+                .args(["--extract", "resid_in,resid_out,attn_pattern", "--tokens", "all", "--chunk-size", "100", "--shard", &format!("{k}/2"), "--out"])
+                .arg(&out)
+                .stdout(std::process::Stdio::null()))?;
+            shards.push(out);
+        }
+        let bytes: u64 = shards.iter().flat_map(|d| std::fs::read_dir(d).into_iter().flatten()).filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+        let dir_out = work.join(format!("merged{count}/"));
+        let file_out = work.join(format!("merged{count}.safetensors"));
+        let args = |out: &Path| -> Vec<std::ffi::OsString> { [hookrs.as_os_str(), "merge".as_ref(), out.as_os_str(), shards[0].as_os_str(), shards[1].as_os_str()].iter().map(|s| s.to_os_string()).collect() };
+        let d = peak(&args(&dir_out).iter().map(|s| s.as_os_str()).collect::<Vec<_>>())?;
+        let f = peak(&args(&file_out).iter().map(|s| s.as_os_str()).collect::<Vec<_>>())?;
+        println!("| {count} | {:.1} MB | {d:.0} MB | {f:.0} MB |", bytes as f64 / 1e6);
+    }
+    Ok(())
+}
