@@ -106,6 +106,23 @@ def test_interventions_in_easyroutines_form(model):
         model.run_with_interventions(IDS, MASK, [hookrs.Intervention("full", "resid_out_0", ["first"])])
 
 
+def test_engine_form_dicts_are_parsed_strictly(model):
+    plain = model.forward(IDS, MASK)
+    heads = {"kind": "heads", "layer": 1, "heads": [0]}
+    assert not torch.equal(model.run_with_interventions(IDS, MASK, [heads]), plain)
+    values = torch.full((2, 1, 64), 0.25)
+    resid = {"kind": "resid", "component": "model.layers[0].output", "positions": [-1], "patch": values}
+    via_dict = model.run_with_interventions(IDS, MASK, [resid])
+    assert torch.equal(via_dict, model.run_with_interventions(IDS, MASK, [hookrs.Intervention("full", "resid_out_0", [-1], values)]))
+    # a typo is an error naming the field, not layer 0
+    with pytest.raises(ValueError, match="layr"):
+        model.run_with_interventions(IDS, MASK, [{"kind": "heads", "layr": 1, "heads": [0]}])
+    with pytest.raises(ValueError, match="missing field `positions`"):
+        model.run_with_interventions(IDS, MASK, [{"kind": "resid", "component": "model.layers[0].output"}])
+    with pytest.raises(ValueError, match="unknown variant `rezid`"):
+        model.run_with_interventions(IDS, MASK, [{"kind": "rezid", "component": "x", "positions": [0]}])
+
+
 def test_register_aggregation_deferred_mode_and_metadata():
     def batch(x):
         c = hookrs.ActivationCache()
