@@ -19,7 +19,7 @@
 //! | [`dlpack`] | zero-copy tensor exchange with the Python `torch` in the same process |
 //! | [`transfer`] | cache copies from a GPU to host memory on a side stream, beside the next batch |
 //! | `script` | the instrumented TorchScript module, owned through the shim (no save/reload) |
-//! | `ffi` | the C ABI of the shim that rewrites the graphs (`src/shim/hookrs_shim.cpp`) |
+//! | `ffi` | the C ABI of the C++ shim (`src/shim/`: one file per job, declared in `hookrs_shim.h`) |
 //!
 //! How sites are made: see `docs/architecture.md` ("Attaching hooks").
 
