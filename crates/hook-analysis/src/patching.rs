@@ -20,14 +20,14 @@
 //!
 //! let mut m = HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
 //! let pairs = [PatchPair { clean: vec![1, 5, 9, 7], corrupted: vec![1, 5, 8, 7], answer: vec![9], wrong: vec![8] }];
-//! let grid = patch_sweep(&mut m, &pairs, Part::Resid, &Positions::All, true).unwrap();
+//! let grid = patch_sweep(&mut m, &pairs, Part::Resid, &Positions::All, true, hook_analysis::patching::DEFAULT_BATCH_TOKENS).unwrap();
 //! println!("{:?}", grid.score());      // layers x positions, 1 = clean behaviour restored
 //! ```
 
 use std::sync::{Arc, Mutex};
 
 use hook_core::{HookContext, HookIo, TokenGroups};
-use hook_torch::{BoxedHook, ExtractionConfig, HookedModule, Intervention, ModelDescription, PatchValue};
+use hook_torch::{BoxedHook, ExtractionConfig, HookedModule, Intervention, ModelDescription, PatchValue, RunSpec};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{AnalysisError, Result};
@@ -167,6 +167,10 @@ fn ids_tensor(ids: &[i64], device: Device) -> (Tensor, Tensor) {
     (t, mask)
 }
 
+/// The default bound on the tokens of one batched forward of a sweep (`--max-batch-tokens`):
+/// a sweep's cells run as the rows of batches of at most this many tokens.
+pub const DEFAULT_BATCH_TOKENS: usize = 4096;
+
 /// `Σ log p(answer) − Σ log p(wrong)` after `prompt`, with `interventions` active (their
 /// positions index the prompt; the continuations are appended after it).
 ///
@@ -175,27 +179,63 @@ fn ids_tensor(ids: &[i64], device: Device) -> (Tensor, Tensor) {
 /// let ld = hook_analysis::patching::answer_metric(&mut m, &[1, 5, 9], &[7], &[8], &[]).unwrap();
 /// ```
 pub fn answer_metric(m: &mut HookedModule, prompt: &[i64], answer: &[i64], wrong: &[i64], interventions: &[Intervention]) -> Result<f64> {
+    Ok(answer_metrics(m, prompt, answer, wrong, &[interventions.to_vec()], usize::MAX)?[0])
+}
+
+/// [`answer_metric`] of many cells of a sweep at once: `cells[i]` holds the interventions of
+/// cell `i`, and the cells run as the rows of batched forwards of at most `max_batch_tokens`
+/// tokens (at least one row each), each row with its own interventions
+/// ([`RunSpec::row_interventions`](hook_torch::RunSpec::row_interventions)). The metrics equal
+/// one forward per cell up to the rounding of batched matrix products.
+///
+/// ```no_run
+/// # let mut m = hook_torch::HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
+/// use hook_torch::{Intervention, PatchValue};
+/// let cells: Vec<Vec<Intervention>> = (0..3)
+///     .map(|q| vec![Intervention::Resid { component: "model.layers[0].output".into(), positions: vec![q], patch: PatchValue::Ablation }])
+///     .collect();
+/// let each = hook_analysis::patching::answer_metrics(&mut m, &[1, 5, 9], &[7], &[8], &cells, 4096).unwrap();
+/// assert_eq!(each.len(), 3);
+/// ```
+pub fn answer_metrics(m: &mut HookedModule, prompt: &[i64], answer: &[i64], wrong: &[i64], cells: &[Vec<Intervention>], max_batch_tokens: usize) -> Result<Vec<f64>> {
     if prompt.is_empty() || answer.is_empty() || wrong.is_empty() {
         return Err(AnalysisError::Input("the prompt, the answer and the wrong answer each need at least one token".into()));
     }
     let device = m.device();
-    let run = |m: &mut HookedModule, ids: &[i64]| -> Result<Tensor> {
-        let (t, mask) = ids_tensor(ids, device);
-        Ok(tch::no_grad(|| if interventions.is_empty() { m.forward(&t, &mask) } else { m.run_with_interventions(&t, &mask, interventions) })?)
+    // one run for one-token answers (the logit difference at the last position); else the
+    // answer's and the wrong answer's continuations, teacher forced (sign +1 and -1)
+    let runs: Vec<(Vec<i64>, Option<&[i64]>, f64)> = if answer.len() == 1 && wrong.len() == 1 {
+        vec![(prompt.to_vec(), None, 1.0)]
+    } else {
+        [(answer, 1.0), (wrong, -1.0)].into_iter().map(|(c, sign)| (prompt.iter().chain(&c[..c.len() - 1]).copied().collect(), Some(c), sign)).collect()
     };
-    if answer.len() == 1 && wrong.len() == 1 {
-        let last = run(m, prompt)?.get(0).get(-1).to_kind(Kind::Double);
-        return Ok(last.double_value(&[answer[0]]) - last.double_value(&[wrong[0]]));
+    let mut out = vec![0.0; cells.len()];
+    for (ids, cont, sign) in &runs {
+        let len = ids.len() as i64;
+        let rows = (max_batch_tokens / ids.len()).max(1);
+        for (g, group) in cells.chunks(rows).enumerate() {
+            let k = group.len() as i64;
+            let t = Tensor::from_slice(ids).view([1, len]).repeat([k, 1]).to_device(device);
+            let mask = Tensor::ones([k, len], (Kind::Int64, device));
+            let spec = RunSpec { row_interventions: group, ..RunSpec::default() };
+            let logits = m.run(&t, &mask, spec)?.logits.ok_or_else(|| AnalysisError::Input("the forward stopped before the logits".into()))?.to_kind(Kind::Double);
+            let values: Vec<f64> = match cont {
+                None => {
+                    let last = logits.select(1, -1);
+                    Vec::<f64>::try_from(last.select(1, answer[0]) - last.select(1, wrong[0]))?
+                }
+                Some(c) => {
+                    let lp = logits.narrow(1, prompt.len() as i64 - 1, c.len() as i64).log_softmax(-1, Kind::Double);
+                    let index = Tensor::from_slice(c).view([1, -1, 1]).expand([k, c.len() as i64, 1], false).to_device(device);
+                    Vec::<f64>::try_from(lp.gather(2, &index, false).sum_dim_intlist(&[1i64, 2][..], false, Kind::Double))?
+                }
+            };
+            for (i, v) in values.into_iter().enumerate() {
+                out[g * rows + i] += sign * v;
+            }
+        }
     }
-    let mut total = [0.0; 2];
-    for (i, cont) in [answer, wrong].into_iter().enumerate() {
-        let ids: Vec<i64> = prompt.iter().chain(&cont[..cont.len() - 1]).copied().collect();
-        let logits = run(m, &ids)?.get(0).to_kind(Kind::Double);
-        let lp = logits.narrow(0, prompt.len() as i64 - 1, cont.len() as i64).log_softmax(-1, Kind::Double);
-        let picked = lp.gather(1, &Tensor::from_slice(cont).view([-1, 1]).to_device(device), false);
-        total[i] = picked.sum(Kind::Double).double_value(&[]);
-    }
-    Ok(total[0] - total[1])
+    Ok(out)
 }
 
 /// Each head's output (the input of the attention's output projection) of every layer, as
@@ -258,7 +298,10 @@ fn check_pair(p: &PatchPair, i: usize) -> Result<()> {
 ///
 /// With `each_position` and [`Positions::All`] every pair must have the same length (the
 /// columns are positions); negative positions (`-1` = the last) work across lengths.
-pub fn patch_sweep(m: &mut HookedModule, pairs: &[PatchPair], part: Part, positions: &Positions, each_position: bool) -> Result<Grid> {
+///
+/// The cells of a pair run as the rows of batched forwards of at most `max_batch_tokens`
+/// tokens ([`answer_metrics`]; [`DEFAULT_BATCH_TOKENS`] is the CLI's default).
+pub fn patch_sweep(m: &mut HookedModule, pairs: &[PatchPair], part: Part, positions: &Positions, each_position: bool, max_batch_tokens: usize) -> Result<Grid> {
     if pairs.is_empty() {
         return Err(AnalysisError::Input("no pairs to patch".into()));
     }
@@ -291,30 +334,36 @@ pub fn patch_sweep(m: &mut HookedModule, pairs: &[PatchPair], part: Part, positi
     for (p, ps) in pairs.iter().zip(&cols_per_pair) {
         clean_each.push(answer_metric(m, &p.clean, &p.answer, &p.wrong, &[])?);
         corrupted_each.push(answer_metric(m, &p.corrupted, &p.answer, &p.wrong, &[])?);
+        // every cell of this pair: where its metric goes, and its interventions
+        let mut at_cell: Vec<(usize, usize)> = Vec::new();
+        let mut cells: Vec<Vec<Intervention>> = Vec::new();
         if part == Part::Heads {
             let clean = head_outputs(m, &d, &p.clean)?;
             for l in 0..layers {
                 let component = d.component(Part::Heads.template(), l)?;
                 for h in 0..nh {
                     let per_head = clean[l].select(2, h as i64);
-                    let cells: Vec<Vec<i64>> = if each_position { ps.iter().map(|&q| vec![q]).collect() } else { vec![ps.clone()] };
-                    for (c, at) in cells.into_iter().enumerate() {
+                    let spans: Vec<Vec<i64>> = if each_position { ps.iter().map(|&q| vec![q]).collect() } else { vec![ps.clone()] };
+                    for (c, at) in spans.into_iter().enumerate() {
                         let values = per_head.index_select(1, &Tensor::from_slice(&at).to_device(per_head.device()));
-                        let iv = Intervention::QueryKeyValue { component: component.clone(), positions: at, head: h, patch: PatchValue::Values(values) };
-                        let (r, c) = if each_position { (l * nh + h, c) } else { (l, h) };
-                        sums[r][c] += answer_metric(m, &p.corrupted, &p.answer, &p.wrong, &[iv])?;
+                        cells.push(vec![Intervention::QueryKeyValue { component: component.clone(), positions: at, head: h, patch: PatchValue::Values(values) }]);
+                        at_cell.push(if each_position { (l * nh + h, c) } else { (l, h) });
                     }
                 }
             }
         } else {
             let clean = part_outputs(m, part, &p.clean)?;
-            for (l, row) in sums.iter_mut().enumerate() {
+            for l in 0..layers {
                 let component = d.component(part.template(), l)?;
                 for (c, &q) in ps.iter().enumerate() {
-                    let iv = Intervention::Resid { component: component.clone(), positions: vec![q], patch: PatchValue::Values(clean[l].narrow(1, q, 1)) };
-                    row[c] += answer_metric(m, &p.corrupted, &p.answer, &p.wrong, &[iv])?;
+                    cells.push(vec![Intervention::Resid { component: component.clone(), positions: vec![q], patch: PatchValue::Values(clean[l].narrow(1, q, 1)) }]);
+                    at_cell.push((l, c));
                 }
             }
+        }
+        let metrics = answer_metrics(m, &p.corrupted, &p.answer, &p.wrong, &cells, max_batch_tokens)?;
+        for ((r, c), v) in at_cell.into_iter().zip(metrics) {
+            sums[r][c] += v;
         }
     }
     let n = pairs.len() as f64;
@@ -356,7 +405,10 @@ pub enum Ablation {
 /// layer, or each head), the activation at `positions` is zeroed or replaced by its dataset
 /// mean, one cell at a time; the grid holds the mean metric (rows: layers; columns: the parts,
 /// or the heads).
-pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mode: Ablation, positions: &Positions) -> Result<Grid> {
+///
+/// The cells of a prompt run as the rows of batched forwards of at most `max_batch_tokens`
+/// tokens ([`answer_metrics`]).
+pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mode: Ablation, positions: &Positions, max_batch_tokens: usize) -> Result<Grid> {
     if prompts.is_empty() {
         return Err(AnalysisError::Input("no prompts to ablate".into()));
     }
@@ -410,7 +462,9 @@ pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mo
             }
         };
         let kind = m.kind();
-        for (l, row) in sums.iter_mut().enumerate() {
+        let mut at_cell: Vec<(usize, usize)> = Vec::new();
+        let mut cells: Vec<Vec<Intervention>> = Vec::new();
+        for l in 0..layers {
             let mut c = 0;
             for &part in parts {
                 let resid = |p: Part| -> Result<Intervention> {
@@ -423,22 +477,27 @@ pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mo
                                 Ablation::Zero => PatchValue::Ablation,
                                 Ablation::Mean => PatchValue::Values(means[&(Part::Heads, l)].get(h as i64).to_kind(kind).expand([1, n, d.head_dim as i64], false).contiguous()),
                             };
-                            let iv = Intervention::QueryKeyValue { component: d.component(Part::Heads.template(), l)?, positions: at.clone(), head: h, patch };
-                            row[c] += answer_metric(m, &pr.ids, &pr.answer, &pr.wrong, &[iv])?;
+                            cells.push(vec![Intervention::QueryKeyValue { component: d.component(Part::Heads.template(), l)?, positions: at.clone(), head: h, patch }]);
+                            at_cell.push((l, c));
                             c += 1;
                         }
                     }
                     Part::Layer => {
-                        let ivs = [resid(Part::Attn)?, resid(Part::Mlp)?];
-                        row[c] += answer_metric(m, &pr.ids, &pr.answer, &pr.wrong, &ivs)?;
+                        cells.push(vec![resid(Part::Attn)?, resid(Part::Mlp)?]);
+                        at_cell.push((l, c));
                         c += 1;
                     }
                     p => {
-                        row[c] += answer_metric(m, &pr.ids, &pr.answer, &pr.wrong, &[resid(p)?])?;
+                        cells.push(vec![resid(p)?]);
+                        at_cell.push((l, c));
                         c += 1;
                     }
                 }
             }
+        }
+        let metrics = answer_metrics(m, &pr.ids, &pr.answer, &pr.wrong, &cells, max_batch_tokens)?;
+        for ((r, c), v) in at_cell.into_iter().zip(metrics) {
+            sums[r][c] += v;
         }
     }
     let n = prompts.len() as f64;

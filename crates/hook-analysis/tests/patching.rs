@@ -9,6 +9,9 @@ use hook_analysis::patching::{ablate_sweep, answer_metric, patch_sweep, Ablation
 use hook_torch::{ExtractionConfig, HookedModule, Intervention, PatchValue};
 use tch::{Device, Kind, Tensor};
 
+/// The batch budget of the sweeps under test (the CLI's default).
+const B: usize = hook_analysis::patching::DEFAULT_BATCH_TOKENS;
+
 fn model(family: &str) -> HookedModule {
     HookedModule::load(common::model(family), Device::Cpu).unwrap()
 }
@@ -47,14 +50,14 @@ fn patching_the_last_residual_restores_the_clean_run_and_datasets_average() {
         let mut m = model(family);
         let layers = m.description().unwrap().num_hidden_layers;
         let ps = pairs();
-        let both = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true).unwrap();
+        let both = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true, B).unwrap();
         assert_eq!((both.rows.len(), both.cols.len()), (layers, 5));
         // the last layer's residual at the last position is everything the logits see
         let last = both.score()[layers - 1][4];
         assert!((last - 1.0).abs() < 1e-4, "{family}: {last}");
         // a dataset's metric is the mean of its pairs'
-        let one = patch_sweep(&mut m, &ps[..1], Part::Resid, &Positions::All, true).unwrap();
-        let two = patch_sweep(&mut m, &ps[1..], Part::Resid, &Positions::All, true).unwrap();
+        let one = patch_sweep(&mut m, &ps[..1], Part::Resid, &Positions::All, true, B).unwrap();
+        let two = patch_sweep(&mut m, &ps[1..], Part::Resid, &Positions::All, true, B).unwrap();
         for r in 0..layers {
             for c in 0..5 {
                 let mean = (one.values[r][c] + two.values[r][c]) / 2.0;
@@ -65,9 +68,9 @@ fn patching_the_last_residual_restores_the_clean_run_and_datasets_average() {
         // positions from the end work across lengths; all positions need one length
         let mut ragged = ps.clone();
         ragged[1] = PatchPair { clean: vec![1, 30, 31, 33], corrupted: vec![1, 40, 31, 33], answer: vec![22], wrong: vec![23] };
-        let e = patch_sweep(&mut m, &ragged, Part::Resid, &Positions::All, true).unwrap_err();
+        let e = patch_sweep(&mut m, &ragged, Part::Resid, &Positions::All, true, B).unwrap_err();
         assert!(e.to_string().contains("different lengths"), "{e}");
-        let g = patch_sweep(&mut m, &ragged, Part::Attn, &Positions::These(vec![-1]), true).unwrap();
+        let g = patch_sweep(&mut m, &ragged, Part::Attn, &Positions::These(vec![-1]), true, B).unwrap();
         assert_eq!(g.cols, ["p-1"]);
     }
 }
@@ -77,14 +80,14 @@ fn head_patching_covers_layers_by_heads_or_heads_by_positions() {
     let mut m = model("llama");
     let d = m.description().unwrap().clone();
     let ps = pairs();
-    let g = patch_sweep(&mut m, &ps, Part::Heads, &Positions::All, false).unwrap();
+    let g = patch_sweep(&mut m, &ps, Part::Heads, &Positions::All, false, B).unwrap();
     assert_eq!((g.rows.len(), g.cols.len()), (d.num_hidden_layers, d.num_attention_heads));
-    let g = patch_sweep(&mut m, &ps, Part::Heads, &Positions::These(vec![0, -1]), true).unwrap();
+    let g = patch_sweep(&mut m, &ps, Part::Heads, &Positions::These(vec![0, -1]), true, B).unwrap();
     assert_eq!((g.rows.len(), g.cols.len()), (d.num_hidden_layers * d.num_attention_heads, 2));
     assert_eq!(g.rows[1], "L0H1");
     // a pair whose prompts differ in length is refused, naming the pair
     let bad = [PatchPair { clean: vec![1, 2, 3], corrupted: vec![1, 2], answer: vec![5], wrong: vec![6] }];
-    let e = patch_sweep(&mut m, &bad, Part::Resid, &Positions::All, true).unwrap_err();
+    let e = patch_sweep(&mut m, &bad, Part::Resid, &Positions::All, true, B).unwrap_err();
     assert!(e.to_string().contains("pair 0"), "{e}");
 }
 
@@ -93,7 +96,7 @@ fn ablations_edit_what_they_name() {
     let mut m = model("llama"); // no bias in o_proj: every head zeroed is attn_out zeroed
     let d = m.description().unwrap().clone();
     let prompts = [Prompt { ids: vec![1, 5, 9, 12, 7], answer: vec![20], wrong: vec![21] }];
-    let g = ablate_sweep(&mut m, &prompts, &[Part::Attn, Part::Mlp, Part::Layer, Part::Heads], Ablation::Zero, &Positions::All).unwrap();
+    let g = ablate_sweep(&mut m, &prompts, &[Part::Attn, Part::Mlp, Part::Layer, Part::Heads], Ablation::Zero, &Positions::All, B).unwrap();
     assert_eq!(g.cols.len(), 3 + d.num_attention_heads);
     let l = d.num_hidden_layers - 1;
     let all_heads: Vec<Intervention> = (0..d.num_attention_heads)
@@ -109,7 +112,7 @@ fn ablations_edit_what_they_name() {
     assert!((g.score()[l][0] - (g.values[l][0] - g.clean)).abs() < 1e-12);
 
     // mean ablation of one prompt: the mean over its positions, by hand
-    let g = ablate_sweep(&mut m, &prompts, &[Part::Mlp], Ablation::Mean, &Positions::These(vec![-1])).unwrap();
+    let g = ablate_sweep(&mut m, &prompts, &[Part::Mlp], Ablation::Mean, &Positions::These(vec![-1]), B).unwrap();
     let t = Tensor::from_slice(&prompts[0].ids).view([1, -1]);
     let cfg = ExtractionConfig { save_logits: false, ..ExtractionConfig::default().with_flags(&["mlp_out"]).unwrap() };
     let (_, cache) = m.run_with_cache(&t, &t.ones_like(), &hook_core::TokenGroups::all(5).unwrap(), &cfg).unwrap();
@@ -117,5 +120,42 @@ fn ablations_edit_what_they_name() {
     let iv = Intervention::Resid { component: d.component("mlp_out_hook_name", 0).unwrap(), positions: vec![4], patch: PatchValue::Values(mean) };
     let by_hand = answer_metric(&mut m, &prompts[0].ids, &[20], &[21], &[iv]).unwrap();
     assert!((by_hand - g.values[0][0]).abs() < 1e-5, "{by_hand} vs {}", g.values[0][0]);
-    assert!(ablate_sweep(&mut m, &prompts, &[Part::Resid], Ablation::Zero, &Positions::All).is_err());
+    assert!(ablate_sweep(&mut m, &prompts, &[Part::Resid], Ablation::Zero, &Positions::All, B).is_err());
+}
+
+/// A batched sweep (its cells as the rows of one forward) against one forward per cell (a
+/// budget of one row), on every part, patching and ablation, one-token and multi-token
+/// answers: equal within 1e-5 of the metric's range.
+#[test]
+fn batched_sweeps_equal_one_forward_per_cell() {
+    for family in ["llama", "gpt2"] {
+        let mut m = model(family);
+        let ps = pairs();
+        for (part, each) in [(Part::Resid, true), (Part::Attn, true), (Part::Mlp, true), (Part::Heads, false), (Part::Heads, true)] {
+            let batched = patch_sweep(&mut m, &ps, part, &Positions::All, each, B).unwrap();
+            let single = patch_sweep(&mut m, &ps, part, &Positions::All, each, 1).unwrap();
+            assert_close(&batched.values, &single.values, (batched.clean - batched.corrupted.unwrap()).abs(), &format!("{family} patch {part:?}"));
+        }
+        // a budget smaller than the sweep: several batches, the last one short
+        let three = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true, 3 * 5).unwrap();
+        let single = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true, 1).unwrap();
+        assert_close(&three.values, &single.values, (three.clean - three.corrupted.unwrap()).abs(), &format!("{family} three rows a batch"));
+        let prompts = [
+            Prompt { ids: vec![1, 5, 9, 12, 7], answer: vec![20], wrong: vec![21] },
+            Prompt { ids: vec![1, 30, 31, 32], answer: vec![22, 24], wrong: vec![23] },
+        ];
+        for mode in [Ablation::Zero, Ablation::Mean] {
+            let parts = [Part::Attn, Part::Mlp, Part::Layer, Part::Heads];
+            let batched = ablate_sweep(&mut m, &prompts, &parts, mode, &Positions::All, B).unwrap();
+            let single = ablate_sweep(&mut m, &prompts, &parts, mode, &Positions::All, 1).unwrap();
+            let range = batched.values.iter().flatten().chain([&batched.clean]).fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            assert_close(&batched.values, &single.values, range.1 - range.0, &format!("{family} ablate {mode:?}"));
+        }
+    }
+}
+
+fn assert_close(got: &[Vec<f64>], want: &[Vec<f64>], range: f64, what: &str) {
+    assert!(range > 0.0, "{what}: the metric has no range");
+    let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(worst <= 1e-5 * range, "{what}: batched and one forward per cell differ by {worst:.2e} (range {range:.3})");
 }

@@ -43,6 +43,11 @@ pub struct RunSpec<'a> {
     pub hooks: Vec<(String, BoxedHook)>,
     /// Interventions (positions relative to each example's tokens).
     pub interventions: &'a [Intervention],
+    /// Interventions of each row of the batch on its own (empty: none; else one list per
+    /// example): many cells of a patching or ablation sweep run as the rows of one forward.
+    /// Each row's interventions see that row only (its values have batch size 1), after the
+    /// batch-wide `interventions`.
+    pub row_interventions: &'a [Vec<Intervention>],
     /// An extraction into the returned cache.
     pub extraction: Option<Extraction<'a>>,
     /// Stop the forward pass as soon as every hooked site has fired, instead of running the
@@ -70,7 +75,7 @@ impl HookedModule {
     /// and the extraction's cache. The module is unchanged afterwards: the hooks of the spec
     /// are gone, the stored ones stay.
     pub fn run(&mut self, input_ids: &Tensor, attention_mask: &Tensor, spec: RunSpec<'_>) -> Result<RunOutput> {
-        let RunSpec { hooks: scoped, interventions, extraction, stop_early, track_gradients } = spec;
+        let RunSpec { hooks: scoped, interventions, row_interventions, extraction, stop_early, track_gradients } = spec;
         if let Some(e) = &extraction {
             if stop_early && (e.config.save_logits || e.config.keep_gradient) {
                 return Err(TorchError::Input(
@@ -84,6 +89,7 @@ impl HookedModule {
         for iv in interventions {
             hooks.push((iv.component(self)?, iv.hook(self, pads.clone())?));
         }
+        hooks.extend(self.row_hooks(row_interventions, &pads)?);
         hooks.extend(scoped);
         let plan = match extraction {
             Some(e) => {
@@ -106,6 +112,42 @@ impl HookedModule {
             }
             None => Ok(RunOutput { logits, cache: ActivationCache::new() }),
         }
+    }
+
+    /// One hook per component that `rows` (one list of interventions per example) touch: it
+    /// applies each row's interventions to that row alone, with the row's padding offset.
+    fn row_hooks(&self, rows: &[Vec<Intervention>], pads: &padding::Pads) -> Result<Vec<(String, BoxedHook)>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if rows.len() != pads.len() {
+            return Err(TorchError::Input(format!("row_interventions has {} lists for a batch of {} examples: give one list per example", rows.len(), pads.len())));
+        }
+        let mut by_component: indexmap::IndexMap<String, Vec<(usize, BoxedHook)>> = indexmap::IndexMap::new();
+        for (row, ivs) in rows.iter().enumerate() {
+            for iv in ivs {
+                let hook = iv.hook(self, std::sync::Arc::new(vec![pads[row]]))?;
+                by_component.entry(iv.component(self)?).or_default().push((row, hook));
+            }
+        }
+        Ok(by_component
+            .into_iter()
+            .map(|(component, mut row_hooks)| {
+                let hook: BoxedHook = Box::new(move |ctx: &HookContext<'_>, io: &HookIo<Tensor>| {
+                    let x = io.main_tensor()?;
+                    let err = |e: tch::TchError| hook_core::CoreError::hook("", e);
+                    let mut parts: Vec<Tensor> = (0..x.size()[0]).map(|i| x.f_narrow(0, i, 1)).collect::<std::result::Result<_, _>>().map_err(err)?;
+                    for (row, hook) in row_hooks.iter_mut() {
+                        let part = parts.get(*row).ok_or_else(|| hook_core::CoreError::hook_message("", format!("row {row} is outside the batch")))?;
+                        if let Some(new) = hook.call(ctx, &HookIo::output_tensor(part.shallow_clone()))? {
+                            parts[*row] = new;
+                        }
+                    }
+                    Ok(Some(Tensor::f_cat(&parts, 0).map_err(err)?))
+                });
+                (component, hook)
+            })
+            .collect())
     }
 
     /// A forward pass with the stored hooks; returns the logits `[batch, seq, vocab]`.

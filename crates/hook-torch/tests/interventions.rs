@@ -86,3 +86,30 @@ fn qkv_head_names_the_site_and_the_part_on_every_layout() {
         assert!(m.forward(&ids, &mask).unwrap().equal(&base), "{family}: still usable");
     }
 }
+
+#[test]
+fn each_row_of_a_batch_takes_its_own_interventions() {
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let ids = Tensor::from_slice(&[5i64, 9, 12, 40, 7]).view([1, 5]);
+    let ones = ids.ones_like();
+    let site = "model.layers[0].output".to_string();
+    let cells: Vec<Vec<Intervention>> = vec![
+        vec![],
+        vec![Intervention::Resid { component: site.clone(), positions: vec![1], patch: PatchValue::Ablation }],
+        vec![
+            Intervention::Resid { component: site.clone(), positions: vec![-1], patch: PatchValue::Values(Tensor::full([1, 1, 64], 0.5, (Kind::Float, Device::Cpu))) },
+            Intervention::Heads { layer: 1, heads: vec![0, 2] },
+        ],
+    ];
+    let batch = ids.repeat([3, 1]);
+    let spec = hook_torch::RunSpec { row_interventions: &cells, ..Default::default() };
+    let rows = m.run(&batch, &batch.ones_like(), spec).unwrap().logits.unwrap();
+    for (i, cell) in cells.iter().enumerate() {
+        let alone = m.run_with_interventions(&ids, &ones, cell).unwrap();
+        assert!(rows.get(i as i64).unsqueeze(0).allclose(&alone, 1e-5, 1e-5, false), "row {i}");
+    }
+    assert!(!rows.get(0).allclose(&rows.get(1), 1e-5, 1e-5, false), "the interventions changed the rows");
+    // one list per example, or an error that says so
+    let e = m.run(&batch, &batch.ones_like(), hook_torch::RunSpec { row_interventions: &cells[..2], ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("one list per example"), "{e}");
+}

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use hook_analysis::patching::{ablate_sweep, Ablation, Part, Prompt};
 use serde_json::Value;
 
+use crate::inputs::positive;
 use crate::{answers, inputs};
 
 #[derive(clap::Args, Debug)]
@@ -35,6 +36,10 @@ pub struct Args {
     /// Which positions are ablated (all at once): all, last, or a list such as 0,3,-1.
     #[arg(long, default_value = "all")]
     pub positions: String,
+    /// The cells of the sweep run as the rows of batched forwards of at most this many tokens
+    /// (at least one row each): results equal one forward per cell up to float rounding.
+    #[arg(long, default_value_t = hook_analysis::patching::DEFAULT_BATCH_TOKENS, value_parser = positive)]
+    pub max_batch_tokens: usize,
     #[command(flatten)]
     pub figure: inputs::FigureArgs,
 }
@@ -82,7 +87,7 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
     let mode = if a.mode == "mean" { Ablation::Mean } else { Ablation::Zero };
-    let grid = ablate_sweep(&mut m, &prompts, &parts, mode, &positions)?;
+    let grid = ablate_sweep(&mut m, &prompts, &parts, mode, &positions, a.max_batch_tokens)?;
     let one_token = prompts.iter().all(|p| p.answer.len() == 1 && p.wrong.len() == 1);
     let values = grid.score();
     let json = serde_json::json!({

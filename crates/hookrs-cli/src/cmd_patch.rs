@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use hook_analysis::patching::{patch_sweep, Part, PatchPair};
 use serde_json::Value;
 
+use crate::inputs::positive;
 use crate::{answers, inputs};
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +51,10 @@ pub struct Args {
     /// Which positions: all, last, or a list such as 0,3,-1 (negative from the end).
     #[arg(long, default_value = "all")]
     pub positions: String,
+    /// The cells of the sweep run as the rows of batched forwards of at most this many tokens
+    /// (at least one row each): results equal one forward per cell up to float rounding.
+    #[arg(long, default_value_t = hook_analysis::patching::DEFAULT_BATCH_TOKENS, value_parser = positive)]
+    pub max_batch_tokens: usize,
     #[command(flatten)]
     pub figure: inputs::FigureArgs,
 }
@@ -119,7 +124,7 @@ pub fn run(a: Args) -> Result<()> {
         _ => (Part::Resid, true),
     };
     let pairs: Vec<PatchPair> = read.iter().map(|r| r.pair.clone()).collect();
-    let grid = patch_sweep(&mut m, &pairs, part, &positions, each_position)?;
+    let grid = patch_sweep(&mut m, &pairs, part, &positions, each_position, a.max_batch_tokens)?;
     let one_token = pairs.iter().all(|p| p.answer.len() == 1 && p.wrong.len() == 1);
     let values = grid.score();
     // token labels when there is one pair

@@ -87,3 +87,12 @@ pub fn one_token(tok: &tokenizers::Tokenizer, flag: &str, s: &str) -> Result<i64
     }
     Ok(e.ids[0])
 }
+
+/// A count of at least 1 (`--max-batch-tokens`): 0 is a usage error that says so.
+pub fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}: expected a whole number such as 4096")),
+    }
+}

@@ -122,6 +122,22 @@ fn patch_over_a_dataset_of_pairs_and_ablate_write_their_grids() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let o = hookrs(&["patch", "--model", s(&m), "--clean", "a b", "--corrupted", "a c", "--answer", "mary", "--wrong", "john", "--positions", "first", "--out", s(&out)]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // the batch budget: the same grid one row per forward; 0 is a usage error
+    let (one, many) = (dir.path().join("one"), dir.path().join("many"));
+    for (budget, o) in [("1", &one), ("4096", &many)] {
+        let r = hookrs(&["patch", "--model", s(&m), "--clean", "mary gave a drink", "--corrupted", "john gave a drink", "--answer", "mary", "--wrong", "john", "--max-batch-tokens", budget, "--out", s(o)]);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let grid = |p: &std::path::Path| -> Vec<f64> {
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.with_extension("json")).unwrap()).unwrap();
+        j["values"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect()
+    };
+    let (a, b) = (grid(&one), grid(&many));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "{a:?} vs {b:?}");
+    let o = hookrs(&["patch", "--model", s(&m), "--clean", "a b", "--corrupted", "a c", "--answer", "mary", "--wrong", "john", "--max-batch-tokens", "0", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("at least 1"), "{}", stderr(&o));
 
     // ablation: zero and mean, one prompt or a file
     let ab = dir.path().join("ab");
