@@ -340,7 +340,10 @@ pub fn merge(python: &Path, args: &[String]) -> Result<()> {
 /// batched (the default `--max-batch-tokens`) and one forward per cell (`--max-batch-tokens
 /// 1`), and plain PyTorch on the eager model (a forward-hook loop, and the positions of each
 /// layer batched by hand: `xtask/python/bench_patch.py`). CPU, 2 threads.
-pub fn patch(python: &Path, _args: &[String]) -> Result<()> {
+pub fn patch(python: &Path, args: &[String]) -> Result<()> {
+    if let Some(a) = args.first() {
+        bail!("bench patch takes no options, got `{a}` (usage: cargo xtask bench patch)");
+    }
     let root = project_root();
     let model = crate::fetch(python, &["smollm2".to_string()])?;
     let hf = model.parent().context("the export lies in a folder")?.join("hf");

@@ -11,7 +11,7 @@
 //! | [`tolerance`] | [`Tol`]: a bound relative to each entry's magnitude; [`compare`] of two key-ordered entry maps |
 //! | [`flatten`] | [`flat_cache`]: an `ActivationCache` as `key/sub/…` → tensor, in order |
 //! | [`tally`] | [`Verdict`] of one row, [`Tally`] of a suite |
-//! | [`report`] | [`write_section`] of a markdown file, [`exit_code`] of a runner |
+//! | [`report`] | [`publish`] a table (printed, and into [`write_section`] of a markdown file), [`exit_code`] of a runner |
 
 pub mod args;
 pub mod flatten;
@@ -21,6 +21,6 @@ pub mod tolerance;
 
 pub use args::Args;
 pub use flatten::{flat_cache, flatten};
-pub use report::{exit_code, write_section};
+pub use report::{exit_code, publish, write_section};
 pub use tally::{Tally, Verdict};
 pub use tolerance::{compare, relative_diff, Tol};

@@ -29,6 +29,17 @@ pub fn write_section(path: &Path, name: &str, body: &str) -> std::io::Result<()>
     std::fs::rename(tmp, path)
 }
 
+/// What every runner does with its table: prints it and, with `--write FILE`, puts it in
+/// FILE's `section` (saying so on stderr).
+pub fn publish(write: Option<&Path>, section: &str, table: &str) -> std::io::Result<()> {
+    println!("{table}");
+    if let Some(path) = write {
+        write_section(path, section, table)?;
+        eprintln!("parity {section}: wrote {}", path.display());
+    }
+    Ok(())
+}
+
 /// The exit code of a runner: success when every row passed or is explained; an error is
 /// printed with the suite's name.
 pub fn exit_code(name: &str, r: anyhow::Result<bool>) -> ExitCode {

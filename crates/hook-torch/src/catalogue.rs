@@ -83,7 +83,7 @@ pub(crate) fn resid_padded(cache: &SharedCache, pads: &Pads, key: String, groups
     extractor(cache, pads, vec![groups], move |x, g| Ok(vec![Keyed { key: key.clone(), value: resid::resid(&part_of(x, part)?, &g[0], avg)?, info }]))
 }
 
-/// [`query_key_value_hook`] on a padded batch, of the q/k/v `part` of the site's output.
+/// [`query_key_value_hook`] on a padded batch, of the whole main tensor or of its q/k/v `part`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn query_key_value_padded(
     cache: &SharedCache,
@@ -91,11 +91,12 @@ pub(crate) fn query_key_value_padded(
     prefix: &'static str,
     groups: TokenGroups,
     layer: usize,
-    part: Part,
+    part: Option<Part>,
+    layout: HeadLayout,
     head: HeadSelection,
     avg: bool,
 ) -> BoxedHook {
-    extractor(cache, pads, vec![groups], move |x, g| heads::query_key_value(&part_of(x, Some(part))?, prefix, layer, &part.layout, &g[0], head, avg))
+    extractor(cache, pads, vec![groups], move |x, g| heads::query_key_value(&part_of(x, part)?, prefix, layer, &layout, &g[0], head, avg))
 }
 
 /// [`head_out_hook`] on a padded batch.
@@ -198,8 +199,7 @@ pub fn query_key_value_hook(
     head: HeadSelection,
     avg: bool,
 ) -> BoxedHook {
-    let whole = Part { fused: QkvLayout::Separate, which: Qkv::Query, layout };
-    query_key_value_padded(cache, &unpadded(), cache_key, token_indexes, layer, whole, head, avg)
+    query_key_value_padded(cache, &unpadded(), cache_key, token_indexes, layer, None, layout, head, avg)
 }
 
 /// `head_out_hook` on the input of `o_proj`: each head's W_O contribution `{cache_key}L{layer}H{h}`.

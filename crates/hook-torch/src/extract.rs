@@ -357,7 +357,7 @@ impl<'a> Plan<'a> {
                 Stores::Embed => hooks.push((d.component("embed_tokens", 0)?, catalogue::resid_padded(&cache, pads, "input_embeddings".into(), g.clone(), avg, None))),
                 Stores::HeadQkv(which, prefix) => {
                     for &(l, h) in &selected {
-                        hooks.push((d.component(ModelDescription::qkv_template(which), l)?, catalogue::query_key_value_padded(&cache, pads, prefix, g.clone(), l, part(which), h, avg)));
+                        hooks.push((d.component(ModelDescription::qkv_template(which), l)?, catalogue::query_key_value_padded(&cache, pads, prefix, g.clone(), l, Some(part(which)), layout, h, avg)));
                     }
                 }
                 Stores::HeadOut => {

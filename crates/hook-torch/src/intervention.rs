@@ -253,17 +253,18 @@ fn err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> hook_core::Cor
     hook_core::CoreError::hook("", e)
 }
 
-/// Applies `f` to each example with its own padding offset and stacks the results.
-fn per_example(x: &Tensor, pads: &[i64], mut f: impl FnMut(&Tensor, i64, usize) -> hook_ops::Result<Tensor>) -> hook_core::Result<Tensor> {
-    padding::each_example_tensor(x, pads, |t, pad, b| f(t, pad, b.unwrap_or(usize::MAX))).map_err(err)
+/// Applies `f` to each example with its own padding offset (`example`: `None` for the whole
+/// batch when every example has the same offset) and stacks the results.
+fn per_example(x: &Tensor, pads: &[i64], f: impl FnMut(&Tensor, i64, Option<usize>) -> hook_ops::Result<Tensor>) -> hook_core::Result<Tensor> {
+    padding::each_example_tensor(x, pads, f).map_err(err)
 }
 
-/// Rows of a batched patch for example `b` (`usize::MAX`: the whole batch).
-fn rows(p: &PatchValue, b: usize) -> PatchValue {
-    match (p, b) {
-        (PatchValue::Values(t), b) if b != usize::MAX => PatchValue::Values(t.narrow(0, b as i64, 1)),
+/// The rows of a batched patch for `example` (`None`: the whole batch).
+fn rows(p: &PatchValue, example: Option<usize>) -> hook_ops::Result<PatchValue> {
+    Ok(match (p, example) {
+        (PatchValue::Values(t), Some(b)) => PatchValue::Values(t.f_narrow(0, b as i64, 1)?),
         (other, _) => other.clone(),
-    }
+    })
 }
 
 impl Intervention {
@@ -292,19 +293,19 @@ impl Intervention {
             let x = io.main_tensor()?;
             let out = match &this {
                 Intervention::Resid { positions, patch, .. } => {
-                    per_example(x, &pads, |t, pad, b| intervene::resid(t, &shift_positions(positions, pad), rows(patch, b).as_patch()))?
+                    per_example(x, &pads, |t, pad, b| intervene::resid(t, &shift_positions(positions, pad), rows(patch, b)?.as_patch()))?
                 }
                 Intervention::QueryKeyValue { positions, head, patch, .. } => {
                     let layout = layout.expect("set for QueryKeyValue");
                     per_example(x, &pads, |t, pad, b| {
-                        intervene::query_key_value(t, &layout, &shift_positions(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())
+                        intervene::query_key_value(t, &layout, &shift_positions(positions, pad), HeadSelection::One(*head), rows(patch, b)?.as_patch())
                     })?
                 }
                 Intervention::QkvHead { which, positions, head, patch, .. } => {
                     let layout = layout.expect("set for QkvHead");
                     per_example(x, &pads, |t, pad, b| {
                         let part = fused::qkv_part(t, fused, *which, &layout)?;
-                        let edited = intervene::query_key_value(&part, &layout, &shift_positions(positions, pad), HeadSelection::One(*head), rows(patch, b).as_patch())?;
+                        let edited = intervene::query_key_value(&part, &layout, &shift_positions(positions, pad), HeadSelection::One(*head), rows(patch, b)?.as_patch())?;
                         fused::replace_qkv_part(t, fused, *which, &layout, &edited)
                     })?
                 }

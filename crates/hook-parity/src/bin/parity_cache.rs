@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use hook_cache::{memory::MemoryNode, ActivationCache, CacheValue};
-use hook_parity::{exit_code, write_section, Args, Tally, Verdict};
+use hook_parity::{exit_code, publish, Args, Tally, Verdict};
 use indexmap::IndexMap;
 use serde_json::{json, Value as Json};
 use tch::Tensor;
@@ -233,11 +233,7 @@ fn real_main() -> anyhow::Result<bool> {
     for (n, a, v) in &rows {
         s.push_str(&format!("| {n} | {a} | {} |\n", v.replace('|', "\\|")));
     }
-    println!("{s}");
-    if let Some(path) = write {
-        write_section(&path, &section, &s)?;
-        eprintln!("parity cache: wrote {}", path.display());
-    }
+    publish(write.as_deref(), &section, &s)?;
     println!("parity cache: {tally}");
     Ok(tally.ok())
 }

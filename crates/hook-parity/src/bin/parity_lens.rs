@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use hook_parity::{exit_code, relative_diff, write_section, Args, Tally, Verdict};
+use hook_parity::{exit_code, publish, relative_diff, Args, Tally, Verdict};
 use hook_analysis::{Direction, LogitLens, Metric};
 use hook_cache::ActivationCache;
 use hook_torch::HookedModule;
@@ -113,11 +113,7 @@ fn real_main() -> anyhow::Result<bool> {
         s.push_str(r);
         s.push('\n');
     }
-    println!("{s}");
-    if let Some(path) = write {
-        write_section(&path, &section, &s)?;
-        eprintln!("parity lens: wrote {}", path.display());
-    }
+    publish(write.as_deref(), &section, &s)?;
     println!("parity lens: {tally}");
     Ok(tally.ok())
 }

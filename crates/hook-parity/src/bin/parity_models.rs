@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use hook_parity::{compare, exit_code, flat_cache, write_section, Args, Tally, Tol, Verdict};
+use hook_parity::{compare, exit_code, flat_cache, publish, Args, Tally, Tol, Verdict};
 use hook_core::TokenGroups;
 use hook_torch::{ExtractionConfig, HookedModule, Intervention};
 use indexmap::IndexMap;
@@ -165,13 +165,9 @@ fn real_main() -> anyhow::Result<bool> {
         s.push_str(r);
         s.push('\n');
     }
-    println!("{s}");
     Tensor::write_safetensors(&returned.iter().map(|(k, t)| (k.as_str(), t)).collect::<Vec<_>>(), dir.join("hookrs.safetensors"))?;
     std::fs::write(dir.join("hookrs.keys.json"), serde_json::to_string(&order)?)?; // safetensors sorts its keys
-    if let Some(path) = write {
-        write_section(&path, &section, &s)?;
-        eprintln!("parity models: wrote {}", path.display());
-    }
+    publish(write.as_deref(), &section, &s)?;
     println!("parity {section}: {tally} (float32 within {RTOL:e} of max(|value|, 1); half precision relative)");
     Ok(tally.ok())
 }

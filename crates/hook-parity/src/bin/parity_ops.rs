@@ -14,7 +14,7 @@ use hook_core::{HeadSelection, TokenGroups};
 use hook_ops::heads::{self, Projected};
 use hook_ops::pattern::{self, RunningPatternAverage};
 use hook_ops::{intervene, resid, stats, HeadLayout, Keyed, Patch, PatternAvg};
-use hook_parity::{exit_code, write_section, Args, Tally, Tol, Verdict};
+use hook_parity::{exit_code, publish, Args, Tally, Tol, Verdict};
 use indexmap::IndexMap;
 use serde_json::Value as Json;
 use tch::Tensor;
@@ -251,11 +251,7 @@ fn real_main() -> anyhow::Result<bool> {
         rows.push((name.to_string(), fn_name.to_string(), opts_summary(&case["opts"]), diff, verdict, deviation.map(str::to_string)));
     }
     let table = render(&rows, tally);
-    println!("{table}");
-    if let Some(path) = write {
-        write_section(&path, &section, &table)?;
-        eprintln!("parity ops: wrote {}", path.display());
-    }
+    publish(write.as_deref(), &section, &table)?;
     println!("parity ops: {tally} (within {RTOL:e} of max(|value|, 1))");
     Ok(tally.ok())
 }
