@@ -22,6 +22,7 @@ Its tolerance is relative to the largest logit it compares (real logits are in t
 absolute float32 bound would reject ordinary rounding of matmuls of different shapes).
 """
 import argparse
+import inspect
 import json
 import shutil
 import sys
@@ -159,7 +160,7 @@ def description(model, family, source, architecture):
             "stream between them (TransformerLens leaves hook_resid_mid out too); use resid_in, attn_out, mlp_out or resid_out")
     final_norm = model.get_submodule(lay["final_norm"])
     return {
-        "hookrs_description_version": 2,
+        "hookrs_description_version": 3,
         "architecture": architecture,
         "family": family,
         "source": source,
@@ -187,21 +188,130 @@ def description(model, family, source, architecture):
     }
 
 
+def past_cache_class():
+    """A transformers `Cache` over plain tensors: the past keys and values of each layer come in
+    as tensors, `update` returns them with the step's own appended, and keeps the step's own
+    (what the step graph returns). Unlike `DynamicCache` it crosses `torch.jit.trace`: the
+    tracer sees tensors in and tensors out."""
+    from transformers.cache_utils import Cache
+
+    class PastCache(Cache):
+        def __init__(self, keys, values):
+            super().__init__()
+            self.past_k, self.past_v = list(keys), list(values)
+            self.new_k, self.new_v = [None] * len(keys), [None] * len(keys)
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            self.new_k[layer_idx], self.new_v[layer_idx] = key_states, value_states
+            return torch.cat([self.past_k[layer_idx], key_states], -2), torch.cat([self.past_v[layer_idx], value_states], -2)
+
+        def get_seq_length(self, layer_idx=0):
+            return self.past_k[layer_idx].shape[-2]
+
+        def get_max_cache_shape(self):
+            return None
+
+    return PastCache
+
+
+class WindowByMask:
+    """While the step is traced, a decoder layer that slides its attention window itself
+    (Gemma 2 and 3: `is_sliding`, `sliding_window`) gets the window put into its attention mask
+    instead, from absolute positions (a key more than `sliding_window - 1` tokens before the
+    query is masked). transformers' own code for it slices the mask for its HybridCache's
+    rolling buffer with Python arithmetic the tracer would freeze at the traced length; with
+    every layer's past kept whole, the mask alone is the window, at any length."""
+
+    def __init__(self, model, layers):
+        self.layers = [m for m in model.get_submodule(layers).children()
+                       if getattr(m, "is_sliding", False) and getattr(m, "sliding_window", None)]
+        self.handles = []
+
+    @staticmethod
+    def slide(window):
+        def hook(module, args, kwargs):
+            mask, position = kwargs.get("attention_mask"), kwargs.get("cache_position")
+            if mask is not None and position is not None:
+                far = torch.arange(mask.shape[-1], device=mask.device)[None, :] <= (position[:, None] - window)
+                kwargs["attention_mask"] = mask.masked_fill(far, torch.finfo(mask.dtype).min)
+            return args, kwargs
+        return hook
+
+    def __enter__(self):
+        for m in self.layers:
+            m.is_sliding = False
+            self.handles.append(m.register_forward_pre_hook(self.slide(m.sliding_window), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.is_sliding = True
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 def with_mask_positions(model):
     """The model, whose forward takes (input_ids, attention_mask) by position and derives the
     position ids from the mask: each example's first real token is position 0 whatever its left
     padding (HF's default positions count the padding, which shifts every absolute-position model
-    such as GPT-2 under left padding). The module tree, and so every component name, is unchanged."""
+    such as GPT-2 under left padding). The module tree, and so every component name, is unchanged.
+
+    It also gets `step(input_ids, attention_mask, k_0..k_{L-1}, v_0..v_{L-1})`: the forward of
+    `S` new tokens after `P` cached ones. `attention_mask` covers all `P + S` tokens; `k_l`, `v_l`
+    are layer `l`'s past keys and values `[batch, kv_heads, P, head_dim]` (as the attention
+    stores them: after rotary, after q/k norms); it returns `(logits [batch, S, vocab],
+    new k_0.., new v_0..)`, each new one `[batch, kv_heads, S, head_dim]`. With `P = 0` it is the
+    prefill. The same submodules run, so its sites have the forward's names."""
     base = type(model)
+    layers = LAYOUTS[MODEL_TYPES.get(model.config.model_type, model.config.model_type)]["layers"]
+    n_layers = model.config.num_hidden_layers
+    takes_cache_position = "cache_position" in inspect.signature(base.forward).parameters
+    cache_objects = bool(getattr(model, "_supports_cache_class", False))
+    PastCache = past_cache_class()
 
     class WithMaskPositions(base):
         def forward(self, input_ids, attention_mask):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
+        def step(self, input_ids, attention_mask, *past):
+            s = input_ids.shape[1]
+            p = attention_mask.shape[1] - s
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).narrow(1, p, s)
+            keys, values = past[:n_layers], past[n_layers:]
+            kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+            if cache_objects:
+                cache = kw["past_key_values"] = PastCache(keys, values)
+                if takes_cache_position:
+                    kw["cache_position"] = torch.arange(s, device=input_ids.device) + p
+            else:  # GPT-2: a tuple of (keys, values) per layer in, the whole ones out
+                kw["past_key_values"] = tuple(zip(keys, values))
+            with WindowByMask(self, layers):
+                out = base.forward(self, **kw)
+            if cache_objects:
+                return (out[0], *cache.new_k, *cache.new_v)
+            presents = out[1]
+            return (out[0], *[k.narrow(2, p, s) for k, _ in presents], *[v.narrow(2, p, s) for _, v in presents])
+
     WithMaskPositions.__name__ = WithMaskPositions.__qualname__ = base.__name__
     model.__class__ = WithMaskPositions
     return model
+
+
+def cache_shapes(model, device):
+    """Each layer's [kv_heads, head_dim] in the step's cache, read off one step on two tokens."""
+    dtype = next(model.parameters()).dtype
+    n = model.config.num_hidden_layers
+    c = model.config
+    heads = c.num_attention_heads
+    kvh = getattr(c, "num_key_value_heads", heads) or heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // heads
+    ids = torch.full((1, 2), 3, device=device)
+    empty = [torch.zeros(1, kvh, 0, hd, dtype=dtype, device=device) for _ in range(2 * n)]
+    with torch.no_grad():
+        out = model.step(ids, torch.ones_like(ids), *empty)
+    return [[int(k.shape[1]), int(k.shape[3])] for k in out[1:1 + n]]
 
 
 def word_tokenizer(path):
@@ -332,17 +442,61 @@ class KeepInputsOutside:
             h.remove()
 
 
+def step_example(model, batch, past, device):
+    """Past keys and values of `past` tokens for every layer (random: the graph must not care)."""
+    dtype = next(model.parameters()).dtype
+    return [torch.randn(batch, kvh, past, hd, dtype=dtype, device=device) for kvh, hd in cache_shapes(model, device) * 2]
+
+
+def check_step(model, traced, vocab, device, tol):
+    """The step graph, run as generation runs it (a prefill of a left-padded batch with no past,
+    then one token at a time with the keys and values it returned), gives the logits of the
+    full forward over the whole text at every step. 12 steps after 9 tokens pass every sliding
+    window of the tiny models."""
+    dtype = next(model.parameters()).dtype
+    shapes = cache_shapes(model, device)
+    n = len(shapes)
+    ids = torch.randint(3, vocab, (3, 9)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    empty = [torch.zeros(3, kvh, 0, hd, dtype=dtype, device=device) for kvh, hd in shapes * 2]
+    try:
+        out = traced.step(ids, mask, *empty)
+        worst = relative_diff(model(ids, attention_mask=mask)[0], out[0], mask.bool())
+        past = list(out[1:])
+        for _ in range(12):
+            nxt = out[0][:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = traced.step(nxt, mask, *past)
+            past = [torch.cat([old, new], 2) for old, new in zip(past, out[1:])]
+            worst = max(worst, relative_diff(model(ids, attention_mask=mask)[0][:, -1:], out[0]))
+    except Exception as e:  # noqa: BLE001 - any failure of the graph on a new input
+        raise SystemExit(f"export: the cached step graph fails on a prefill or a later step ({str(e).splitlines()[0]})")
+    if worst > tol:
+        raise SystemExit(f"export: the cached step graph differs from the full forward by {worst:.3g} of the largest logit (allowed: {tol:.3g})")
+
+
 def trace(model, vocab, device="cpu"):
+    """Traces `forward(input_ids, attention_mask)` and the cached `step` (see
+    `with_mask_positions`) into one module: the weights are stored once, and each submodule
+    holds a graph for each (TorchScript names them forward and forward1)."""
     model.eval()
     dtype = next(model.parameters()).dtype
     ids = torch.randint(3, vocab, (2, 7)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row, so the mask path is traced
+    step_ids = torch.randint(3, vocab, (2, 1)).to(device)
+    step_mask = torch.ones(2, 6, dtype=torch.long, device=device)
+    step_mask[1, :2] = 0
     with torch.no_grad():
+        step_past = step_example(model, 2, 5, device)
         with warnings.catch_warnings(record=True) as recorded:
             warnings.simplefilter("always", torch.jit.TracerWarning)
             with KeepInputsOutside(model):
-                traced = torch.jit.trace(model, (ids, mask), check_trace=False, strict=False)
+                traced = torch.jit.trace_module(model, {"forward": (ids, mask), "step": (step_ids, step_mask, *step_past)},
+                                                check_trace=False, strict=False)
         recorded = [w for w in recorded if issubclass(w.category, torch.jit.TracerWarning)]
         eager = model(ids, attention_mask=mask)[0]
         got = traced(ids, mask)[0]
@@ -371,6 +525,7 @@ def trace(model, vocab, device="cpu"):
         if diff > tol:
             raise SystemExit(f"export: a left-padded example differs from the same example alone by {diff:.3g} of the largest logit "
                              f"(allowed: {tol:.3g})")
+        check_step(model, traced, vocab, device, tol)
     return traced
 
 
@@ -462,6 +617,7 @@ def main():
     traced = trace(model, model.config.vocab_size, device)
     desc = description(model, family, source, architecture)
     desc["dtype"] = a.dtype
+    desc["step"] = {"method": "step", "cache": cache_shapes(model, device)}
     tmp = out.with_suffix(".pt.tmp")
     torch.jit.save(traced, str(tmp), _extra_files={"hookrs.json": json.dumps(desc)})
     tmp.replace(out)

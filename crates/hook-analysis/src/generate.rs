@@ -1,16 +1,22 @@
-//! Generation with hooks: greedy or sampled decoding (temperature, top-k, top-p, seeded) with
-//! any interventions active at every step and, optionally, a steering vector added to the
-//! residual stream of a layer at every generated position.
+//! Generation with hooks and a KV cache: greedy or sampled decoding (temperature, top-k, top-p,
+//! seeded) of batches of prompts of mixed length, with interventions, a steering vector and an
+//! extraction active at the steps [`Apply`] names.
 //!
-//! Each step runs the whole sequence again (no KV cache): the exported TorchScript graph is
-//! traced without `past_key_values` — transformers' cache is a Python object (`DynamicCache`)
-//! that `torch.jit.trace` cannot take as an input or return, and a traced graph fixes the
-//! number of layers' cache tensors it was traced with — so a step costs a forward over prompt
-//! plus generated tokens (docs/analysis.md gives the measured cost). Without interventions,
-//! greedy decoding gives HF `generate`'s tokens on the eager model (`tests/generate.rs`).
+//! A batch is left padded and runs once over its prompts (the prefill), then one token per
+//! step: [`HookedModule::step`] runs the archive's cached step graph on the new token with
+//! every layer's keys and values of the text so far in a [`KvCache`], so a step costs the same
+//! after 1,000 tokens as after 10 plus attention over the cache, instead of a forward over the
+//! whole text. Each row stops at its own end-of-sequence token or at the token limit; rows that
+//! have stopped are fed `pad` until the batch is done, as transformers' `generate` does.
+//! Greedy decoding gives transformers' `generate` (with its own KV cache) token for token
+//! (`tests/generate.rs`).
+//!
+//! Hooks see each step's own tokens, as hooks on a transformers model see each forward of its
+//! `generate`: the prompt at the prefill, then `[batch, 1, …]` per new token.
 
-use hook_core::{HookContext, HookIo};
-use hook_torch::{HookedModule, Intervention};
+use hook_cache::ActivationCache;
+use hook_core::{HookContext, HookIo, TokenGroups};
+use hook_torch::{BoxedHook, Extraction, ExtractionConfig, HookedModule, Intervention, KvCache, RunSpec};
 use tch::{Kind, Tensor};
 
 use crate::error::{AnalysisError, Result};
@@ -18,7 +24,7 @@ use crate::error::{AnalysisError, Result};
 /// How to pick each new token.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
-    /// How many tokens to add.
+    /// How many tokens to add (per prompt, at most).
     pub max_new_tokens: usize,
     /// 0: greedy (argmax); otherwise the softmax temperature of sampling.
     pub temperature: f64,
@@ -28,17 +34,45 @@ pub struct GenerateOptions {
     pub top_p: Option<f64>,
     /// The sampler's seed: the same seed gives the same tokens.
     pub seed: u64,
-    /// Stop after this token.
+    /// A row stops after this token.
     pub eos: Option<i64>,
+    /// The token that left-pads shorter prompts and follows a row that has stopped (it is
+    /// masked, so its value does not matter to the other rows).
+    pub pad: i64,
+    /// Prompts generated side by side in one batch.
+    pub batch_size: usize,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 16, temperature: 0.0, top_k: None, top_p: None, seed: 0, eos: None }
+        GenerateOptions { max_new_tokens: 16, temperature: 0.0, top_k: None, top_p: None, seed: 0, eos: None, pad: 0, batch_size: 8 }
     }
 }
 
-/// A vector added to a layer's output residual (`resid_out`) at every generated position.
+/// At which forwards of a generation an edit applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Apply {
+    /// The prefill (the prompt's tokens) only.
+    Prompt,
+    /// Every new token's step only (the generated tokens, as they are fed back).
+    #[default]
+    NewTokens,
+    /// The prefill and every step.
+    All,
+}
+
+impl Apply {
+    fn at(self, prefill: bool) -> bool {
+        match self {
+            Apply::Prompt => prefill,
+            Apply::NewTokens => !prefill,
+            Apply::All => true,
+        }
+    }
+}
+
+/// A vector added to a layer's output residual (`resid_out`) at every position of the forwards
+/// `at` names.
 #[derive(Debug)]
 pub struct Steering {
     /// The layer whose output is steered.
@@ -47,6 +81,36 @@ pub struct Steering {
     pub vector: Tensor,
     /// Multiplies the vector.
     pub scale: f64,
+    /// Where it is added (default: the new tokens; the first new token is then read at the
+    /// unsteered prompt).
+    pub at: Apply,
+}
+
+/// What is active while generating besides the model.
+#[derive(Debug, Default)]
+pub struct Edits<'a> {
+    /// Interventions, at the forwards `interventions_at` names. Their positions count in each
+    /// forward's tokens: the prompt's at the prefill, the one new token's (`0` or `-1`) at a
+    /// step.
+    pub interventions: &'a [Intervention],
+    /// Where the interventions apply.
+    pub interventions_at: Apply,
+    /// A steering vector.
+    pub steering: Option<&'a Steering>,
+    /// An extraction of the activations that produced each new token: at the prefill, the
+    /// prompt's last position; at each later step, the fed-back token. One cache per new
+    /// token, in easyroutine's layout (batch first, one token).
+    pub extraction: Option<&'a ExtractionConfig>,
+}
+
+/// What [`generate`] returns.
+#[derive(Debug, Default)]
+pub struct Generation {
+    /// The new tokens of each prompt, in order, up to and including its end-of-sequence token.
+    pub tokens: Vec<Vec<i64>>,
+    /// With an extraction: for each batch, one cache per step (the batch's rows in order; a
+    /// row that has stopped keeps going with `pad`, so its later entries are not its text's).
+    pub caches: Vec<Vec<ActivationCache>>,
 }
 
 /// Sampling draws from its own seeded generator, not libtorch's global RNG.
@@ -85,58 +149,121 @@ fn pick(logits: &Tensor, o: &GenerateOptions, rng: &mut Rng) -> Result<i64> {
     Ok(ids[keep - 1])
 }
 
-/// Generates after `prompt` (token ids); returns the new tokens only. `interventions` are
-/// active at every step; `steering` adds its vector at every generated position.
-pub fn generate(m: &mut HookedModule, prompt: &[i64], o: &GenerateOptions, interventions: &[Intervention], steering: Option<&Steering>) -> Result<Vec<i64>> {
-    if prompt.is_empty() {
-        return Err(AnalysisError::Input("the prompt needs at least one token".into()));
+/// Checks the options and the steering vector before anything runs.
+fn check(m: &HookedModule, prompts: &[Vec<i64>], o: &GenerateOptions, edits: &Edits<'_>) -> Result<()> {
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(AnalysisError::Input(format!("prompt {i} is empty: every prompt needs at least one token")));
     }
     if !(o.temperature >= 0.0) || o.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) || o.top_k == Some(0) {
         return Err(AnalysisError::Input("temperature must be >= 0 (0: greedy), top_p in (0, 1], top_k at least 1".into()));
     }
-    let device = m.device();
-    let handle = match steering {
-        Some(s) => {
-            let d = m.require_description()?;
-            if s.layer >= d.num_hidden_layers {
-                return Err(AnalysisError::Input(format!("steering layer {} is out of range: the model has layers 0..{}", s.layer, d.num_hidden_layers)));
-            }
-            if s.vector.size() != [d.hidden_size as i64] {
-                return Err(AnalysisError::Input(format!("the steering vector has shape {:?}; the residual stream needs [{}]", s.vector.size(), d.hidden_size)));
-            }
-            let component = d.component("residual_stream_hook_name", s.layer)?;
-            let v = (&s.vector * s.scale).to_device(device);
-            let start = prompt.len() as i64;
-            Some(m.add_hook(&component, move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
-                let x = io.main_tensor()?;
-                let seq = x.size()[1];
-                if seq <= start {
-                    return Ok(None);
-                }
-                let added = x.narrow(1, start, seq - start) + v.to_kind(x.kind());
-                Ok(Some(Tensor::cat(&[x.narrow(1, 0, start), added], 1)))
-            })?)
-        }
-        None => None,
-    };
-    let mut rng = Rng::new(o.seed);
-    let mut ids: Vec<i64> = prompt.to_vec();
-    let result = (|| -> Result<Vec<i64>> {
-        let mut new = Vec::with_capacity(o.max_new_tokens);
-        for _ in 0..o.max_new_tokens {
-            let t = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
-            let logits = m.run_with_interventions(&t, &t.ones_like(), interventions)?;
-            let next = pick(&logits.get(0).get(-1), o, &mut rng)?;
-            ids.push(next);
-            new.push(next);
-            if o.eos == Some(next) {
-                break;
-            }
-        }
-        Ok(new)
-    })();
-    if let Some(h) = handle {
-        m.remove_hook(h);
+    if o.batch_size == 0 {
+        return Err(AnalysisError::Input("batch_size must be at least 1".into()));
     }
-    result
+    let d = m.require_description()?;
+    let vocab = d.vocab_size as i64;
+    for (what, t) in [("the pad token", Some(o.pad)), ("the eos token", o.eos)] {
+        if let Some(t) = t.filter(|&t| t < 0 || t >= vocab) {
+            return Err(AnalysisError::Input(format!("{what} {t} is out of the vocabulary: valid ids are 0..{vocab}")));
+        }
+    }
+    if let Some(s) = edits.steering {
+        if s.layer >= d.num_hidden_layers {
+            return Err(AnalysisError::Input(format!("steering layer {} is out of range: the model has layers 0..{}", s.layer, d.num_hidden_layers)));
+        }
+        if s.vector.size() != [d.hidden_size as i64] {
+            return Err(AnalysisError::Input(format!("the steering vector has shape {:?}; the residual stream needs [{}]", s.vector.size(), d.hidden_size)));
+        }
+    }
+    Ok(())
+}
+
+/// A hook adding the steering vector to every position.
+fn steering_hook(s: &Steering, device: tch::Device) -> BoxedHook {
+    let v = (&s.vector * s.scale).to_device(device);
+    Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
+        let x = io.main_tensor()?;
+        Ok(Some(x + v.to_kind(x.kind())))
+    })
+}
+
+/// Generates after each prompt (token ids), `o.batch_size` prompts at a time; returns the new
+/// tokens of each. `edits` are active where they say; nothing stays attached afterwards.
+/// `progress` is called with the number of prompts finished after each batch.
+///
+/// ```no_run
+/// use hook_analysis::{generate, Edits, GenerateOptions};
+/// let mut m = hook_torch::HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
+/// let prompts = vec![vec![5i64, 9, 12], vec![7, 3]];
+/// let out = generate(&mut m, &prompts, &GenerateOptions { max_new_tokens: 8, ..Default::default() }, &Edits::default(), &mut |_| {}).unwrap();
+/// assert_eq!(out.tokens.len(), 2);
+/// ```
+pub fn generate(m: &mut HookedModule, prompts: &[Vec<i64>], o: &GenerateOptions, edits: &Edits<'_>, progress: &mut dyn FnMut(usize)) -> Result<Generation> {
+    check(m, prompts, o, edits)?;
+    let mut rng = Rng::new(o.seed);
+    let mut out = Generation::default();
+    for chunk in prompts.chunks(o.batch_size) {
+        let (tokens, caches) = generate_batch(m, chunk, o, edits, &mut rng)?;
+        out.tokens.extend(tokens);
+        if edits.extraction.is_some() {
+            out.caches.push(caches);
+        }
+        progress(out.tokens.len());
+    }
+    Ok(out)
+}
+
+/// One batch: the prefill, then a step per new token.
+fn generate_batch(m: &mut HookedModule, prompts: &[Vec<i64>], o: &GenerateOptions, edits: &Edits<'_>, rng: &mut Rng) -> Result<(Vec<Vec<i64>>, Vec<ActivationCache>)> {
+    let device = m.device();
+    let b = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * longest);
+    let mut mask = Vec::with_capacity(b * longest);
+    for p in prompts {
+        ids.extend(std::iter::repeat_n(o.pad, longest - p.len()).chain(p.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, longest - p.len()).chain(std::iter::repeat_n(1, p.len())));
+    }
+    let shape = [b as i64, longest as i64];
+    let mut input = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let mut mask = Tensor::from_slice(&mask).view(shape).to_device(device);
+    let mut cache = KvCache::new(m, b, longest + o.max_new_tokens)?;
+    let last: TokenGroups = "[[-1]]".parse().map_err(|e: hook_core::CoreError| AnalysisError::Input(e.to_string()))?;
+    let mut new: Vec<Vec<i64>> = vec![Vec::new(); b];
+    let mut done = vec![o.max_new_tokens == 0; b];
+    let mut caches = Vec::new();
+    let mut prefill = true;
+    while !done.iter().all(|&d| d) {
+        let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
+        if let Some(s) = edits.steering.filter(|s| s.at.at(prefill)) {
+            let component = m.require_description()?.component("residual_stream_hook_name", s.layer)?;
+            hooks.push((component, steering_hook(s, device)));
+        }
+        let spec = RunSpec {
+            hooks,
+            interventions: if edits.interventions_at.at(prefill) { edits.interventions } else { &[] },
+            extraction: edits.extraction.map(|c| Extraction::new(&last, c)),
+            ..RunSpec::default()
+        };
+        let run = m.step(&input, &mask, &mut cache, spec)?;
+        if edits.extraction.is_some() {
+            caches.push(run.cache);
+        }
+        let logits = run.logits.ok_or_else(|| AnalysisError::Input("the step returned no logits".into()))?.select(1, -1);
+        let mut next = Vec::with_capacity(b);
+        for (row, d) in done.iter_mut().enumerate() {
+            if *d {
+                next.push(o.pad);
+                continue;
+            }
+            let t = pick(&logits.get(row as i64), o, rng)?;
+            new[row].push(t);
+            *d = o.eos == Some(t) || new[row].len() >= o.max_new_tokens;
+            next.push(t);
+        }
+        input = Tensor::from_slice(&next).view([b as i64, 1]).to_device(device);
+        mask = Tensor::cat(&[mask, Tensor::ones([b as i64, 1], (Kind::Int64, device))], 1);
+        prefill = false;
+    }
+    Ok((new, caches))
 }

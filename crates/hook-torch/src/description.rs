@@ -67,6 +67,19 @@ pub struct ModelDescription {
     /// Gemma 2's tanh cap on the logits (`cap * tanh(logits / cap)`), when the model has one.
     #[serde(default)]
     pub final_logit_softcapping: Option<f64>,
+    /// The archive's cached step (generation with a KV cache), when it has one.
+    #[serde(default)]
+    pub step: Option<StepDescription>,
+}
+
+/// The cached step graph of an archive: `step(input_ids, attention_mask, k_0.., v_0..)` returns
+/// the logits of the new tokens and their keys and values (see [`KvCache`](crate::KvCache)).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepDescription {
+    /// The method's name in the archive (`step`).
+    pub method: String,
+    /// `[kv_heads, head_dim]` of each layer's keys and values.
+    pub cache: Vec<[usize; 2]>,
 }
 
 fn eps() -> f64 {
@@ -190,6 +203,7 @@ impl Default for ModelDescription {
             layernorm_eps: eps(),
             norm_weight_offset: 0.0,
             final_logit_softcapping: None,
+            step: None,
         }
     }
 }

@@ -63,6 +63,7 @@ extern "C" {
     ) -> c_int;
     pub fn hookrs_module_free(m: *mut c_void);
     pub fn hookrs_forward(m: *mut c_void, ids: *mut AtTensor, mask: *mut AtTensor, out: *mut *mut AtTensor, err: *mut *mut c_char) -> c_int;
+    pub fn hookrs_step(m: *mut c_void, ids: *mut AtTensor, mask: *mut AtTensor, past: *mut *mut AtTensor, n_past: i64, out: *mut *mut AtTensor, err: *mut *mut c_char) -> c_int;
     pub fn hookrs_parameters(m: *mut c_void, visit: ParameterVisitor, ctx: *mut c_void, err: *mut *mut c_char) -> c_int;
     // devices.cpp
     pub fn hookrs_device_constants(m: *mut c_void, out: *mut Strings, err: *mut *mut c_char) -> c_int;

@@ -9,6 +9,7 @@
 //! | [`description`] | [`ModelDescription`]: the facts and component templates stored by the exporter |
 //! | [`catalogue`] | easyroutine's hook functions as ready hooks writing into a shared cache |
 //! | [`run`] | [`HookedModule::run`] with a [`RunSpec`]: the one forward pass, and its short cuts (`forward`, `run_with_cache`, …) |
+//! | [`kv_cache`] | [`KvCache`]: the keys and values of generated text, for [`HookedModule::step`] (generation without recomputing the text) |
 //! | [`extract`] | [`ExtractionConfig`] and [`Extraction`]: each config flag's catalogue hook, in easyroutine's order |
 //! | `padding` | left padding: each example's offset, positions moved by it |
 //! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
@@ -32,6 +33,7 @@ pub mod extract;
 mod ffi;
 mod script;
 pub mod intervention;
+pub mod kv_cache;
 pub mod memory;
 pub mod module;
 mod padding;
@@ -40,10 +42,11 @@ pub mod runtime;
 pub mod site;
 pub mod transfer;
 
-pub use description::{ModelDescription, WeightLayout};
+pub use description::{ModelDescription, StepDescription, WeightLayout};
 pub use error::{Result, TorchError};
 pub use extract::{AttnHeads, Extraction, ExtractionConfig, LayerHead};
 pub use run::{RunOutput, RunSpec};
 pub use intervention::{Intervention, PatchValue};
+pub use kv_cache::KvCache;
 pub use module::{BoxedHook, HookHandle, HookedModule};
 pub use site::{SiteInfo, SiteKind};

@@ -262,6 +262,11 @@ impl HookedModule {
         Ok(m)
     }
 
+    /// The archive the module was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Every hookable site, in module order.
     pub fn sites(&self) -> &[SiteInfo] {
         &self.sites
@@ -444,13 +449,20 @@ impl HookedModule {
         } else if lo < 0 {
             return Err(bad(format!("token id {lo} is negative")));
         }
+        Ok((ids.f_to_device(self.device)?, self.check_mask(attention_mask)?))
+    }
+
+    /// A 0/1 attention mask as int64 on the model's device.
+    pub(crate) fn check_mask(&self, attention_mask: &Tensor) -> Result<Tensor> {
         let mask = attention_mask.f_to_kind(Kind::Int64)?;
-        let mlo = mask.f_min()?.int64_value(&[]);
-        let mhi = mask.f_max()?.int64_value(&[]);
-        if mlo < 0 || mhi > 1 {
-            return Err(bad(format!("attention_mask holds {}, expected only 0 and 1", if mlo < 0 { mlo } else { mhi })));
+        if mask.numel() > 0 {
+            let mlo = mask.f_min()?.int64_value(&[]);
+            let mhi = mask.f_max()?.int64_value(&[]);
+            if mlo < 0 || mhi > 1 {
+                return Err(TorchError::Input(format!("attention_mask holds {}, expected only 0 and 1", if mlo < 0 { mlo } else { mhi })));
+            }
         }
-        Ok((ids.f_to_device(self.device)?, mask.f_to_device(self.device)?))
+        Ok(mask.f_to_device(self.device)?)
     }
 
     /// The forward pass every public way of running the model ends in
@@ -458,8 +470,17 @@ impl HookedModule {
     /// stored hooks and then `scoped` (for this call only) at each site. With
     /// `stop_when_done`, it stops as soon as every site with a hook has fired once: the
     /// TorchScript forward unwinds (the op throws), nothing after the last hooked site runs,
-    /// and `None` comes back instead of the logits. The module stays usable.
-    pub(crate) fn forward_checked(&mut self, ids: Tensor, mask: Tensor, scoped: Vec<(String, BoxedHook)>, stop_when_done: bool) -> Result<Option<Tensor>> {
+    /// and `None` comes back instead of the logits. The module stays usable. With `past` (the
+    /// cached keys and values of every layer), the archive's cached step runs instead of the
+    /// forward, and the new keys and values come back beside the logits.
+    pub(crate) fn forward_checked(
+        &mut self,
+        ids: Tensor,
+        mask: Tensor,
+        past: Option<&[Tensor]>,
+        scoped: Vec<(String, BoxedHook)>,
+        stop_when_done: bool,
+    ) -> Result<Option<(Tensor, Vec<Tensor>)>> {
         let scoped = scoped.into_iter().map(|(c, h)| Ok((self.site_index(&c)?, h))).collect::<Result<Vec<_>>>()?;
         let mut scoped_by_site: Vec<Vec<BoxedHook>> = (0..self.sites.len()).map(|_| Vec::new()).collect();
         for (i, h) in scoped {
@@ -557,7 +578,10 @@ impl HookedModule {
             } else {
                 ArmedForward::arm(None, &[])
             };
-            module.forward(&ids, &mask)
+            match past {
+                None => module.forward(&ids, &mask).map(|logits| (logits, Vec::new())),
+                Some(past) => module.step(&ids, &mask, past),
+            }
         };
         if let Some((site, message)) = PANIC.with(|p| p.borrow_mut().take()) {
             let component = id_to_index.get(site).and_then(|&i| sites.get(i)).map(|s| s.component.clone()).unwrap_or_default();

@@ -8,6 +8,7 @@
 //! | [`HookedModule::run_with_hooks`] | plus hooks for this call |
 //! | [`HookedModule::run_with_interventions`] | plus interventions (no gradients) |
 //! | [`HookedModule::run_with_cache`] | an extraction: the logits and the cache |
+//! | [`HookedModule::step`] | the next tokens after those in a [`KvCache`] (generation) |
 //! | [`HookedModule::patch_activations`] | a clean run recording sites, then a corrupted run with them patched in |
 //!
 //! At each site the hooks run in this order: the stored ones, the interventions, the hooks of
@@ -23,6 +24,7 @@ use tch::{Kind, Tensor};
 use crate::error::{Result, TorchError};
 use crate::extract::{Extraction, ExtractionConfig, Plan};
 use crate::intervention::{Intervention, PatchValue};
+use crate::kv_cache::KvCache;
 use crate::module::{BoxedHook, HookedModule};
 use crate::padding;
 
@@ -75,6 +77,54 @@ impl HookedModule {
     /// and the extraction's cache. The module is unchanged afterwards: the hooks of the spec
     /// are gone, the stored ones stay.
     pub fn run(&mut self, input_ids: &Tensor, attention_mask: &Tensor, spec: RunSpec<'_>) -> Result<RunOutput> {
+        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
+        Ok(self.run_checked(ids, mask, None, spec)?.0)
+    }
+
+    /// The forward of the next tokens of a text whose earlier tokens are in `cache` (generation
+    /// without recomputing the text): `input_ids` `[batch, new]`, `attention_mask` `[batch,
+    /// cached + new]` (the whole text's: left padding stays masked), the batch of the cache.
+    /// The new tokens' keys and values are appended to `cache`; the logits are the new tokens'.
+    /// With an empty cache it is the prefill: the same logits as [`HookedModule::run`].
+    ///
+    /// Hooks, interventions and extractions see the new tokens only (as hooks on a
+    /// transformers model see each forward of its `generate`): a site's activation is `[batch,
+    /// new, …]`, positions count from the first new token (negative ones from the last), and
+    /// the attention pattern is `[batch, heads, new, cached + new]`. `stop_early` is refused
+    /// (the step must reach every layer to fill the cache).
+    pub fn step(&mut self, input_ids: &Tensor, attention_mask: &Tensor, cache: &mut KvCache, spec: RunSpec<'_>) -> Result<RunOutput> {
+        if spec.stop_early {
+            return Err(TorchError::Input("stop_early cannot run a cached step: every layer must run to fill the cache".into()));
+        }
+        if input_ids.dim() != 2 || attention_mask.dim() != 2 {
+            return Err(TorchError::Input(format!(
+                "a step takes input_ids [batch, new] and attention_mask [batch, cached + new]; got {:?} and {:?}",
+                input_ids.size(),
+                attention_mask.size()
+            )));
+        }
+        let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        let want = [cache.batch() as i64, cache.len() as i64 + s];
+        if b != want[0] || attention_mask.size() != want {
+            return Err(TorchError::Input(format!(
+                "the cache holds {} rows of {} tokens, so {s} new tokens need input_ids [{}, {s}] and attention_mask {want:?}; got {:?} and {:?}",
+                want[0],
+                cache.len(),
+                want[0],
+                input_ids.size(),
+                attention_mask.size()
+            )));
+        }
+        let (ids, new_mask) = self.check_inputs(input_ids, &attention_mask.narrow(1, cache.len() as i64, s))?;
+        let mask = self.check_mask(attention_mask)?;
+        let past = cache.past();
+        let out = self.run_checked(ids, mask, Some((&past, new_mask)), spec)?;
+        drop(past);
+        cache.append(&out.1)?;
+        Ok(out.0)
+    }
+
+    fn run_checked(&mut self, ids: Tensor, mask: Tensor, past: Option<(&[Tensor], Tensor)>, spec: RunSpec<'_>) -> Result<(RunOutput, Vec<Tensor>)> {
         let RunSpec { hooks: scoped, interventions, row_interventions, extraction, stop_early, track_gradients } = spec;
         if let Some(e) = &extraction {
             if stop_early && (e.config.save_logits || e.config.keep_gradient) {
@@ -83,8 +133,9 @@ impl HookedModule {
                 ));
             }
         }
-        let (ids, mask) = self.check_inputs(input_ids, attention_mask)?;
-        let pads = padding::offsets(&mask)?;
+        // positions count in the tokens the sites see: the new ones of a step
+        let pads = padding::offsets(past.as_ref().map_or(&mask, |(_, new_mask)| new_mask))?;
+        let past = past.map(|(p, _)| p);
         let mut hooks = Vec::with_capacity(interventions.len() + scoped.len());
         for iv in interventions {
             hooks.push((iv.component(self)?, iv.hook(self, pads.clone())?));
@@ -100,17 +151,21 @@ impl HookedModule {
             None => None,
         };
         let gradients = track_gradients || plan.as_ref().is_some_and(Plan::needs_gradients);
-        let logits = if gradients {
-            self.forward_checked(ids, mask, hooks, stop_early)?
+        let out = if gradients {
+            self.forward_checked(ids, mask, past, hooks, stop_early)?
         } else {
-            tch::no_grad(|| self.forward_checked(ids, mask, hooks, stop_early))?
+            tch::no_grad(|| self.forward_checked(ids, mask, past, hooks, stop_early))?
+        };
+        let (logits, new_kv) = match out {
+            Some((logits, kv)) => (Some(logits), kv),
+            None => (None, Vec::new()),
         };
         match plan {
             Some(plan) => {
                 let cache = plan.finish(logits.as_ref())?;
-                Ok(RunOutput { logits: logits.map(|l| l.detach()), cache })
+                Ok((RunOutput { logits: logits.map(|l| l.detach()), cache }, new_kv))
             }
-            None => Ok(RunOutput { logits, cache: ActivationCache::new() }),
+            None => Ok((RunOutput { logits, cache: ActivationCache::new() }, new_kv)),
         }
     }
 

@@ -190,6 +190,26 @@ impl ScriptModule {
         Ok(unsafe { Tensor::from_ptr(out) })
     }
 
+    /// `step(input_ids, attention_mask, past...)`: the logits and one new tensor per past
+    /// tensor (the archive's cached step; see `export.py`'s `with_mask_positions`).
+    pub(crate) fn step(&self, ids: &Tensor, mask: &Tensor, past: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut ptrs: Vec<*mut AtTensor> = past.iter().map(|t| t.as_ptr() as *mut AtTensor).collect();
+        let mut out: Vec<*mut AtTensor> = vec![std::ptr::null_mut(); past.len() + 1];
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the tensors outlive the call; `out` has room for n_past + 1 pointers, which the
+        // shim fills only on success; it catches every exception.
+        let status = unsafe {
+            ffi::hookrs_step(self.ptr, ids.as_ptr() as *mut AtTensor, mask.as_ptr() as *mut AtTensor, ptrs.as_mut_ptr(), past.len() as i64, out.as_mut_ptr(), &mut err)
+        };
+        if status != 0 {
+            return Err(shim_error(err, "the shim call failed"));
+        }
+        // SAFETY: on success every entry is a heap at::Tensor* whose ownership moves to us.
+        let mut tensors = out.into_iter().map(|p| unsafe { Tensor::from_ptr(p) });
+        let logits = tensors.next().expect("n_past + 1 tensors");
+        Ok((logits, tensors.collect()))
+    }
+
     /// Every parameter by its torch name (`model.layers.0.self_attn.o_proj.weight`).
     pub(crate) fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
         unsafe extern "C" fn visit(ctx: *mut c_void, name: *const c_char, t: *mut AtTensor) {

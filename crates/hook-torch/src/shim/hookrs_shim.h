@@ -77,6 +77,9 @@ void hookrs_module_free(void* m);
 // forward(input_ids, attention_mask) -> the logits (the returned tensor, or element 0 of a
 // returned tuple), owned, in *out.
 int hookrs_forward(void* m, hookrs_tensor* ids, hookrs_tensor* mask, hookrs_tensor** out, char** err);
+// step(input_ids, attention_mask, past[0..n_past]) -> the logits and n_past new key/value
+// tensors, owned, in out[0..n_past] (room for n_past + 1).
+int hookrs_step(void* m, hookrs_tensor* ids, hookrs_tensor* mask, hookrs_tensor** past, int64_t n_past, hookrs_tensor** out, char** err);
 // Calls visit(ctx, name, owned tensor) for every parameter (recursively named, `a.b.weight`).
 typedef void (*hookrs_parameter_visitor)(void* ctx, const char* name, hookrs_tensor* t);
 int hookrs_parameters(void* m, hookrs_parameter_visitor visit, void* ctx, char** err);

@@ -36,7 +36,9 @@ struct Rewriter {
 
   static bool is_tensor(Value* v) { return v->type()->kind() == c10::TypeKind::TensorType; }
 
-  // Rewrites the forward graph of `cls` once; returns the (attribute, kind) list.
+  // Rewrites the graphs of `cls` once (every traced method of a module: `forward`, and
+  // `forward1`, ... where the archive's cached step called it too), with the same attributes,
+  // so a site fires in whichever graph runs; returns the (attribute, kind) list.
   std::vector<std::pair<std::string, std::string>>& rewrite(torch::jit::Module& m) {
     auto cls = m.type().get();
     auto found = attrs.find(cls);
@@ -44,12 +46,22 @@ struct Rewriter {
       return found->second;
     }
     std::vector<std::pair<std::string, std::string>> list;
-    auto method = m.find_method("forward");
-    if (!method) {
-      return attrs[cls] = list;
+    for (const auto& method : m.get_methods()) {
+      const std::string& name = method.name();
+      if (name.rfind("forward", 0) != 0) continue;
+      rewrite_graph(m, *torch::jit::toGraphFunction(method.function()).graph(), list);
     }
-    auto& fn = torch::jit::toGraphFunction(method->function());
-    auto g = fn.graph();
+    return attrs[cls] = list;
+  }
+
+  void rewrite_graph(torch::jit::Module& m, Graph& graph, std::vector<std::pair<std::string, std::string>>& list) {
+    Graph* g = &graph;
+    auto note = [&](const std::string& attr, const std::string& kind) {
+      for (auto& e : list) {
+        if (e.first == attr) return;
+      }
+      list.emplace_back(attr, kind);
+    };
     Value* self = g->inputs().at(0);
     // attribute slots first (so the graph can read them)
     auto add_attr = [&](const std::string& name) {
@@ -77,7 +89,7 @@ struct Rewriter {
         Node* first = g->block()->nodes().front();
         Value* hooked = insert_point(*g, self, "__hookrs_in", in, first);
         in->replaceAllUsesAfterNodeWith(hooked->node(), hooked);
-        list.emplace_back("__hookrs_in", "input");
+        note("__hookrs_in", "input");
         break;
       }
     }
@@ -102,8 +114,8 @@ struct Rewriter {
       Value* pat = last->output();
       Value* hooked = insert_point(*g, self, post, pat, last->next());
       pat->replaceAllUsesAfterNodeWith(hooked->node(), hooked);
-      list.emplace_back(pre, "attention_matrix_pre_softmax" + (k ? std::to_string(k) : std::string()));
-      list.emplace_back(post, "attention_matrix" + (k ? std::to_string(k) : std::string()));
+      note(pre, "attention_matrix_pre_softmax" + (k ? std::to_string(k) : std::string()));
+      note(post, "attention_matrix" + (k ? std::to_string(k) : std::string()));
       ++k;
     }
     // .output: the returned tensor, or element 0 of a returned tuple
@@ -113,7 +125,7 @@ struct Rewriter {
       add_attr("__hookrs_out");
       Value* hooked = insert_point(*g, self, "__hookrs_out", out, ret);
       ret->replaceInput(0, hooked);
-      list.emplace_back("__hookrs_out", "output");
+      note("__hookrs_out", "output");
     } else if (out->node()->kind() == c10::prim::TupleConstruct && !out->node()->inputs().empty() &&
                is_tensor(out->node()->inputs()[0])) {
       Node* tc = out->node();
@@ -125,9 +137,8 @@ struct Rewriter {
       torch::jit::WithInsertPoint guard(ret);
       Node* ntc = g->insertNode(g->createTuple(items));
       ret->replaceInput(0, ntc->output());
-      list.emplace_back("__hookrs_out", "output");
+      note("__hookrs_out", "output");
     }
-    return attrs[cls] = list;
   }
 
   void instrument(torch::jit::Module& m, const std::string& name) {
@@ -191,6 +202,38 @@ int hookrs_forward(void* module, at::Tensor* ids, at::Tensor* mask, at::Tensor**
       return 1;
     }
     *out = new at::Tensor(r.toTensor());
+    *err = nullptr;
+    return 0;
+  });
+}
+
+// step(input_ids, attention_mask, past...) -> (logits, new keys and values...): the archive's
+// cached step. n_past tensors in; 1 + n_past owned tensors written to out (capacity n_past + 1).
+// An archive without the method, or a result of another shape, is an error naming it.
+int hookrs_step(void* module, at::Tensor* ids, at::Tensor* mask, at::Tensor** past, int64_t n_past, at::Tensor** out, char** err) {
+  return guard(err, [&]() -> int {
+    auto* m = static_cast<torch::jit::Module*>(module);
+    auto method = m->find_method("step");
+    if (!method) {
+      *err = dup("the archive has no cached step graph (it was exported by an older export.py): export the model again");
+      return 1;
+    }
+    std::vector<c10::IValue> args{*ids, *mask};
+    args.reserve(2 + n_past);
+    for (int64_t i = 0; i < n_past; ++i) args.emplace_back(*past[i]);
+    c10::IValue r = (*method)(std::move(args));
+    if (!r.isTuple() || static_cast<int64_t>(r.toTupleRef().elements().size()) != n_past + 1) {
+      *err = dup("the cached step returned " + r.tagKind() + ", expected a tuple of the logits and " + std::to_string(n_past) + " key/value tensors");
+      return 1;
+    }
+    const auto& items = r.toTupleRef().elements();
+    for (const auto& item : items) {
+      if (!item.isTensor()) {
+        *err = dup("the cached step returned a " + item.tagKind() + " where a tensor belongs");
+        return 1;
+      }
+    }
+    for (int64_t i = 0; i <= n_past; ++i) out[i] = new at::Tensor(items[i].toTensor());
     *err = nullptr;
     return 0;
   });
