@@ -415,3 +415,40 @@ pub fn patch(python: &Path, args: &[String]) -> Result<()> {
     println!("batched vs one forward per cell: max diff {diff:.2e} of a metric range {range:.3} ({:.1e} relative); hookrs times include loading the model", diff / range.max(f64::MIN_POSITIVE));
     Ok(())
 }
+
+/// `cargo xtask bench generate [--model bench|smollm2|both]`: generation with the KV cache,
+/// `hookrs generate` against transformers' `generate` on the same model in one run (CPU, 2
+/// threads; `xtask/python/bench_generate.py`): tokens/s at batch 1 and 8, the cost of a new
+/// token after 16 and 1,024 prompt tokens, peak RSS against the model plus its KV cache, and a
+/// steering vector against no hooks. Fails when the greedy tokens differ from transformers'.
+pub fn generate(python: &Path, args: &[String]) -> Result<()> {
+    let which = match args {
+        [] => "both".to_string(),
+        [flag, v] if flag == "--model" && ["bench", "smollm2", "both"].contains(&v.as_str()) => v.clone(),
+        _ => bail!("usage: cargo xtask bench generate [--model bench|smollm2|both] (got {args:?})"),
+    };
+    let root = project_root();
+    run(cargo().args(["build", "--quiet", "--release", "-p", "hookrs-cli"]))?;
+    let hookrs = root.join("target/release/hookrs");
+    let script = root.join("xtask/python/bench_generate.py");
+    if which != "smollm2" {
+        let dir = root.join("target/bench/generate");
+        std::fs::create_dir_all(&dir)?;
+        let config = root.join("xtask/python/configs/bench_llama.json");
+        let model = dir.join("llama8.pt");
+        let exporter = std::fs::metadata(root.join("xtask/python/export.py"))?.modified()?;
+        if std::fs::metadata(&model).and_then(|m| m.modified()).map_or(true, |made| made < exporter) {
+            eprintln!("bench generate: exporting the bench llama...");
+            run(Command::new(python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--config"]).arg(&config).arg("--out").arg(&model))?;
+        }
+        eprintln!("bench generate: the bench llama...");
+        run(Command::new(python).arg(&script).arg(&hookrs).arg(&model).arg("bench llama").arg("--random-config").arg(&config))?;
+    }
+    if which != "bench" {
+        let model = crate::fetch(python, &["smollm2".to_string()])?;
+        let hf = model.parent().context("the export lies in a folder")?.join("hf");
+        eprintln!("bench generate: SmolLM2-135M...");
+        run(Command::new(python).arg(&script).arg(&hookrs).arg(&model).arg("SmolLM2-135M").arg("--hf").arg(&hf))?;
+    }
+    Ok(())
+}

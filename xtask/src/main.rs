@@ -28,7 +28,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup|ci|demo [--tiny]|fetch smollm2 [--dtype D]|real|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader|config [--secs N]|deny [--advisories]|lint|parity [ops|cache|models|lens]|bench [ops|cache|patch|merge [--prompts N]|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
+const USAGE: &str = "usage: cargo xtask <setup|ci|demo [--tiny]|fetch smollm2 [--dtype D]|real|export (--random FAMILY [--seed N] [--config FILE] | SOURCE) [--device D] [--dtype float32|bfloat16|float16] --out FILE.pt|py|wheel [--debug]|soak [--forwards N] [--loads N]|fuzz core|cache|loader|config [--secs N]|deny [--advisories]|lint|parity [ops|cache|models|lens]|bench [ops|cache|patch|generate [--model bench|smollm2|both]|merge [--prompts N]|models [--device D] [--batch B] [--seq S] [--config bench|large|FILE] [--loads N] [--no-easyroutine]|dataset [--prompts N] [--scale K] [--rss-only]]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,7 +55,7 @@ const HELP: &[(&str, &str)] = &[
     ("lint", lint::USAGE),
     ("deny", "usage: cargo xtask deny [--advisories]\n\ncargo deny check of licenses, bans and sources (deny.toml); --advisories adds RustSec advisories (needs GitHub)."),
     ("parity", "usage: cargo xtask parity [ops|cache|models|lens ...]\n\nThe parity suites against the real easyroutine 1.1.5 (all by default); each writes its section of docs/parity.md. The real-model section comes from `cargo xtask real`."),
-    ("bench", "usage: cargo xtask bench [ops|cache|models|dataset] [OPTIONS]\n\n  ops       attention_pattern_head block reductions, easyroutine vs hook-ops\n  cache     cache aggregation (criterion)\n  models    [--device D] [--batch B] [--seq S] [--config bench|large|FILE.json | --model FILE.pt|smollm2] [--loads N] [--no-easyroutine]: load time and RSS, plain / instrumented / full extraction forwards, easyroutine's full extraction on the same model\n  dataset   [--model smollm2] [--prompts N] [--scale K] [--rss-only]: `hookrs extract` end to end against easyroutine's loop (tokens/s, peak RSS, share of the sgemm ceiling); --model smollm2: the real model on real text (the standard library's sources)\n  patch     activation patching of resid_out, layers x positions, on the real SmolLM2: `hookrs patch` batched and one forward per cell, against a PyTorch forward-hook loop and PyTorch batched by hand, side by side\n  merge     [--prompts N]: peak RSS of `hookrs merge` of two shards into a chunk directory (bounded) and into one file, for N and 8N prompts (default 400)"),
+    ("bench", "usage: cargo xtask bench [ops|cache|models|dataset|patch|merge|generate] [OPTIONS]\n\n  ops       attention_pattern_head block reductions, easyroutine vs hook-ops\n  cache     cache aggregation (criterion)\n  models    [--device D] [--batch B] [--seq S] [--config bench|large|FILE.json | --model FILE.pt|smollm2] [--loads N] [--no-easyroutine]: load time and RSS, plain / instrumented / full extraction forwards, easyroutine's full extraction on the same model\n  dataset   [--model smollm2] [--prompts N] [--scale K] [--rss-only]: `hookrs extract` end to end against easyroutine's loop (tokens/s, peak RSS, share of the sgemm ceiling); --model smollm2: the real model on real text (the standard library's sources)\n  patch     activation patching of resid_out, layers x positions, on the real SmolLM2: `hookrs patch` batched and one forward per cell, against a PyTorch forward-hook loop and PyTorch batched by hand, side by side\n  merge     [--prompts N]: peak RSS of `hookrs merge` of two shards into a chunk directory (bounded) and into one file, for N and 8N prompts (default 400)\n  generate  [--model bench|smollm2|both]: `hookrs generate` (KV cache) against transformers' generate on the same model: tokens/s at batch 1 and 8, cost of a new token after 16 and 1,024 prompt tokens, peak RSS against model + KV cache, steering against no hooks; fails when the greedy tokens differ"),
 ];
 
 fn dispatch(args: &[String]) -> Result<()> {
@@ -580,6 +580,9 @@ fn bench(which: &[String]) -> Result<()> {
     }
     if which.first().map(String::as_str) == Some("merge") {
         return bench::merge(&python, &which[1..]);
+    }
+    if which.first().map(String::as_str) == Some("generate") {
+        return bench::generate(&python, &which[1..]);
     }
     let chosen: Vec<&str> = if which.is_empty() { vec!["ops"] } else { which.iter().map(String::as_str).collect() };
     for w in chosen {

@@ -81,3 +81,25 @@ fn side_stream_copies_overlapping_the_next_batch_give_the_cpu_values() {
     let (j, last) = pending.take().unwrap();
     check(j, last.wait().unwrap());
 }
+
+#[test]
+fn a_cached_step_on_cuda_keeps_its_cache_on_the_device_and_gives_the_cpu_logits() {
+    use hook_torch::{KvCache, RunSpec};
+    use tch::{Kind, Tensor};
+    assert!(tch::Cuda::is_available(), "the cuda-tests feature needs a CUDA device");
+    let ids = Tensor::from_slice(&[0i64, 0, 5, 9, 12, 40, 7, 33]).view([2, 4]);
+    let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1]).view([2, 4]);
+    let mut logits = Vec::new();
+    for device in [Device::Cpu, Device::Cuda(0)] {
+        let mut m = HookedModule::load(common::model("llama"), device).unwrap();
+        let mut cache = KvCache::new(&m, 2, 8).unwrap();
+        let first = m.step(&ids, &mask, &mut cache, RunSpec::default()).unwrap().logits.unwrap();
+        assert_eq!(cache.keys(0).unwrap().device(), device, "the cache lives on the model's device");
+        let next = first.select(1, -1).argmax(-1, true);
+        let mask2 = Tensor::cat(&[mask.shallow_clone(), Tensor::ones([2, 1], (Kind::Int64, Device::Cpu))], 1);
+        let second = m.step(&next, &mask2, &mut cache, RunSpec::default()).unwrap().logits.unwrap();
+        assert_eq!(second.device(), device);
+        logits.push(second.to_device(Device::Cpu));
+    }
+    assert!(logits[0].allclose(&logits[1], 1e-3, 1e-3, false), "cuda step logits differ from the cpu's");
+}

@@ -414,6 +414,32 @@ fn generate_greedy_sampled_and_steered() {
 }
 
 #[test]
+fn generate_a_file_of_prompts_in_batches_writes_one_line_per_prompt_in_order() {
+    let (dir, m) = workdir();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"text\": [5, 9, 12, 40, 7]}\n{\"text\": \"the cat\"}\n{\"text\": [11, 4, 6]}\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let o = hookrs(&["generate", "--model", s(&m), "--prompts", s(&prompts), "--out", s(&out), "--batch-size", "2", "--max-new-tokens", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("3 prompts, 15 new tokens"), "{}", stdout(&o));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        // each row of a batch continues as the prompt does alone
+        let ids = line["prompt_ids"].to_string();
+        let alone = hookrs(&["generate", "--model", s(&m), "--input-ids", &ids, "--max-new-tokens", "5", "--json"]);
+        let alone: serde_json::Value = serde_json::from_str(stdout(&alone).trim()).unwrap();
+        assert_eq!(alone["new_ids"], line["new_ids"], "{ids}");
+        assert!(line["new_text"].is_string(), "the tokenizer decodes the continuation");
+    }
+    assert_eq!(lines[0]["prompt_ids"], serde_json::json!([5, 9, 12, 40, 7]));
+    let o = hookrs(&["generate", "--model", s(&m), "--input-ids", "[5,9]", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(2), "--out without --prompts is a usage error");
+    let o = hookrs(&["generate", "--model", s(&m), "--prompts", s(&prompts), "--out", s(&out), "--batch-size", "0"]);
+    assert_eq!(o.status.code(), Some(2), "--batch-size 0");
+}
+
+#[test]
 fn tokenize_gives_what_text_gives_every_other_command() {
     let (dir, m) = workdir();
     let tok = tokenizers::Tokenizer::from_file(m.with_file_name("llama.tokenizer.json")).unwrap();

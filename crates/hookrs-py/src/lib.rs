@@ -642,6 +642,95 @@ impl HookedModule {
         let logits = py.allow_threads(move || inner.run_with_interventions(&ids, &mask, &ivs)).map_err(|e| self.failed(e))?;
         tensor_to_py(py, &logits)
     }
+
+    /// Generates after each prompt with a KV cache (a prefill, then one cached step per new
+    /// token), `batch_size` prompts side by side (left padded, each row stopping at its own
+    /// `eos` or at `max_new_tokens`); greedy when `temperature` is 0, else sampled (top_k,
+    /// top_p, seeded). `prompts`: one list of token ids or a list of them. Returns the new
+    /// tokens of each prompt (a list of lists; one list for one prompt).
+    ///
+    /// `steering`: `{"layer": l, "vector": tensor [d_model], "scale": 1.0, "at": "new"}` adds
+    /// the vector to layer l's output (`resid_out`) at every position of the forwards `at`
+    /// names: `"prompt"` (the prefill), `"new"` (each generated token's step: the first new
+    /// token is read at the unsteered prompt) or `"all"`. `interventions` (as in
+    /// `run_with_interventions`) apply at the forwards `interventions_at` names, their
+    /// positions counting in each forward's tokens (the prompt's, then the one new token's).
+    /// With `extraction_config`, returns `(tokens, caches)`: for each batch, one
+    /// ActivationCache per new token holding the activations that produced it (the prompt's
+    /// last position, then each fed-back token).
+    #[pyo3(signature = (prompts, max_new_tokens=16, temperature=0.0, top_k=None, top_p=None, seed=0, eos=None, pad=0, batch_size=8,
+                        steering=None, interventions=None, interventions_at="all", extraction_config=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &mut self,
+        py: Python<'_>,
+        prompts: &Bound<'_, PyAny>,
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: u64,
+        eos: Option<i64>,
+        pad: i64,
+        batch_size: usize,
+        steering: Option<&Bound<'_, PyDict>>,
+        interventions: Option<&Bound<'_, PyAny>>,
+        interventions_at: &str,
+        extraction_config: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyObject> {
+        use hook_analysis::{Apply, Edits, GenerateOptions, Steering};
+        let apply = |what: &str, v: &str| match v {
+            "prompt" => Ok(Apply::Prompt),
+            "new" => Ok(Apply::NewTokens),
+            "all" => Ok(Apply::All),
+            other => Err(PyValueError::new_err(format!("{what}={other:?}: expected \"prompt\", \"new\" or \"all\""))),
+        };
+        let one: Option<Vec<i64>> = prompts.extract().ok();
+        let list: Vec<Vec<i64>> = match &one {
+            Some(p) => vec![p.clone()],
+            None => prompts.extract().map_err(|_| PyTypeError::new_err("prompts: expected a list of token ids or a list of such lists"))?,
+        };
+        let steering = match steering {
+            None => None,
+            Some(d) => {
+                let get = |k: &str| d.get_item(k);
+                let layer: usize = get("layer")?.ok_or_else(|| PyValueError::new_err("steering needs \"layer\""))?.extract()?;
+                let vector = tensor_from_py(&get("vector")?.ok_or_else(|| PyValueError::new_err("steering needs \"vector\""))?)?;
+                let scale: f64 = get("scale")?.map(|v| v.extract()).transpose()?.unwrap_or(1.0);
+                let at: String = get("at")?.map(|v| v.extract()).transpose()?.unwrap_or_else(|| "new".into());
+                for k in d.keys() {
+                    let k: String = k.extract()?;
+                    if !["layer", "vector", "scale", "at"].contains(&k.as_str()) {
+                        return Err(PyValueError::new_err(format!("steering has an unknown key {k:?} (known: layer, vector, scale, at)")));
+                    }
+                }
+                Some(Steering { layer, vector: vector.to_kind(tch::Kind::Float), scale, at: apply("steering at", &at)? })
+            }
+        };
+        let first = Tensor::from_slice(list.first().map(Vec::as_slice).unwrap_or(&[])).view([1, -1]);
+        let ivs = self.interventions(py, interventions, &first)?;
+        let config = match extraction_config {
+            Some(c) => Some(self::extraction_config(py, Some(c))?),
+            None => None,
+        };
+        let o = GenerateOptions { max_new_tokens, temperature, top_k, top_p, seed, eos, pad, batch_size };
+        let edits = Edits { interventions: &ivs, interventions_at: apply("interventions_at", interventions_at)?, steering: steering.as_ref(), extraction: config.as_ref() };
+        let inner = &mut self.inner;
+        let made = py.allow_threads(move || hook_analysis::generate(inner, &list, &o, &edits, &mut |_| {})).map_err(|e| match e {
+            hook_analysis::AnalysisError::Model(t) => self.failed(t),
+            hook_analysis::AnalysisError::Input(m) => PyValueError::new_err(m),
+            other => PyRuntimeError::new_err(other.to_string()),
+        })?;
+        let tokens: PyObject = match one {
+            Some(_) => made.tokens[0].clone().into_pyobject(py)?.into_any().unbind(),
+            None => made.tokens.clone().into_pyobject(py)?.into_any().unbind(),
+        };
+        if config.is_none() {
+            return Ok(tokens);
+        }
+        let caches: Vec<Vec<ActivationCache>> = made.caches.into_iter().map(|b| b.into_iter().map(|inner| ActivationCache { inner }).collect()).collect();
+        Ok((tokens, caches).into_pyobject(py)?.into_any().unbind())
+    }
 }
 
 /// One intervention dict (see `run_with_interventions`).

@@ -168,3 +168,28 @@ torch.zeros(1 << 20)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_generate_with_a_kv_cache_equals_greedy_full_forwards(model):
+    prompts = [[5, 9, 12, 40, 7], [11, 4]]
+    got = model.generate(prompts, max_new_tokens=6, batch_size=2)
+    for p, new in zip(prompts, got):
+        text = list(p)
+        for _ in range(6):
+            logits = model.forward(torch.tensor([text]))
+            text.append(int(logits[0, -1].argmax()))
+        assert new == text[len(p):]
+    assert model.generate(prompts[0], max_new_tokens=6) == got[0], "one prompt: one list"
+    # a steering vector at every forward changes the text; nothing stays attached
+    steer = {"layer": 0, "vector": 20 * torch.randn(64, generator=torch.Generator().manual_seed(3)), "at": "all"}
+    assert model.generate(prompts, max_new_tokens=6, steering=steer) != got
+    assert model.generate(prompts, max_new_tokens=6) == got
+    # the extraction: one cache per new token
+    tokens, caches = model.generate(prompts[:1], max_new_tokens=3, extraction_config={"extract_resid_out": True})
+    assert tokens == [got[0][:3]] and len(caches) == 1 and len(caches[0]) == 3
+    with pytest.raises(ValueError, match="unknown key"):
+        model.generate(prompts, steering={"layer": 0, "vector": torch.zeros(64), "scael": 2})
+    with pytest.raises(ValueError, match="expected \"prompt\", \"new\" or \"all\""):
+        model.generate(prompts, steering={"layer": 0, "vector": torch.zeros(64), "at": "everywhere"})
+    with pytest.raises(ValueError, match="layers 0..2"):
+        model.generate(prompts, steering={"layer": 7, "vector": torch.zeros(64)})

@@ -218,6 +218,11 @@ int hookrs_step(void* module, at::Tensor* ids, at::Tensor* mask, at::Tensor** pa
       *err = dup("the archive has no cached step graph (it was exported by an older export.py): export the model again");
       return 1;
     }
+    // The profiling executor would profile and re-optimise the graph for every new past length
+    // (half a second each on SmolLM2, paid again as the cache grows); the plain interpreter
+    // runs a step as fast as eager PyTorch from the first token. The switch is this thread's
+    // (thread-local in libtorch) and the guard restores it when the call returns.
+    torch::jit::GraphOptimizerEnabledGuard unoptimized(false);
     std::vector<c10::IValue> args{*ids, *mask};
     args.reserve(2 + n_past);
     for (int64_t i = 0; i < n_past; ++i) args.emplace_back(*past[i]);
