@@ -9,7 +9,11 @@ model: the side `cargo xtask bench patch` puts next to `hookrs patch`.
 The metric is the logit difference answer - wrong at the last position; the script prints the
 seconds of each and the largest difference between the two grids.
 
-Usage: bench_patch.py HF_DIR CLEAN_IDS CORRUPTED_IDS ANSWER WRONG  ->  JSON"""
+With `heads` after the arguments it patches layers x heads instead: each cell writes the clean
+input of a layer's o_proj for one head (its slice of head_dim columns) at every position (a
+forward pre-hook on `self_attn.o_proj`); batched by layer, the heads of a layer are the rows.
+
+Usage: bench_patch.py HF_DIR CLEAN_IDS CORRUPTED_IDS ANSWER WRONG [heads]  ->  JSON"""
 import json
 import sys
 import time
@@ -20,6 +24,8 @@ from transformers import AutoModelForCausalLM
 
 def main():
     hf, clean, corrupted, answer, wrong = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    if sys.argv[6:] == ["heads"]:
+        return heads(hf, clean, corrupted, answer, wrong)
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
     layers = model.model.layers
@@ -64,7 +70,57 @@ def main():
             h.remove()
         batched_s = time.perf_counter() - t
     print(json.dumps({"hook_loop_s": loop_s, "batched_by_layer_s": batched_s, "cells": n_layers * n_pos,
-                      "max_diff": float((loop - batched).abs().max()), "metric_range": float(loop.max() - loop.min())}))
+                      "max_diff": float((loop - batched).abs().max()), "metric_range": float(loop.max() - loop.min()),
+                      "grid": loop.tolist()}))
+
+
+def heads(hf, clean, corrupted, answer, wrong):
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    layers = model.model.layers
+    n_heads, hd = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    clean_t, corrupt_t = torch.tensor([clean]), torch.tensor([corrupted])
+    n_layers = len(layers)
+
+    def metric(logits):
+        return (logits[:, -1, answer] - logits[:, -1, wrong]).double()
+
+    with torch.no_grad():
+        saved = {}
+        handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda mod, args, l=l: saved.__setitem__(l, args[0].clone()))
+                   for l, layer in enumerate(layers)]
+        model(clean_t)
+        for h in handles:
+            h.remove()
+
+        def patch_hook(l, rows_heads):
+            def hook(mod, args):
+                x = args[0].clone()
+                for row, h in rows_heads:
+                    x[row, :, h * hd:(h + 1) * hd] = saved[l][0, :, h * hd:(h + 1) * hd]
+                return (x,)
+            return hook
+
+        t = time.perf_counter()
+        loop = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        for l in range(n_layers):
+            for h in range(n_heads):
+                handle = layers[l].self_attn.o_proj.register_forward_pre_hook(patch_hook(l, [(0, h)]))
+                loop[l, h] = metric(model(corrupt_t).logits)[0]
+                handle.remove()
+        loop_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        batched = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        batch = corrupt_t.repeat(n_heads, 1)
+        for l in range(n_layers):
+            handle = layers[l].self_attn.o_proj.register_forward_pre_hook(patch_hook(l, [(h, h) for h in range(n_heads)]))
+            batched[l] = metric(model(batch).logits)
+            handle.remove()
+        batched_s = time.perf_counter() - t
+    print(json.dumps({"hook_loop_s": loop_s, "batched_by_layer_s": batched_s, "cells": n_layers * n_heads,
+                      "max_diff": float((loop - batched).abs().max()), "metric_range": float(loop.max() - loop.min()),
+                      "grid": loop.tolist()}))
 
 
 if __name__ == "__main__":

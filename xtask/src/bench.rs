@@ -335,11 +335,12 @@ pub fn merge(python: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench patch`: activation patching of resid_out, layers x positions, on the real
-/// SmolLM2 (the demo's IOI pair), side by side in one run: `hookrs patch` with its cells
-/// batched (the default `--max-batch-tokens`) and one forward per cell (`--max-batch-tokens
-/// 1`), and plain PyTorch on the eager model (a forward-hook loop, and the positions of each
-/// layer batched by hand: `xtask/python/bench_patch.py`). CPU, 2 threads.
+/// `cargo xtask bench patch`: activation patching on the real SmolLM2 (the demo's IOI pair) of
+/// resid_out (layers x positions) and of heads (layers x heads), side by side in one run:
+/// `hookrs patch` with its cells batched (the default `--max-batch-tokens`) and one forward per
+/// cell (`--max-batch-tokens 1`), and plain PyTorch on the eager model (a forward-hook loop, and
+/// the cells of each layer batched by hand: `xtask/python/bench_patch.py`), with the grids
+/// compared. CPU, 2 threads.
 pub fn patch(python: &Path, args: &[String]) -> Result<()> {
     if let Some(a) = args.first() {
         bail!("bench patch takes no options, got `{a}` (usage: cargo xtask bench patch)");
@@ -374,14 +375,14 @@ pub fn patch(python: &Path, args: &[String]) -> Result<()> {
     let (answer, wrong) = (one(&answer)?, one(&wrong)?);
     let work = root.join("target/bench/patch");
     std::fs::create_dir_all(&work)?;
-    let time_hookrs = |budget: &str| -> Result<(f64, Vec<f64>)> {
-        let out = work.join(format!("budget{budget}"));
+    let time_hookrs = |component: &str, budget: &str| -> Result<(f64, Vec<f64>)> {
+        let out = work.join(format!("{component}-budget{budget}"));
         let t = std::time::Instant::now();
         run(Command::new(&hookrs)
             .args(["patch", "--model"])
             .arg(&model)
             .args(["--clean-ids", &clean_ids, "--corrupted-ids", &corrupted_ids, "--answer", " Mary", "--wrong", " John"])
-            .args(["--component", "resid_out", "--positions", "all", "--max-batch-tokens", budget, "--out"])
+            .args(["--component", component, "--positions", "all", "--max-batch-tokens", budget, "--out"])
             .arg(&out)
             .env("OMP_NUM_THREADS", "2")
             .stdout(std::process::Stdio::null()))?;
@@ -390,29 +391,45 @@ pub fn patch(python: &Path, args: &[String]) -> Result<()> {
         let means: Vec<f64> = j["metric_means"].as_array().into_iter().flatten().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|v| v.as_f64()).collect();
         Ok((secs, means))
     };
-    eprintln!("bench patch: hookrs, cells batched...");
-    let (batched, grid_b) = time_hookrs("4096")?;
-    eprintln!("bench patch: hookrs, one forward per cell...");
-    let (single, grid_s) = time_hookrs("1")?;
-    eprintln!("bench patch: PyTorch on the eager model...");
-    let py = Command::new(python).arg(root.join("xtask/python/bench_patch.py")).arg(&hf).args([&clean_ids, &corrupted_ids, &answer, &wrong]).output()?;
-    if !py.status.success() {
-        bail!("bench_patch.py failed:\n{}", String::from_utf8_lossy(&py.stderr));
+    for (component, what, rows) in [("resid_out", "resid_out, layers x positions", "the positions"), ("heads", "heads (o_proj input, all positions), layers x heads", "the heads")] {
+        eprintln!("bench patch: {what}: hookrs, cells batched...");
+        let (batched, grid_b) = time_hookrs(component, "4096")?;
+        eprintln!("bench patch: {what}: hookrs, one forward per cell...");
+        let (single, grid_s) = time_hookrs(component, "1")?;
+        eprintln!("bench patch: {what}: PyTorch on the eager model...");
+        let mut py = Command::new(python);
+        py.arg(root.join("xtask/python/bench_patch.py")).arg(&hf).args([&clean_ids, &corrupted_ids, &answer, &wrong]);
+        if component == "heads" {
+            py.arg("heads");
+        }
+        let py = py.output()?;
+        if !py.status.success() {
+            bail!("bench_patch.py failed:\n{}", String::from_utf8_lossy(&py.stderr));
+        }
+        let theirs = String::from_utf8(py.stdout)?;
+        let (loop_s, by_layer_s) = (json_num(&theirs, "hook_loop_s")?, json_num(&theirs, "batched_by_layer_s")?);
+        let range = grid_s.iter().cloned().fold(f64::MIN, f64::max) - grid_s.iter().cloned().fold(f64::MAX, f64::min);
+        let diff = grid_b.iter().zip(&grid_s).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        println!("{what} ({} cells), SmolLM2-135M, CPU, 2 threads", json_num(&theirs, "cells")?);
+        println!();
+        println!("| run | s | PyTorch hook loop / this |");
+        println!("|---|---|---|");
+        println!("| PyTorch forward-hook loop (one forward per cell) | {loop_s:.1} | 1.00x |");
+        println!("| PyTorch, {rows} of a layer batched by hand | {by_layer_s:.1} | {:.2}x |", loop_s / by_layer_s);
+        println!("| `hookrs patch --max-batch-tokens 1` (one forward per cell) | {single:.1} | {:.2}x |", loop_s / single);
+        println!("| `hookrs patch` (cells batched, the default) | {batched:.1} | {:.2}x |", loop_s / batched);
+        println!();
+        println!("batched vs one forward per cell: max diff {diff:.2e} of a metric range {range:.3} ({:.1e} relative); hookrs times include loading the model", diff / range.max(f64::MIN_POSITIVE));
+        // the same grid as PyTorch's (a one-token answer: the log-probability difference is the logit difference)
+        let v: serde_json::Value = serde_json::from_str(theirs.trim())?;
+        let torch_grid: Vec<f64> = v["grid"].as_array().into_iter().flatten().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|x| x.as_f64()).collect();
+        if torch_grid.len() != grid_s.len() {
+            bail!("hookrs' grid has {} cells, PyTorch's {}", grid_s.len(), torch_grid.len());
+        }
+        let vs_torch = torch_grid.iter().zip(&grid_s).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        println!("hookrs vs the PyTorch hook loop: max diff {vs_torch:.2e} ({:.1e} of the range)", vs_torch / range.max(f64::MIN_POSITIVE));
+        println!();
     }
-    let theirs = String::from_utf8(py.stdout)?;
-    let (loop_s, by_layer_s) = (json_num(&theirs, "hook_loop_s")?, json_num(&theirs, "batched_by_layer_s")?);
-    let range = grid_s.iter().cloned().fold(f64::MIN, f64::max) - grid_s.iter().cloned().fold(f64::MAX, f64::min);
-    let diff = grid_b.iter().zip(&grid_s).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    println!("resid_out, layers x positions ({} cells), SmolLM2-135M, CPU, 2 threads", json_num(&theirs, "cells")?);
-    println!();
-    println!("| run | s | PyTorch hook loop / this |");
-    println!("|---|---|---|");
-    println!("| PyTorch forward-hook loop (one forward per cell) | {loop_s:.1} | 1.00x |");
-    println!("| PyTorch, the positions of a layer batched by hand | {by_layer_s:.1} | {:.2}x |", loop_s / by_layer_s);
-    println!("| `hookrs patch --max-batch-tokens 1` (one forward per cell) | {single:.1} | {:.2}x |", loop_s / single);
-    println!("| `hookrs patch` (cells batched, the default) | {batched:.1} | {:.2}x |", loop_s / batched);
-    println!();
-    println!("batched vs one forward per cell: max diff {diff:.2e} of a metric range {range:.3} ({:.1e} relative); hookrs times include loading the model", diff / range.max(f64::MIN_POSITIVE));
     Ok(())
 }
 

@@ -50,12 +50,11 @@ impl Default for GenerateOptions {
 }
 
 /// At which forwards of a generation an edit applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Apply {
     /// The prefill (the prompt's tokens) only.
     Prompt,
     /// Every new token's step only (the generated tokens, as they are fed back).
-    #[default]
     NewTokens,
     /// The prefill and every step.
     All,
@@ -81,19 +80,20 @@ pub struct Steering {
     pub vector: Tensor,
     /// Multiplies the vector.
     pub scale: f64,
-    /// Where it is added (default: the new tokens; the first new token is then read at the
-    /// unsteered prompt).
+    /// Where it is added ([`Apply::NewTokens`], `hookrs generate`'s default, leaves the prompt
+    /// alone: the first new token is then read at the unsteered prompt).
     pub at: Apply,
 }
 
-/// What is active while generating besides the model.
-#[derive(Debug, Default)]
+/// What is active while generating besides the model. The default: nothing (and interventions,
+/// when given, at every forward).
+#[derive(Debug)]
 pub struct Edits<'a> {
     /// Interventions, at the forwards `interventions_at` names. Their positions count in each
     /// forward's tokens: the prompt's at the prefill, the one new token's (`0` or `-1`) at a
     /// step.
     pub interventions: &'a [Intervention],
-    /// Where the interventions apply.
+    /// Where the interventions apply (default: [`Apply::All`]).
     pub interventions_at: Apply,
     /// A steering vector.
     pub steering: Option<&'a Steering>,
@@ -101,6 +101,12 @@ pub struct Edits<'a> {
     /// prompt's last position; at each later step, the fed-back token. One cache per new
     /// token, in easyroutine's layout (batch first, one token).
     pub extraction: Option<&'a ExtractionConfig>,
+}
+
+impl Default for Edits<'_> {
+    fn default() -> Self {
+        Edits { interventions: &[], interventions_at: Apply::All, steering: None, extraction: None }
+    }
 }
 
 /// What [`generate`] returns.

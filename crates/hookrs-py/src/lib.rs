@@ -714,9 +714,16 @@ impl HookedModule {
             None => None,
         };
         let o = GenerateOptions { max_new_tokens, temperature, top_k, top_p, seed, eos, pad, batch_size };
-        let edits = Edits { interventions: &ivs, interventions_at: apply("interventions_at", interventions_at)?, steering: steering.as_ref(), extraction: config.as_ref() };
+        let interventions_at = apply("interventions_at", interventions_at)?;
+        let extracting = config.is_some();
         let inner = &mut self.inner;
-        let made = py.allow_threads(move || hook_analysis::generate(inner, &list, &o, &edits, &mut |_| {})).map_err(|e| match e {
+        let made = py
+            .allow_threads(move || {
+                // made here: a tensor is Send, not Sync, so the edits cannot cross by reference
+                let edits = Edits { interventions: &ivs, interventions_at, steering: steering.as_ref(), extraction: config.as_ref() };
+                hook_analysis::generate(inner, &list, &o, &edits, &mut |_| {})
+            })
+            .map_err(|e| match e {
             hook_analysis::AnalysisError::Model(t) => self.failed(t),
             hook_analysis::AnalysisError::Input(m) => PyValueError::new_err(m),
             other => PyRuntimeError::new_err(other.to_string()),
@@ -725,7 +732,7 @@ impl HookedModule {
             Some(_) => made.tokens[0].clone().into_pyobject(py)?.into_any().unbind(),
             None => made.tokens.clone().into_pyobject(py)?.into_any().unbind(),
         };
-        if config.is_none() {
+        if !extracting {
             return Ok(tokens);
         }
         let caches: Vec<Vec<ActivationCache>> = made.caches.into_iter().map(|b| b.into_iter().map(|inner| ActivationCache { inner }).collect()).collect();
