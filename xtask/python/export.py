@@ -160,7 +160,7 @@ def description(model, family, source, architecture):
             "stream between them (TransformerLens leaves hook_resid_mid out too); use resid_in, attn_out, mlp_out or resid_out")
     final_norm = model.get_submodule(lay["final_norm"])
     return {
-        "hookrs_description_version": 3,
+        "hookrs_description_version": 4,
         "architecture": architecture,
         "family": family,
         "source": source,
@@ -251,6 +251,11 @@ class WindowByMask:
         self.handles = []
 
 
+def last_position(module, args):
+    """A forward pre-hook: the module (the unembedding) gets the last position of its input only."""
+    return (args[0][:, -1:], *args[1:])
+
+
 def with_mask_positions(model):
     """The model, whose forward takes (input_ids, attention_mask) by position and derives the
     position ids from the mask: each example's first real token is position 0 whatever its left
@@ -260,11 +265,16 @@ def with_mask_positions(model):
     It also gets `step(input_ids, attention_mask, k_0..k_{L-1}, v_0..v_{L-1})`: the forward of
     `S` new tokens after `P` cached ones. `attention_mask` covers all `P + S` tokens; `k_l`, `v_l`
     are layer `l`'s past keys and values `[batch, kv_heads, P, head_dim]` (as the attention
-    stores them: after rotary, after q/k norms); it returns `(logits [batch, S, vocab],
-    new k_0.., new v_0..)`, each new one `[batch, kv_heads, S, head_dim]`. With `P = 0` it is the
-    prefill. The same submodules run, so its sites have the forward's names."""
+    stores them: after rotary, after q/k norms); it returns `(logits [batch, 1, vocab] of the
+    last token, new k_0.., new v_0..)`, each new one `[batch, kv_heads, S, head_dim]`. With
+    `P = 0` it is the prefill; a long prompt can also be fed in pieces (`S > 1` after `P > 0`).
+    Only the last position reaches the unembedding (a pre-hook on it, as transformers'
+    `logits_to_keep=1`, here for every family): a prefill of 8 x 1,024 tokens would otherwise
+    make 8 x 1,024 x vocab logits that generation never reads (1.6 GB on SmolLM2). The same
+    submodules run, so its sites have the forward's names."""
     base = type(model)
-    layers = LAYOUTS[MODEL_TYPES.get(model.config.model_type, model.config.model_type)]["layers"]
+    layout = LAYOUTS[MODEL_TYPES.get(model.config.model_type, model.config.model_type)]
+    layers = layout["layers"]
     n_layers = model.config.num_hidden_layers
     takes_cache_position = "cache_position" in inspect.signature(base.forward).parameters
     cache_objects = bool(getattr(model, "_supports_cache_class", False))
@@ -287,8 +297,12 @@ def with_mask_positions(model):
                     kw["cache_position"] = torch.arange(s, device=input_ids.device) + p
             else:  # GPT-2: a tuple of (keys, values) per layer in, the whole ones out
                 kw["past_key_values"] = tuple(zip(keys, values))
-            with WindowByMask(self, layers):
-                out = base.forward(self, **kw)
+            last = self.get_submodule(layout["unembed"]).register_forward_pre_hook(last_position)
+            try:
+                with WindowByMask(self, layers):
+                    out = base.forward(self, **kw)
+            finally:
+                last.remove()
             if cache_objects:
                 return (out[0], *cache.new_k, *cache.new_v)
             presents = out[1]
@@ -449,22 +463,25 @@ def step_example(model, batch, past, device):
 
 
 def check_step(model, traced, vocab, device, tol):
-    """The step graph, run as generation runs it (a prefill of a left-padded batch with no past,
-    then one token at a time with the keys and values it returned), gives the logits of the
-    full forward over the whole text at every step. 12 steps after 9 tokens pass every sliding
-    window of the tiny models."""
+    """The step graph, run as generation runs it, gives the last logits of the full forward over
+    the text so far at every step: a left-padded batch is prefilled in two pieces (4 tokens with
+    no past, then 5 more after them: a row that is all padding in the first piece, and a piece
+    of several tokens after a past), and then generates one token at a time with the keys and
+    values it returned. 12 steps after 9 tokens pass every sliding window of the tiny models."""
     dtype = next(model.parameters()).dtype
     shapes = cache_shapes(model, device)
-    n = len(shapes)
     ids = torch.randint(3, vocab, (3, 9)).to(device)
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
+    mask[0, :5] = 0
     mask[2, :1] = 0
-    empty = [torch.zeros(3, kvh, 0, hd, dtype=dtype, device=device) for kvh, hd in shapes * 2]
+    past = [torch.zeros(3, kvh, 0, hd, dtype=dtype, device=device) for kvh, hd in shapes * 2]
+    worst = 0.0
     try:
-        out = traced.step(ids, mask, *empty)
-        worst = relative_diff(model(ids, attention_mask=mask)[0], out[0], mask.bool())
-        past = list(out[1:])
+        for lo, hi in ((0, 4), (4, 9)):
+            out = traced.step(ids[:, lo:hi], mask[:, :hi], *past)
+            past = [torch.cat([old, new], 2) for old, new in zip(past, out[1:])]
+            real = mask[:, hi - 1].bool()  # the first piece's last column is padding in row 0
+            worst = max(worst, relative_diff(model(ids[:, :hi], attention_mask=mask[:, :hi])[0][real, -1:], out[0][real]))
         for _ in range(12):
             nxt = out[0][:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
@@ -617,7 +634,7 @@ def main():
     traced = trace(model, model.config.vocab_size, device)
     desc = description(model, family, source, architecture)
     desc["dtype"] = a.dtype
-    desc["step"] = {"method": "step", "cache": cache_shapes(model, device)}
+    desc["step"] = {"method": "step", "cache": cache_shapes(model, device), "logits": "last"}
     tmp = out.with_suffix(".pt.tmp")
     torch.jit.save(traced, str(tmp), _extra_files={"hookrs.json": json.dumps(desc)})
     tmp.replace(out)

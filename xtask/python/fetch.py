@@ -102,7 +102,7 @@ def dequantize(gguf, hf):
 
 def export(source, pt, dtype):
     done = pt.with_name(pt.name + ".complete")
-    stamp = f"exported from {source.name} by export.py (description version 3: with the cached step)"
+    stamp = f"exported from {source.name} by export.py (description version 4: the cached step, last-position logits)"
     if pt.exists() and done.exists() and done.read_text() == stamp:
         return
     say(f"exporting {source.name} as {dtype} TorchScript -> {pt.name}")

@@ -41,11 +41,18 @@ pub struct GenerateOptions {
     pub pad: i64,
     /// Prompts generated side by side in one batch.
     pub batch_size: usize,
+    /// At most this many tokens (rows x columns) per forward of the prefill: a long prompt is
+    /// fed in pieces of `max_prefill_tokens / batch` columns, each a cached step after the
+    /// ones before it, so the prefill's activations (attention scores are `[batch, heads,
+    /// piece, prompt]`) stay small beside the model and its KV cache. 0: the whole prompt at
+    /// once. The prefill is one piece whatever this says when interventions apply to it (their
+    /// positions count in the prompt).
+    pub max_prefill_tokens: usize,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 16, temperature: 0.0, top_k: None, top_p: None, seed: 0, eos: None, pad: 0, batch_size: 8 }
+        GenerateOptions { max_new_tokens: 16, temperature: 0.0, top_k: None, top_p: None, seed: 0, eos: None, pad: 0, batch_size: 8, max_prefill_tokens: 1024 }
     }
 }
 
@@ -184,13 +191,29 @@ fn check(m: &HookedModule, prompts: &[Vec<i64>], o: &GenerateOptions, edits: &Ed
     Ok(())
 }
 
-/// A hook adding the steering vector to every position.
-fn steering_hook(s: &Steering, device: tch::Device) -> BoxedHook {
-    let v = (&s.vector * s.scale).to_device(device);
-    Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
-        let x = io.main_tensor()?;
-        Ok(Some(x + v.to_kind(x.kind())))
-    })
+/// The steering vector where it is added: its site and `scale * vector` on the model's device
+/// and in its dtype.
+struct Steer {
+    at: Apply,
+    component: String,
+    vector: Tensor,
+}
+
+impl Steer {
+    fn new(m: &HookedModule, s: &Steering) -> Result<Steer> {
+        let component = m.require_description()?.component("residual_stream_hook_name", s.layer)?;
+        let vector = (&s.vector * s.scale).f_to_device(m.device())?;
+        Ok(Steer { at: s.at, component, vector })
+    }
+
+    /// A hook adding the vector to every position.
+    fn hook(&self) -> (String, BoxedHook) {
+        let v = self.vector.shallow_clone();
+        (self.component.clone(), Box::new(move |_: &HookContext<'_>, io: &HookIo<Tensor>| {
+            let x = io.main_tensor()?;
+            Ok(Some(x + v.to_kind(x.kind())))
+        }))
+    }
 }
 
 /// Generates after each prompt (token ids), `o.batch_size` prompts at a time; returns the new
@@ -219,10 +242,14 @@ pub fn generate(m: &mut HookedModule, prompts: &[Vec<i64>], o: &GenerateOptions,
     Ok(out)
 }
 
-/// One batch: the prefill, then a step per new token.
+/// One batch: the prefill (in pieces of at most `o.max_prefill_tokens` tokens), then a step per
+/// new token.
 fn generate_batch(m: &mut HookedModule, prompts: &[Vec<i64>], o: &GenerateOptions, edits: &Edits<'_>, rng: &mut Rng) -> Result<(Vec<Vec<i64>>, Vec<ActivationCache>)> {
     let device = m.device();
     let b = prompts.len();
+    if o.max_new_tokens == 0 {
+        return Ok((vec![Vec::new(); b], Vec::new()));
+    }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * longest);
     let mut mask = Vec::with_capacity(b * longest);
@@ -231,31 +258,43 @@ fn generate_batch(m: &mut HookedModule, prompts: &[Vec<i64>], o: &GenerateOption
         mask.extend(std::iter::repeat_n(0i64, longest - p.len()).chain(std::iter::repeat_n(1, p.len())));
     }
     let shape = [b as i64, longest as i64];
-    let mut input = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let prompt = Tensor::from_slice(&ids).view(shape).to_device(device);
     let mut mask = Tensor::from_slice(&mask).view(shape).to_device(device);
     let mut cache = KvCache::new(m, b, longest + o.max_new_tokens)?;
+    let steer = edits.steering.map(|s| Steer::new(m, s)).transpose()?;
     let last: TokenGroups = "[[-1]]".parse().map_err(|e: hook_core::CoreError| AnalysisError::Input(e.to_string()))?;
-    let mut new: Vec<Vec<i64>> = vec![Vec::new(); b];
-    let mut done = vec![o.max_new_tokens == 0; b];
-    let mut caches = Vec::new();
-    let mut prefill = true;
-    while !done.iter().all(|&d| d) {
+    let mut forward = |m: &mut HookedModule, cache: &mut KvCache, input: &Tensor, mask: &Tensor, prefill: bool, extract: bool| {
         let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
-        if let Some(s) = edits.steering.filter(|s| s.at.at(prefill)) {
-            let component = m.require_description()?.component("residual_stream_hook_name", s.layer)?;
-            hooks.push((component, steering_hook(s, device)));
+        if let Some(s) = steer.as_ref().filter(|s| s.at.at(prefill)) {
+            hooks.push(s.hook());
         }
         let spec = RunSpec {
             hooks,
             interventions: if edits.interventions_at.at(prefill) { edits.interventions } else { &[] },
-            extraction: edits.extraction.map(|c| Extraction::new(&last, c)),
+            extraction: edits.extraction.filter(|_| extract).map(|c| Extraction::new(&last, c)),
             ..RunSpec::default()
         };
-        let run = m.step(&input, &mask, &mut cache, spec)?;
-        if edits.extraction.is_some() {
-            caches.push(run.cache);
+        m.step(input, mask, cache, spec)
+    };
+    let whole = !edits.interventions.is_empty() && edits.interventions_at.at(true);
+    let piece = if whole || o.max_prefill_tokens == 0 { longest } else { (o.max_prefill_tokens / b).clamp(1, longest) };
+    let mut lo = 0;
+    let mut out = loop {
+        let n = piece.min(longest - lo);
+        let run = forward(m, &mut cache, &prompt.narrow(1, lo as i64, n as i64), &mask.narrow(1, 0, (lo + n) as i64), true, lo + n == longest)?;
+        lo += n;
+        if lo == longest {
+            break run;
         }
-        let logits = run.logits.ok_or_else(|| AnalysisError::Input("the step returned no logits".into()))?.select(1, -1);
+    };
+    let mut caches = Vec::new();
+    let mut new: Vec<Vec<i64>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    loop {
+        if edits.extraction.is_some() {
+            caches.push(out.cache);
+        }
+        let logits = out.logits.ok_or_else(|| AnalysisError::Input("the step returned no logits".into()))?.select(1, -1);
         let mut next = Vec::with_capacity(b);
         for (row, d) in done.iter_mut().enumerate() {
             if *d {
@@ -267,9 +306,12 @@ fn generate_batch(m: &mut HookedModule, prompts: &[Vec<i64>], o: &GenerateOption
             *d = o.eos == Some(t) || new[row].len() >= o.max_new_tokens;
             next.push(t);
         }
-        input = Tensor::from_slice(&next).view([b as i64, 1]).to_device(device);
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let input = Tensor::from_slice(&next).view([b as i64, 1]).to_device(device);
         mask = Tensor::cat(&[mask, Tensor::ones([b as i64, 1], (Kind::Int64, device))], 1);
-        prefill = false;
+        out = forward(m, &mut cache, &input, &mask, false, true)?;
     }
     Ok((new, caches))
 }

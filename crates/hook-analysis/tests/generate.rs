@@ -92,6 +92,12 @@ fn greedy_tokens_of_a_mixed_length_batch_equal_hf_generate_on_every_family() {
         // one prompt at a time gives the same tokens as the batch
         let alone = generate(&mut m, &prompts(), &GenerateOptions { batch_size: 1, ..greedy(10) }, &Edits::default(), &mut |_| {}).unwrap();
         assert_eq!(alone.tokens, ours.tokens, "{family}: batch of 1");
+        // a prefill fed in pieces (6 tokens per forward: 2 columns of the 3 rows; the first
+        // piece is all padding in two rows) gives the same tokens as the whole prompt at once
+        let pieces = generate(&mut m, &prompts(), &GenerateOptions { max_prefill_tokens: 6, ..greedy(10) }, &Edits::default(), &mut |_| {}).unwrap();
+        assert_eq!(pieces.tokens, ours.tokens, "{family}: prefill in pieces");
+        let whole = generate(&mut m, &prompts(), &GenerateOptions { max_prefill_tokens: 0, ..greedy(10) }, &Edits::default(), &mut |_| {}).unwrap();
+        assert_eq!(whole.tokens, ours.tokens, "{family}: prefill at once");
     }
 }
 
@@ -121,10 +127,15 @@ fn every_steps_logits_equal_a_full_forward_over_the_whole_text() {
         let ids = Tensor::from_slice(&[0i64, 0, 0, 5, 9, 12, 40, 7, 33, 21, 8, 11, 4, 6, 7]).view([3, 5]);
         let mask = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([3, 5]);
         let mut cache = KvCache::new(&m, 3, 4).unwrap(); // grows past 4 tokens
-        let first = m.step(&ids, &mask, &mut cache, RunSpec::default()).unwrap().logits.unwrap();
-        let full = m.run(&ids, &mask, RunSpec::default()).unwrap().logits.unwrap();
-        let real = mask.unsqueeze(-1).to_kind(Kind::Bool);
-        let d = relative(&full.masked_select(&real), &first.masked_select(&real));
+        // the prompt in two pieces: 2 tokens (all padding in row 0), then 3 after them
+        let first = m.step(&ids.narrow(1, 0, 2), &mask.narrow(1, 0, 2), &mut cache, RunSpec::default()).unwrap().logits.unwrap();
+        assert_eq!(first.size(), [3, 1, 256], "{family}: a step's logits are its last token's");
+        let full = m.run(&ids.narrow(1, 0, 2), &mask.narrow(1, 0, 2), RunSpec::default()).unwrap().logits.unwrap().narrow(1, -1, 1);
+        let d = relative(&full.narrow(0, 1, 2), &first.narrow(0, 1, 2));
+        assert!(d < 1e-5, "{family} first piece of the prefill: {d}");
+        let first = m.step(&ids.narrow(1, 2, 3), &mask, &mut cache, RunSpec::default()).unwrap().logits.unwrap();
+        let full = m.run(&ids, &mask, RunSpec::default()).unwrap().logits.unwrap().narrow(1, -1, 1);
+        let d = relative(&full, &first);
         assert!(d < 1e-5, "{family} prefill: {d}");
         let (mut text, mut mask) = (ids, mask);
         let mut logits = first;

@@ -425,6 +425,20 @@ impl HookedModule {
     /// Checks token ids and mask: `[batch, seq]` int64 ids below the vocabulary size, and a
     /// mask of the same shape with 0/1 values. Returns them on the module's device.
     pub fn check_inputs(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ids = self.check_ids(input_ids)?;
+        if attention_mask.size() != input_ids.size() {
+            return Err(TorchError::Input(format!(
+                "attention_mask has shape {:?}, expected the shape of input_ids {:?}",
+                attention_mask.size(),
+                input_ids.size()
+            )));
+        }
+        Ok((ids, self.check_mask(attention_mask)?))
+    }
+
+    /// `[batch, seq]` integer token ids below the vocabulary size, as int64 on the module's
+    /// device.
+    pub(crate) fn check_ids(&self, input_ids: &Tensor) -> Result<Tensor> {
         let bad = |m: String| TorchError::Input(m);
         if input_ids.dim() != 2 {
             return Err(bad(format!("input_ids has shape {:?}, expected [batch, seq]", input_ids.size())));
@@ -434,9 +448,6 @@ impl HookedModule {
         }
         if input_ids.numel() == 0 {
             return Err(bad("input_ids is empty: expected at least one token".into()));
-        }
-        if attention_mask.size() != input_ids.size() {
-            return Err(bad(format!("attention_mask has shape {:?}, expected the shape of input_ids {:?}", attention_mask.size(), input_ids.size())));
         }
         let ids = input_ids.f_to_kind(Kind::Int64)?;
         let lo = ids.f_min()?.int64_value(&[]);
@@ -449,7 +460,7 @@ impl HookedModule {
         } else if lo < 0 {
             return Err(bad(format!("token id {lo} is negative")));
         }
-        Ok((ids.f_to_device(self.device)?, self.check_mask(attention_mask)?))
+        Ok(ids.f_to_device(self.device)?)
     }
 
     /// A 0/1 attention mask as int64 on the model's device.

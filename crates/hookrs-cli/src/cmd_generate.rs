@@ -47,6 +47,10 @@ pub struct Args {
     /// Prompts generated side by side (left padded, each stopping on its own).
     #[arg(long, default_value_t = 8, value_parser = inputs::positive)]
     pub batch_size: usize,
+    /// At most this many tokens (rows x columns) per forward of the prefill: a long prompt is
+    /// fed in pieces, so its activations stay small beside the KV cache (0: all at once).
+    #[arg(long, default_value_t = 1024)]
+    pub max_prefill_tokens: usize,
     /// How many tokens to add.
     #[arg(long, default_value_t = 20)]
     pub max_new_tokens: usize,
@@ -122,6 +126,7 @@ pub fn run(a: Args) -> Result<()> {
         eos: a.eos,
         pad: 0,
         batch_size: a.batch_size,
+        max_prefill_tokens: a.max_prefill_tokens,
     };
     let edits = Edits { steering: steering.as_ref(), ..Edits::default() };
     let bar = if a.out.is_some() && prompts.len() > 1 { ProgressBar::new(prompts.len() as u64) } else { ProgressBar::hidden() };

@@ -657,9 +657,10 @@ impl HookedModule {
     /// positions counting in each forward's tokens (the prompt's, then the one new token's).
     /// With `extraction_config`, returns `(tokens, caches)`: for each batch, one
     /// ActivationCache per new token holding the activations that produced it (the prompt's
-    /// last position, then each fed-back token).
+    /// last position, then each fed-back token). `max_prefill_tokens` (rows x columns per
+    /// forward) feeds a long prompt in pieces, so its activations stay small (0: at once).
     #[pyo3(signature = (prompts, max_new_tokens=16, temperature=0.0, top_k=None, top_p=None, seed=0, eos=None, pad=0, batch_size=8,
-                        steering=None, interventions=None, interventions_at="all", extraction_config=None))]
+                        max_prefill_tokens=1024, steering=None, interventions=None, interventions_at="all", extraction_config=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &mut self,
@@ -673,6 +674,7 @@ impl HookedModule {
         eos: Option<i64>,
         pad: i64,
         batch_size: usize,
+        max_prefill_tokens: usize,
         steering: Option<&Bound<'_, PyDict>>,
         interventions: Option<&Bound<'_, PyAny>>,
         interventions_at: &str,
@@ -713,7 +715,7 @@ impl HookedModule {
             Some(c) => Some(self::extraction_config(py, Some(c))?),
             None => None,
         };
-        let o = GenerateOptions { max_new_tokens, temperature, top_k, top_p, seed, eos, pad, batch_size };
+        let o = GenerateOptions { max_new_tokens, temperature, top_k, top_p, seed, eos, pad, batch_size, max_prefill_tokens };
         let interventions_at = apply("interventions_at", interventions_at)?;
         let extracting = config.is_some();
         let inner = &mut self.inner;
