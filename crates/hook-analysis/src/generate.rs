@@ -263,7 +263,7 @@ fn generate_batch(m: &mut HookedModule, prompts: &[Vec<i64>], o: &GenerateOption
     let mut cache = KvCache::new(m, b, longest + o.max_new_tokens)?;
     let steer = edits.steering.map(|s| Steer::new(m, s)).transpose()?;
     let last: TokenGroups = "[[-1]]".parse().map_err(|e: hook_core::CoreError| AnalysisError::Input(e.to_string()))?;
-    let mut forward = |m: &mut HookedModule, cache: &mut KvCache, input: &Tensor, mask: &Tensor, prefill: bool, extract: bool| {
+    let forward = |m: &mut HookedModule, cache: &mut KvCache, input: &Tensor, mask: &Tensor, prefill: bool, extract: bool| {
         let mut hooks: Vec<(String, BoxedHook)> = Vec::new();
         if let Some(s) = steer.as_ref().filter(|s| s.at.at(prefill)) {
             hooks.push(s.hook());
