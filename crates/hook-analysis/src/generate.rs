@@ -44,15 +44,15 @@ pub struct GenerateOptions {
     /// At most this many tokens (rows x columns) per forward of the prefill: a long prompt is
     /// fed in pieces of `max_prefill_tokens / batch` columns, each a cached step after the
     /// ones before it, so the prefill's activations (attention scores are `[batch, heads,
-    /// piece, prompt]`) stay small beside the model and its KV cache. 0: the whole prompt at
-    /// once. The prefill is one piece whatever this says when interventions apply to it (their
+    /// piece, prompt]`) stay small beside the model and its KV cache (default 256). 0: the
+    /// whole prompt at once. The prefill is one piece whatever this says when interventions apply to it (their
     /// positions count in the prompt).
     pub max_prefill_tokens: usize,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 16, temperature: 0.0, top_k: None, top_p: None, seed: 0, eos: None, pad: 0, batch_size: 8, max_prefill_tokens: 1024 }
+        GenerateOptions { max_new_tokens: 16, temperature: 0.0, top_k: None, top_p: None, seed: 0, eos: None, pad: 0, batch_size: 8, max_prefill_tokens: 256 }
     }
 }
 
