@@ -45,8 +45,8 @@ pub struct GenerateOptions {
     /// fed in pieces of `max_prefill_tokens / batch` columns, each a cached step after the
     /// ones before it, so the prefill's activations (attention scores are `[batch, heads,
     /// piece, prompt]`) stay small beside the model and its KV cache (default 256). 0: the
-    /// whole prompt at once. The prefill is one piece whatever this says when interventions apply to it (their
-    /// positions count in the prompt).
+    /// whole prompt at once. The prefill is one piece whatever this says when interventions
+    /// apply to it (their positions count in the prompt).
     pub max_prefill_tokens: usize,
 }
 
@@ -192,7 +192,7 @@ fn check(m: &HookedModule, prompts: &[Vec<i64>], o: &GenerateOptions, edits: &Ed
 }
 
 /// The steering vector where it is added: its site and `scale * vector` on the model's device
-/// and in its dtype.
+/// (the hook casts it to the dtype of the activation it edits).
 struct Steer {
     at: Apply,
     component: String,
