@@ -337,10 +337,11 @@ pub fn merge(python: &Path, args: &[String]) -> Result<()> {
 
 /// `cargo xtask bench patch`: activation patching on the real SmolLM2 (the demo's IOI pair) of
 /// resid_out (layers x positions) and of heads (layers x heads), side by side in one run:
-/// `hookrs patch` with its cells batched (the default `--max-batch-tokens`) and one forward per
-/// cell (`--max-batch-tokens 1`), and plain PyTorch on the eager model (a forward-hook loop, and
-/// the cells of each layer batched by hand: `xtask/python/bench_patch.py`), with the grids
-/// compared. CPU, 2 threads.
+/// `hookrs patch` as it runs by default (cells batched, each layer's batch forked from one
+/// corrupted run up to that layer), batched without the shared prefix (`--no-shared-prefix`),
+/// and one forward per cell (`--max-batch-tokens 1 --no-shared-prefix`); and plain PyTorch on
+/// the eager model (a forward-hook loop, and the cells of each layer batched by hand:
+/// `xtask/python/bench_patch.py`), with the grids compared. CPU, 2 threads.
 pub fn patch(python: &Path, args: &[String]) -> Result<()> {
     if let Some(a) = args.first() {
         bail!("bench patch takes no options, got `{a}` (usage: cargo xtask bench patch)");
@@ -375,14 +376,16 @@ pub fn patch(python: &Path, args: &[String]) -> Result<()> {
     let (answer, wrong) = (one(&answer)?, one(&wrong)?);
     let work = root.join("target/bench/patch");
     std::fs::create_dir_all(&work)?;
-    let time_hookrs = |component: &str, budget: &str| -> Result<(f64, Vec<f64>)> {
-        let out = work.join(format!("{component}-budget{budget}"));
+    let time_hookrs = |component: &str, budget: &str, shared: bool| -> Result<(f64, Vec<f64>)> {
+        let out = work.join(format!("{component}-budget{budget}-{}", if shared { "shared" } else { "whole" }));
         let t = std::time::Instant::now();
         run(Command::new(&hookrs)
             .args(["patch", "--model"])
             .arg(&model)
             .args(["--clean-ids", &clean_ids, "--corrupted-ids", &corrupted_ids, "--answer", " Mary", "--wrong", " John"])
-            .args(["--component", component, "--positions", "all", "--max-batch-tokens", budget, "--out"])
+            .args(["--component", component, "--positions", "all", "--max-batch-tokens", budget])
+            .args(if shared { &[][..] } else { &["--no-shared-prefix"][..] })
+            .arg("--out")
             .arg(&out)
             .env("OMP_NUM_THREADS", "2")
             .stdout(std::process::Stdio::null()))?;
@@ -392,10 +395,12 @@ pub fn patch(python: &Path, args: &[String]) -> Result<()> {
         Ok((secs, means))
     };
     for (component, what, rows) in [("resid_out", "resid_out, layers x positions", "the positions"), ("heads", "heads (o_proj input, all positions), layers x heads", "the heads")] {
-        eprintln!("bench patch: {what}: hookrs, cells batched...");
-        let (batched, grid_b) = time_hookrs(component, "4096")?;
+        eprintln!("bench patch: {what}: hookrs, cells batched, the prefix shared...");
+        let (shared, grid_b) = time_hookrs(component, "4096", true)?;
+        eprintln!("bench patch: {what}: hookrs, cells batched, each through the whole model...");
+        let (batched, grid_w) = time_hookrs(component, "4096", false)?;
         eprintln!("bench patch: {what}: hookrs, one forward per cell...");
-        let (single, grid_s) = time_hookrs(component, "1")?;
+        let (single, grid_s) = time_hookrs(component, "1", false)?;
         eprintln!("bench patch: {what}: PyTorch on the eager model...");
         let mut py = Command::new(python);
         py.arg(root.join("xtask/python/bench_patch.py")).arg(&hf).args([&clean_ids, &corrupted_ids, &answer, &wrong]);
@@ -409,17 +414,18 @@ pub fn patch(python: &Path, args: &[String]) -> Result<()> {
         let theirs = String::from_utf8(py.stdout)?;
         let (loop_s, by_layer_s) = (json_num(&theirs, "hook_loop_s")?, json_num(&theirs, "batched_by_layer_s")?);
         let range = grid_s.iter().cloned().fold(f64::MIN, f64::max) - grid_s.iter().cloned().fold(f64::MAX, f64::min);
-        let diff = grid_b.iter().zip(&grid_s).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let diff = grid_b.iter().zip(&grid_s).chain(grid_w.iter().zip(&grid_s)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         println!("{what} ({} cells), SmolLM2-135M, CPU, 2 threads", json_num(&theirs, "cells")?);
         println!();
         println!("| run | s | PyTorch hook loop / this |");
         println!("|---|---|---|");
         println!("| PyTorch forward-hook loop (one forward per cell) | {loop_s:.1} | 1.00x |");
         println!("| PyTorch, {rows} of a layer batched by hand | {by_layer_s:.1} | {:.2}x |", loop_s / by_layer_s);
-        println!("| `hookrs patch --max-batch-tokens 1` (one forward per cell) | {single:.1} | {:.2}x |", loop_s / single);
-        println!("| `hookrs patch` (cells batched, the default) | {batched:.1} | {:.2}x |", loop_s / batched);
+        println!("| `hookrs patch --max-batch-tokens 1 --no-shared-prefix` (one forward per cell) | {single:.1} | {:.2}x |", loop_s / single);
+        println!("| `hookrs patch --no-shared-prefix` (cells batched, each through the whole model) | {batched:.1} | {:.2}x |", loop_s / batched);
+        println!("| `hookrs patch` (the default: cells batched, each layer's batch forked from one corrupted run) | {shared:.1} | {:.2}x |", loop_s / shared);
         println!();
-        println!("batched vs one forward per cell: max diff {diff:.2e} of a metric range {range:.3} ({:.1e} relative); hookrs times include loading the model", diff / range.max(f64::MIN_POSITIVE));
+        println!("batched and shared vs one forward per cell: max diff {diff:.2e} of a metric range {range:.3} ({:.1e} relative); hookrs times include loading the model", diff / range.max(f64::MIN_POSITIVE));
         // the same grid as PyTorch's (a one-token answer: the log-probability difference is the logit difference)
         let v: serde_json::Value = serde_json::from_str(theirs.trim())?;
         let torch_grid: Vec<f64> = v["grid"].as_array().into_iter().flatten().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|x| x.as_f64()).collect();

@@ -15,12 +15,12 @@
 //!   metric, to compare with [`Grid::clean`].
 //!
 //! ```no_run
-//! use hook_analysis::patching::{patch_sweep, Part, PatchPair, Positions};
+//! use hook_analysis::patching::{patch_sweep, Batching, Part, PatchPair, Positions};
 //! use hook_torch::HookedModule;
 //!
 //! let mut m = HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
 //! let pairs = [PatchPair { clean: vec![1, 5, 9, 7], corrupted: vec![1, 5, 8, 7], answer: vec![9], wrong: vec![8] }];
-//! let grid = patch_sweep(&mut m, &pairs, Part::Resid, &Positions::All, true, hook_analysis::patching::DEFAULT_BATCH_TOKENS).unwrap();
+//! let grid = patch_sweep(&mut m, &pairs, Part::Resid, &Positions::All, true, Batching::default()).unwrap();
 //! println!("{:?}", grid.score());      // layers x positions, 1 = clean behaviour restored
 //! ```
 
@@ -171,6 +171,41 @@ fn ids_tensor(ids: &[i64], device: Device) -> (Tensor, Tensor) {
 /// a sweep's cells run as the rows of batches of at most this many tokens.
 pub const DEFAULT_BATCH_TOKENS: usize = 4096;
 
+/// How a sweep runs its cells.
+///
+/// The cells run as the rows of batched forwards of at most `max_tokens` tokens (at least
+/// one row each). With `share_prefix`, the cells that edit layer `l` (and nothing before it)
+/// share a batch whose forward runs the unedited prompt once up to layer `l`'s input and forks
+/// there into one row per cell ([`hook_torch::Fork`]): a cell costs the layers from `l` on,
+/// not the whole model. Only the positions the metric reads are unembedded. Both equal one
+/// plain forward per cell ([`Batching::ONE_PER_CELL`]) up to the rounding of batched matrix
+/// products.
+///
+/// ```
+/// use hook_analysis::patching::Batching;
+/// let b = Batching::default();
+/// assert_eq!((b.max_tokens, b.share_prefix), (4096, true));
+/// assert_eq!(Batching::ONE_PER_CELL.max_tokens, 1);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// At most this many tokens in one forward (rows × prompt length).
+    pub max_tokens: usize,
+    /// Run the unedited prompt once up to the layer a batch's cells edit.
+    pub share_prefix: bool,
+}
+
+impl Batching {
+    /// One plain forward per cell: the reference the fast paths are checked against.
+    pub const ONE_PER_CELL: Batching = Batching { max_tokens: 1, share_prefix: false };
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching { max_tokens: DEFAULT_BATCH_TOKENS, share_prefix: true }
+    }
+}
+
 /// `Σ log p(answer) − Σ log p(wrong)` after `prompt`, with `interventions` active (their
 /// positions index the prompt; the continuations are appended after it).
 ///
@@ -179,63 +214,194 @@ pub const DEFAULT_BATCH_TOKENS: usize = 4096;
 /// let ld = hook_analysis::patching::answer_metric(&mut m, &[1, 5, 9], &[7], &[8], &[]).unwrap();
 /// ```
 pub fn answer_metric(m: &mut HookedModule, prompt: &[i64], answer: &[i64], wrong: &[i64], interventions: &[Intervention]) -> Result<f64> {
-    Ok(answer_metrics(m, prompt, answer, wrong, &[interventions.to_vec()], usize::MAX)?[0])
+    Ok(answer_metrics(m, prompt, answer, wrong, &[interventions.to_vec()], Batching::ONE_PER_CELL)?[0])
+}
+
+/// One forward of a sweep: the prompt (or the prompt and a continuation), the positions whose
+/// logits the metric reads, and how to read them.
+struct MetricRun<'a> {
+    ids: Vec<i64>,
+    /// The continuation scored (teacher forced), or `None`: the logit difference at the end.
+    cont: Option<&'a [i64]>,
+    sign: f64,
 }
 
 /// [`answer_metric`] of many cells of a sweep at once: `cells[i]` holds the interventions of
-/// cell `i`, and the cells run as the rows of batched forwards of at most `max_batch_tokens`
-/// tokens (at least one row each), each row with its own interventions
-/// ([`RunSpec::row_interventions`](hook_torch::RunSpec::row_interventions)). The metrics equal
-/// one forward per cell up to the rounding of batched matrix products.
+/// cell `i`, run as [`Batching`] says, each row with its own interventions
+/// ([`RunSpec::row_interventions`](hook_torch::RunSpec::row_interventions)).
+///
+/// With `share_prefix`, the first shared batch also runs a row without interventions, which
+/// must give the plain forward's metric (within 1e-4 of its size): if a model's graph does not
+/// survive the fork (a batch size fixed inside it), the call runs every cell without sharing
+/// instead, so the numbers stay right.
 ///
 /// ```no_run
 /// # let mut m = hook_torch::HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
+/// use hook_analysis::patching::Batching;
 /// use hook_torch::{Intervention, PatchValue};
 /// let cells: Vec<Vec<Intervention>> = (0..3)
 ///     .map(|q| vec![Intervention::Resid { component: "model.layers[0].output".into(), positions: vec![q], patch: PatchValue::Ablation }])
 ///     .collect();
-/// let each = hook_analysis::patching::answer_metrics(&mut m, &[1, 5, 9], &[7], &[8], &cells, 4096).unwrap();
+/// let each = hook_analysis::patching::answer_metrics(&mut m, &[1, 5, 9], &[7], &[8], &cells, Batching::default()).unwrap();
 /// assert_eq!(each.len(), 3);
 /// ```
-pub fn answer_metrics(m: &mut HookedModule, prompt: &[i64], answer: &[i64], wrong: &[i64], cells: &[Vec<Intervention>], max_batch_tokens: usize) -> Result<Vec<f64>> {
+pub fn answer_metrics(m: &mut HookedModule, prompt: &[i64], answer: &[i64], wrong: &[i64], cells: &[Vec<Intervention>], batching: Batching) -> Result<Vec<f64>> {
     if prompt.is_empty() || answer.is_empty() || wrong.is_empty() {
         return Err(AnalysisError::Input("the prompt, the answer and the wrong answer each need at least one token".into()));
     }
-    let device = m.device();
     // one run for one-token answers (the logit difference at the last position); else the
     // answer's and the wrong answer's continuations, teacher forced (sign +1 and -1)
-    let runs: Vec<(Vec<i64>, Option<&[i64]>, f64)> = if answer.len() == 1 && wrong.len() == 1 {
-        vec![(prompt.to_vec(), None, 1.0)]
+    let runs: Vec<MetricRun<'_>> = if answer.len() == 1 && wrong.len() == 1 {
+        vec![MetricRun { ids: prompt.to_vec(), cont: None, sign: 1.0 }]
     } else {
-        [(answer, 1.0), (wrong, -1.0)].into_iter().map(|(c, sign)| (prompt.iter().chain(&c[..c.len() - 1]).copied().collect(), Some(c), sign)).collect()
+        [(answer, 1.0), (wrong, -1.0)]
+            .into_iter()
+            .map(|(c, sign)| MetricRun { ids: prompt.iter().chain(&c[..c.len() - 1]).copied().collect(), cont: Some(c), sign })
+            .collect()
     };
+    let forks = if batching.share_prefix { fork_layers(m, cells)? } else { vec![None; cells.len()] };
     let mut out = vec![0.0; cells.len()];
-    for (ids, cont, sign) in &runs {
-        let len = ids.len() as i64;
-        let rows = (max_batch_tokens / ids.len()).max(1);
-        for (g, group) in cells.chunks(rows).enumerate() {
-            let k = group.len() as i64;
-            let t = Tensor::from_slice(ids).view([1, len]).repeat([k, 1]).to_device(device);
-            let mask = Tensor::ones([k, len], (Kind::Int64, device));
-            let spec = RunSpec { row_interventions: group, ..RunSpec::default() };
-            let logits = m.run(&t, &mask, spec)?.logits.ok_or_else(|| AnalysisError::Input("the forward stopped before the logits".into()))?.to_kind(Kind::Double);
-            let values: Vec<f64> = match cont {
-                None => {
-                    let last = logits.select(1, -1);
-                    Vec::<f64>::try_from(last.select(1, answer[0]) - last.select(1, wrong[0]))?
-                }
-                Some(c) => {
-                    let lp = logits.narrow(1, prompt.len() as i64 - 1, c.len() as i64).log_softmax(-1, Kind::Double);
-                    let index = Tensor::from_slice(c).view([1, -1, 1]).expand([k, c.len() as i64, 1], false).to_device(device);
-                    Vec::<f64>::try_from(lp.gather(2, &index, false).sum_dim_intlist(&[1i64, 2][..], false, Kind::Double))?
-                }
-            };
-            for (i, v) in values.into_iter().enumerate() {
-                out[g * rows + i] += sign * v;
+    for run in &runs {
+        let each = if forks.iter().any(Option::is_some) {
+            match run_forked(m, run, answer, wrong, cells, &forks, batching.max_tokens)? {
+                Some(each) => each,
+                None => run_plain(m, run, answer, wrong, cells, batching.max_tokens, false)?,
             }
+        } else {
+            run_plain(m, run, answer, wrong, cells, batching.max_tokens, batching.share_prefix)?
+        };
+        for (o, v) in out.iter_mut().zip(each) {
+            *o += run.sign * v;
         }
     }
     Ok(out)
+}
+
+/// The layer each cell forks at: the first layer its interventions touch (`None` when one of
+/// them is outside the layers, or the model has no description).
+fn fork_layers(m: &HookedModule, cells: &[Vec<Intervention>]) -> Result<Vec<Option<usize>>> {
+    if m.description().is_none() {
+        return Ok(vec![None; cells.len()]);
+    }
+    cells
+        .iter()
+        .map(|ivs| {
+            let mut first: Option<usize> = None;
+            for iv in ivs {
+                let site = m.site_index(&iv.component(m)?)?;
+                match m.sites()[site].layer {
+                    Some(l) => first = Some(first.map_or(l, |f| f.min(l))),
+                    None => return Ok(None),
+                }
+            }
+            Ok(first)
+        })
+        .collect()
+}
+
+/// The positions of a run's logits that its metric reads: the last one, or those predicting
+/// the continuation.
+fn read_positions(run: &MetricRun<'_>) -> Vec<i64> {
+    match run.cont {
+        None => vec![-1],
+        Some(c) => (0..c.len() as i64).map(|i| (run.ids.len() - c.len()) as i64 + i).collect(),
+    }
+}
+
+/// The metric of each row from `logits` `[rows, positions, vocab]` (the positions of
+/// [`read_positions`]).
+fn metric_of_rows(logits: &Tensor, run: &MetricRun<'_>, answer: &[i64], wrong: &[i64]) -> Result<Vec<f64>> {
+    let logits = logits.to_kind(Kind::Double);
+    let k = logits.size()[0];
+    Ok(match run.cont {
+        None => {
+            let last = logits.select(1, -1);
+            Vec::<f64>::try_from(last.select(1, answer[0]) - last.select(1, wrong[0]))?
+        }
+        Some(c) => {
+            let lp = logits.narrow(1, logits.size()[1] - c.len() as i64, c.len() as i64).log_softmax(-1, Kind::Double);
+            let index = Tensor::from_slice(c).view([1, -1, 1]).expand([k, c.len() as i64, 1], false).to_device(lp.device());
+            Vec::<f64>::try_from(lp.gather(2, &index, false).sum_dim_intlist(&[1i64, 2][..], false, Kind::Double))?
+        }
+    })
+}
+
+/// Every cell as a row of batched forwards of the whole model (`keep_positions`: unembed only
+/// the positions the metric reads).
+fn run_plain(m: &mut HookedModule, run: &MetricRun<'_>, answer: &[i64], wrong: &[i64], cells: &[Vec<Intervention>], max_tokens: usize, keep_positions: bool) -> Result<Vec<f64>> {
+    let device = m.device();
+    let len = run.ids.len() as i64;
+    let rows = (max_tokens / run.ids.len()).max(1);
+    let mut out = Vec::with_capacity(cells.len());
+    for group in cells.chunks(rows) {
+        let k = group.len() as i64;
+        let t = Tensor::from_slice(&run.ids).view([1, len]).repeat([k, 1]).to_device(device);
+        let mask = Tensor::ones([k, len], (Kind::Int64, device));
+        let logit_positions = keep_positions.then(|| read_positions(run));
+        let spec = RunSpec { row_interventions: group, logit_positions, ..RunSpec::default() };
+        let logits = m.run(&t, &mask, spec)?.logits.ok_or_else(|| AnalysisError::Input("the forward stopped before the logits".into()))?;
+        out.extend(metric_of_rows(&logits, run, answer, wrong)?);
+    }
+    Ok(out)
+}
+
+/// The cells that fork at one layer, as batches that run the prompt once up to that layer's
+/// input ([`hook_torch::Fork`]); cells that cannot fork run plain. `None` when the first forked
+/// batch's control row (no interventions) disagrees with the plain forward: the model's graph
+/// does not survive a fork, and the caller runs every cell plain.
+fn run_forked(m: &mut HookedModule, run: &MetricRun<'_>, answer: &[i64], wrong: &[i64], cells: &[Vec<Intervention>], forks: &[Option<usize>], max_tokens: usize) -> Result<Option<Vec<f64>>> {
+    let d = m.require_description()?.clone();
+    let device = m.device();
+    let len = run.ids.len() as i64;
+    let rows = (max_tokens / run.ids.len()).max(1);
+    let ids = Tensor::from_slice(&run.ids).view([1, len]).to_device(device);
+    let mask = Tensor::ones([1, len], (Kind::Int64, device));
+    let mut out = vec![0.0; cells.len()];
+    // cells by the layer they fork at, in order
+    let mut by_layer: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    let mut plain: Vec<usize> = Vec::new();
+    for (i, f) in forks.iter().enumerate() {
+        match f {
+            Some(l) => by_layer.entry(*l).or_default().push(i),
+            None => plain.push(i),
+        }
+    }
+    let mut control: Option<f64> = Some(run_plain(m, run, answer, wrong, &[Vec::new()], 1, false)?[0]);
+    for (layer, members) in by_layer {
+        let component = d.component("residual_stream_input_hook_name", layer)?;
+        for group in members.chunks(rows) {
+            let mut row_ivs: Vec<Vec<Intervention>> = group.iter().map(|&i| cells[i].clone()).collect();
+            if control.is_some() {
+                row_ivs.push(Vec::new());
+            }
+            let fork = Some(hook_torch::Fork { component: component.clone(), rows: row_ivs.len() });
+            let spec = RunSpec { row_interventions: &row_ivs, fork, logit_positions: Some(read_positions(run)), ..RunSpec::default() };
+            let logits = match m.run(&ids, &mask, spec) {
+                Ok(out) => out.logits.ok_or_else(|| AnalysisError::Input("the forward stopped before the logits".into()))?,
+                // the first fork of the call: a graph that cannot fork runs plain (which
+                // reports any error of the cells themselves)
+                Err(_) if control.is_some() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let mut each = metric_of_rows(&logits, run, answer, wrong)?;
+            if let Some(want) = control.take() {
+                let got = each.pop().unwrap_or(f64::NAN);
+                if !((got - want).abs() <= 1e-4 * want.abs().max(1.0)) {
+                    return Ok(None);
+                }
+            }
+            for (&i, v) in group.iter().zip(each) {
+                out[i] = v;
+            }
+        }
+    }
+    if !plain.is_empty() {
+        let rest: Vec<Vec<Intervention>> = plain.iter().map(|&i| cells[i].clone()).collect();
+        for (&i, v) in plain.iter().zip(run_plain(m, run, answer, wrong, &rest, max_tokens, true)?) {
+            out[i] = v;
+        }
+    }
+    Ok(Some(out))
 }
 
 /// Each head's output (the input of the attention's output projection) of every layer, as
@@ -299,9 +465,9 @@ fn check_pair(p: &PatchPair, i: usize) -> Result<()> {
 /// With `each_position` and [`Positions::All`] every pair must have the same length (the
 /// columns are positions); negative positions (`-1` = the last) work across lengths.
 ///
-/// The cells of a pair run as the rows of batched forwards of at most `max_batch_tokens`
-/// tokens ([`answer_metrics`]; [`DEFAULT_BATCH_TOKENS`] is the CLI's default).
-pub fn patch_sweep(m: &mut HookedModule, pairs: &[PatchPair], part: Part, positions: &Positions, each_position: bool, max_batch_tokens: usize) -> Result<Grid> {
+/// The cells of a pair run as `batching` says ([`Batching`], [`answer_metrics`]): the cells
+/// of one layer share the corrupted run up to that layer.
+pub fn patch_sweep(m: &mut HookedModule, pairs: &[PatchPair], part: Part, positions: &Positions, each_position: bool, batching: Batching) -> Result<Grid> {
     if pairs.is_empty() {
         return Err(AnalysisError::Input("no pairs to patch".into()));
     }
@@ -361,7 +527,7 @@ pub fn patch_sweep(m: &mut HookedModule, pairs: &[PatchPair], part: Part, positi
                 }
             }
         }
-        let metrics = answer_metrics(m, &p.corrupted, &p.answer, &p.wrong, &cells, max_batch_tokens)?;
+        let metrics = answer_metrics(m, &p.corrupted, &p.answer, &p.wrong, &cells, batching)?;
         for ((r, c), v) in at_cell.into_iter().zip(metrics) {
             sums[r][c] += v;
         }
@@ -406,9 +572,9 @@ pub enum Ablation {
 /// mean, one cell at a time; the grid holds the mean metric (rows: layers; columns: the parts,
 /// or the heads).
 ///
-/// The cells of a prompt run as the rows of batched forwards of at most `max_batch_tokens`
-/// tokens ([`answer_metrics`]).
-pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mode: Ablation, positions: &Positions, max_batch_tokens: usize) -> Result<Grid> {
+/// The cells of a prompt run as `batching` says ([`Batching`], [`answer_metrics`]): the cells
+/// of one layer share the clean run up to that layer.
+pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mode: Ablation, positions: &Positions, batching: Batching) -> Result<Grid> {
     if prompts.is_empty() {
         return Err(AnalysisError::Input("no prompts to ablate".into()));
     }
@@ -495,7 +661,7 @@ pub fn ablate_sweep(m: &mut HookedModule, prompts: &[Prompt], parts: &[Part], mo
                 }
             }
         }
-        let metrics = answer_metrics(m, &pr.ids, &pr.answer, &pr.wrong, &cells, max_batch_tokens)?;
+        let metrics = answer_metrics(m, &pr.ids, &pr.answer, &pr.wrong, &cells, batching)?;
         for ((r, c), v) in at_cell.into_iter().zip(metrics) {
             sums[r][c] += v;
         }

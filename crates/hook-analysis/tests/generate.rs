@@ -13,7 +13,7 @@ use hook_analysis::{generate, Apply, Edits, GenerateOptions, Steering};
 use hook_torch::{ExtractionConfig, HookedModule, Intervention, KvCache, PatchValue, RunSpec};
 use tch::{Device, Kind, Tensor};
 
-const FAMILIES: [&str; 10] = ["llama", "gpt2", "gpt_neox", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "qwen3", "olmo2"];
+use common::FAMILIES;
 
 fn prompts() -> Vec<Vec<i64>> {
     vec![vec![5, 9, 12, 40, 7, 33, 21, 8], vec![11, 4], vec![6, 7, 8, 9, 10]]

@@ -5,12 +5,14 @@
 #[path = "../../hook-torch/tests/common/mod.rs"]
 mod common;
 
-use hook_analysis::patching::{ablate_sweep, answer_metric, patch_sweep, Ablation, Part, PatchPair, Positions, Prompt};
+use hook_analysis::patching::{ablate_sweep, answer_metric, patch_sweep, Ablation, Batching, Part, PatchPair, Positions, Prompt};
 use hook_torch::{ExtractionConfig, HookedModule, Intervention, PatchValue};
 use tch::{Device, Kind, Tensor};
 
 /// The batch budget of the sweeps under test (the CLI's default).
-const B: usize = hook_analysis::patching::DEFAULT_BATCH_TOKENS;
+const B: Batching = Batching { max_tokens: hook_analysis::patching::DEFAULT_BATCH_TOKENS, share_prefix: true };
+/// The reference: one plain forward per cell.
+const ONE: Batching = Batching::ONE_PER_CELL;
 
 fn model(family: &str) -> HookedModule {
     HookedModule::load(common::model(family), Device::Cpu).unwrap()
@@ -123,22 +125,26 @@ fn ablations_edit_what_they_name() {
     assert!(ablate_sweep(&mut m, &prompts, &[Part::Resid], Ablation::Zero, &Positions::All, B).is_err());
 }
 
-/// A batched sweep (its cells as the rows of one forward) against one forward per cell (a
-/// budget of one row), on every part, patching and ablation, one-token and multi-token
+/// A batched sweep (its cells as the rows of one forward), with and without the shared prefix
+/// (each layer's cells forked from one run up to that layer), against one plain forward per
+/// cell, on every family, every part, patching and ablation, one-token and multi-token
 /// answers: equal within 1e-5 of the metric's range.
 #[test]
 fn batched_sweeps_equal_one_forward_per_cell() {
-    for family in ["llama", "gpt2"] {
+    let whole = Batching { share_prefix: false, ..B };
+    for family in common::FAMILIES {
         let mut m = model(family);
         let ps = pairs();
         for (part, each) in [(Part::Resid, true), (Part::Attn, true), (Part::Mlp, true), (Part::Heads, false), (Part::Heads, true)] {
-            let batched = patch_sweep(&mut m, &ps, part, &Positions::All, each, B).unwrap();
-            let single = patch_sweep(&mut m, &ps, part, &Positions::All, each, 1).unwrap();
-            assert_close(&batched.values, &single.values, (batched.clean - batched.corrupted.unwrap()).abs(), &format!("{family} patch {part:?}"));
+            let single = patch_sweep(&mut m, &ps, part, &Positions::All, each, ONE).unwrap();
+            for batching in [B, whole] {
+                let batched = patch_sweep(&mut m, &ps, part, &Positions::All, each, batching).unwrap();
+                assert_close(&batched.values, &single.values, (batched.clean - batched.corrupted.unwrap()).abs(), &format!("{family} patch {part:?} {batching:?}"));
+            }
         }
-        // a budget smaller than the sweep: several batches, the last one short
-        let three = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true, 3 * 5).unwrap();
-        let single = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true, 1).unwrap();
+        // a budget smaller than a layer's cells: several forks of one layer, the last one short
+        let three = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true, Batching { max_tokens: 3 * 5, ..B }).unwrap();
+        let single = patch_sweep(&mut m, &ps, Part::Resid, &Positions::All, true, ONE).unwrap();
         assert_close(&three.values, &single.values, (three.clean - three.corrupted.unwrap()).abs(), &format!("{family} three rows a batch"));
         let prompts = [
             Prompt { ids: vec![1, 5, 9, 12, 7], answer: vec![20], wrong: vec![21] },
@@ -146,16 +152,76 @@ fn batched_sweeps_equal_one_forward_per_cell() {
         ];
         for mode in [Ablation::Zero, Ablation::Mean] {
             let parts = [Part::Attn, Part::Mlp, Part::Layer, Part::Heads];
-            let batched = ablate_sweep(&mut m, &prompts, &parts, mode, &Positions::All, B).unwrap();
-            let single = ablate_sweep(&mut m, &prompts, &parts, mode, &Positions::All, 1).unwrap();
-            let range = batched.values.iter().flatten().chain([&batched.clean]).fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-            assert_close(&batched.values, &single.values, range.1 - range.0, &format!("{family} ablate {mode:?}"));
+            let single = ablate_sweep(&mut m, &prompts, &parts, mode, &Positions::All, ONE).unwrap();
+            for batching in [B, whole] {
+                let batched = ablate_sweep(&mut m, &prompts, &parts, mode, &Positions::All, batching).unwrap();
+                let range = batched.values.iter().flatten().chain([&batched.clean]).fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                assert_close(&batched.values, &single.values, range.1 - range.0, &format!("{family} ablate {mode:?} {batching:?}"));
+            }
         }
     }
+}
+
+/// A patch at the embedding (outside the layers) cannot fork: such cells run through the
+/// whole model beside the forked ones, with the same numbers.
+#[test]
+fn cells_outside_the_layers_run_whole_beside_forked_ones() {
+    let mut m = model("llama");
+    let d = m.description().unwrap().clone();
+    let prompt = [1i64, 5, 9, 12, 7];
+    let embed = d.component("embed_tokens", 0).unwrap();
+    let cells = vec![
+        vec![Intervention::Resid { component: embed, positions: vec![1], patch: PatchValue::Ablation }],
+        vec![Intervention::Resid { component: d.component("mlp_out_hook_name", 1).unwrap(), positions: vec![2], patch: PatchValue::Ablation }],
+        vec![],
+    ];
+    let fast = hook_analysis::patching::answer_metrics(&mut m, &prompt, &[20], &[21], &cells, B).unwrap();
+    for (i, cell) in cells.iter().enumerate() {
+        let alone = answer_metric(&mut m, &prompt, &[20], &[21], cell).unwrap();
+        assert!((fast[i] - alone).abs() < 1e-5 * alone.abs().max(1.0), "cell {i}: {} vs {alone}", fast[i]);
+    }
+    assert!((fast[0] - fast[2]).abs() > 1e-6, "the embedding patch changed the metric");
 }
 
 fn assert_close(got: &[Vec<f64>], want: &[Vec<f64>], range: f64, what: &str) {
     assert!(range > 0.0, "{what}: the metric has no range");
     let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(worst <= 1e-5 * range, "{what}: batched and one forward per cell differ by {worst:.2e} (range {range:.3})");
+}
+
+/// The shared prefix is really shared: cells that all patch the last layer leave the layers
+/// before it to batches of one row (the plain control forward and the fork's one example),
+/// and the last layer sees one row per cell plus the fork's control row; without sharing, the
+/// first layer sees every cell.
+#[test]
+fn a_shared_prefix_runs_the_layers_before_the_patch_once() {
+    use std::sync::{Arc, Mutex};
+    let mut m = model("llama");
+    let d = m.description().unwrap().clone();
+    let last = d.num_hidden_layers - 1;
+    let prompt = [1i64, 5, 9, 12, 7];
+    let cells: Vec<Vec<Intervention>> = (0..4)
+        .map(|q| vec![Intervention::Resid { component: d.component("residual_stream_hook_name", last).unwrap(), positions: vec![q], patch: PatchValue::Ablation }])
+        .collect();
+    let mut seen = Vec::new();
+    for layer in [0, last] {
+        let rows: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let r = rows.clone();
+        let hook = move |_: &hook_core::HookContext<'_>, io: &hook_core::HookIo<Tensor>| -> hook_core::Result<Option<Tensor>> {
+            r.lock().unwrap().push(io.main_tensor()?.size()[0]);
+            Ok(None)
+        };
+        m.add_hook(&d.component("residual_stream_input_hook_name", layer).unwrap(), hook).unwrap();
+        seen.push(rows);
+    }
+    let shared = hook_analysis::patching::answer_metrics(&mut m, &prompt, &[20], &[21], &cells, B).unwrap();
+    let (first, at_last) = (seen[0].lock().unwrap().clone(), seen[1].lock().unwrap().clone());
+    assert!(first.iter().all(|&b| b == 1), "the first layer saw batches of {first:?}");
+    assert!(at_last.contains(&5), "the last layer saw batches of {at_last:?}, not the 4 cells and the control row");
+    seen[0].lock().unwrap().clear();
+    let whole = hook_analysis::patching::answer_metrics(&mut m, &prompt, &[20], &[21], &cells, Batching { share_prefix: false, ..B }).unwrap();
+    assert_eq!(*seen[0].lock().unwrap(), [4], "without sharing the first layer runs every cell");
+    for (a, b) in shared.iter().zip(&whole) {
+        assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+    }
 }

@@ -8,10 +8,11 @@
 //! | [`site`] | [`SiteInfo`]: one hookable place (`….input`, `….output`, attention patterns) |
 //! | [`description`] | [`ModelDescription`]: the facts and component templates stored by the exporter |
 //! | [`catalogue`] | easyroutine's hook functions as ready hooks writing into a shared cache |
-//! | [`run`] | [`HookedModule::run`] with a [`RunSpec`]: the one forward pass, and its short cuts (`forward`, `run_with_cache`, …) |
+//! | [`run`] | [`HookedModule::run`] with a [`RunSpec`]: the one forward pass (a [`Fork`] shares its start among many rows), and its short cuts (`forward`, `run_with_cache`, …) |
 //! | [`kv_cache`] | [`KvCache`]: the keys and values of generated text, for [`HookedModule::step`] (generation without recomputing the text) |
 //! | [`extract`] | [`ExtractionConfig`] and [`Extraction`]: each config flag's catalogue hook, in easyroutine's order |
 //! | `padding` | left padding: each example's offset, positions moved by it |
+//! | `reshape` | the shape edits only hookrs makes: a fork of one example into many rows, the positions the unembedding keeps |
 //! | [`intervention`] | [`Intervention`]: ablation / patching, and activation patching |
 //! | [`error`] | [`TorchError`] |
 //! | [`backend`] | libtorch's device backends: loading the CUDA backend when the machine has a GPU |
@@ -37,6 +38,7 @@ pub mod kv_cache;
 pub mod memory;
 pub mod module;
 mod padding;
+mod reshape;
 pub mod run;
 pub mod runtime;
 pub mod site;
@@ -45,7 +47,7 @@ pub mod transfer;
 pub use description::{ModelDescription, StepDescription, WeightLayout};
 pub use error::{Result, TorchError};
 pub use extract::{AttnHeads, Extraction, ExtractionConfig, LayerHead};
-pub use run::{RunOutput, RunSpec};
+pub use run::{Fork, RunOutput, RunSpec};
 pub use intervention::{Intervention, PatchValue};
 pub use kv_cache::KvCache;
 pub use module::{BoxedHook, HookHandle, HookedModule};

@@ -20,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::description::ModelDescription;
 use crate::error::{Result, TorchError};
+use crate::reshape::{self, Reshape};
 use crate::ffi::{self, AtTensor};
 use crate::script::{device_name, Loaded, ScriptModule};
 use crate::site::{SiteInfo, SiteKind};
@@ -491,6 +492,7 @@ impl HookedModule {
         past: Option<&[Tensor]>,
         scoped: Vec<(String, BoxedHook)>,
         stop_when_done: bool,
+        reshape: Reshape,
     ) -> Result<Option<(Tensor, Vec<Tensor>)>> {
         let scoped = scoped.into_iter().map(|(c, h)| Ok((self.site_index(&c)?, h))).collect::<Result<Vec<_>>>()?;
         let mut scoped_by_site: Vec<Vec<BoxedHook>> = (0..self.sites.len()).map(|_| Vec::new()).collect();
@@ -501,7 +503,7 @@ impl HookedModule {
         // their input in C++.
         let mut armed = vec![0u8; self.id_to_index.len()];
         for (i, site) in self.sites.iter().enumerate() {
-            if !self.hooks[i].is_empty() || !scoped_by_site[i].is_empty() {
+            if !self.hooks[i].is_empty() || !scoped_by_site[i].is_empty() || reshape.touches(i) {
                 armed[site.id] = 1;
             }
         }
@@ -523,11 +525,20 @@ impl HookedModule {
             let ctx = HookContext { component: info.path(), layer: info.layer, call_index };
             call_index += 1;
             let (stored, extra) = (&mut hooks[i], &mut scoped_by_site[i]);
-            if stored.is_empty() && extra.is_empty() {
+            if stored.is_empty() && extra.is_empty() && !reshape.touches(i) {
                 return Ok(None);
             }
             let mut current = x;
             let mut changed = false;
+            if let Some((_, rows)) = reshape.fork.filter(|(s, _)| *s == i) {
+                match reshape::fork(&current, rows) {
+                    Ok(t) => (current, changed) = (t, true),
+                    Err(message) => {
+                        error = Some(TorchError::Hook { component: info.component.clone(), message, source: None });
+                        return Err(());
+                    }
+                }
+            }
             for hook in stored.iter_mut().map(|(_, h)| h).chain(extra.iter_mut()) {
                 let io = match info.kind {
                     SiteKind::Input => HookIo::before(vec![Value::Tensor(current.shallow_clone())], vec![]),
@@ -565,6 +576,15 @@ impl HookedModule {
                             other => (other.to_string(), Some(Box::new(other))),
                         };
                         error = Some(TorchError::Hook { component: info.component.clone(), message, source });
+                        return Err(());
+                    }
+                }
+            }
+            if let Some((_, positions)) = reshape.keep_positions.as_ref().filter(|(s, _)| *s == i) {
+                match reshape::keep_positions(&current, positions) {
+                    Ok(t) => (current, changed) = (t, true),
+                    Err(message) => {
+                        error = Some(TorchError::Hook { component: info.component.clone(), message, source: None });
                         return Err(());
                     }
                 }

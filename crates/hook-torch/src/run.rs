@@ -26,6 +26,7 @@ use crate::extract::{Extraction, ExtractionConfig, Plan};
 use crate::intervention::{Intervention, PatchValue};
 use crate::kv_cache::KvCache;
 use crate::module::{BoxedHook, HookedModule};
+use crate::reshape::Reshape;
 use crate::padding;
 
 /// What one forward pass does besides computing the logits.
@@ -60,6 +61,47 @@ pub struct RunSpec<'a> {
     /// `forward` does); otherwise the forward runs without gradient tracking. An extraction
     /// with `keep_gradient` always tracks gradients.
     pub track_gradients: bool,
+    /// Run the start of the forward once for many rows ([`Fork`]): `input_ids` holds one
+    /// example, which becomes [`Fork::rows`] copies at [`Fork::component`]; each copy takes
+    /// its own list of `row_interventions`. `None`: the batch is what `input_ids` holds.
+    pub fork: Option<Fork>,
+    /// Unembed only these positions of each row (negative from the end; they index the
+    /// sequence as given, padding included): the logits are `[batch, positions, vocab]`, and
+    /// the unembedding costs that many positions instead of the whole sequence. `None`: every
+    /// position. The positions are taken at the unembedding's input (the module of the
+    /// description's `unembed_matrix`), after the hooks there.
+    pub logit_positions: Option<Vec<i64>>,
+}
+
+/// Where a forward of one example turns into many rows ([`RunSpec::fork`]): the part of the
+/// model before `component` runs once, the rest on `rows` copies of its activation there.
+///
+/// A patching sweep whose cells patch layer `l` forks at layer `l`'s input: the corrupted run
+/// up to `l` is the same for every cell, so it runs once, and each cell's row starts there.
+/// The copies are made before any hook of the site runs, so hooks and `row_interventions` at
+/// `component` see every row. Row interventions at a site before the fork are refused when
+/// they fire (there is one row there); batch-wide `interventions` and an extraction are
+/// refused with a fork (give the edits per row).
+///
+/// ```no_run
+/// use hook_torch::{HookedModule, Intervention, PatchValue, RunSpec, run::Fork};
+/// let mut m = HookedModule::load("llama.pt", tch::Device::Cpu).unwrap();
+/// let ids = tch::Tensor::from_slice(&[5i64, 6, 7]).view([1, 3]);
+/// // three cells, each ablating layer 1's output at one position; layer 0 runs once
+/// let cells: Vec<Vec<Intervention>> = (0..3)
+///     .map(|q| vec![Intervention::Resid { component: "model.layers[1].output".into(), positions: vec![q], patch: PatchValue::Ablation }])
+///     .collect();
+/// let fork = Some(Fork { component: "model.layers[1].input".into(), rows: 3 });
+/// let out = m.run(&ids, &ids.ones_like(), RunSpec { fork, row_interventions: &cells, logit_positions: Some(vec![-1]), ..RunSpec::default() }).unwrap();
+/// assert_eq!(out.logits.unwrap().size()[..2], [3, 1]);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fork {
+    /// The site where the one example becomes `rows` copies (a layer's input, say
+    /// `model.layers[3].input`).
+    pub component: String,
+    /// How many copies (at least 1).
+    pub rows: usize,
 }
 
 /// What [`HookedModule::run`] returns.
@@ -129,7 +171,39 @@ impl HookedModule {
     }
 
     fn run_checked(&mut self, ids: Tensor, mask: Tensor, past: Option<(&[Tensor], Tensor)>, spec: RunSpec<'_>) -> Result<(RunOutput, Vec<Tensor>)> {
-        let RunSpec { hooks: scoped, interventions, row_interventions, extraction, stop_early, track_gradients } = spec;
+        let RunSpec { hooks: scoped, interventions, row_interventions, extraction, stop_early, track_gradients, fork, logit_positions } = spec;
+        let mut reshape = Reshape::default();
+        if let Some(f) = &fork {
+            if past.is_some() {
+                return Err(TorchError::Input("a fork runs in a forward, not in a cached step".into()));
+            }
+            if f.rows == 0 || ids.size()[0] != 1 {
+                return Err(TorchError::Input(format!(
+                    "a fork turns one example into {} rows: it needs input_ids [1, seq] and at least one row; got input_ids {:?}",
+                    f.rows,
+                    ids.size()
+                )));
+            }
+            if extraction.is_some() || !interventions.is_empty() {
+                return Err(TorchError::Input(
+                    "a fork takes its edits per row (row_interventions); batch-wide interventions and an extraction are not supported with one".into(),
+                ));
+            }
+            if !row_interventions.is_empty() && row_interventions.len() != f.rows {
+                return Err(TorchError::Input(format!(
+                    "row_interventions has {} lists for a fork of {} rows: give one list per row",
+                    row_interventions.len(),
+                    f.rows
+                )));
+            }
+            reshape.fork = Some((self.site_index(&f.component)?, f.rows as i64));
+        }
+        if let Some(positions) = logit_positions {
+            if positions.is_empty() {
+                return Err(TorchError::Input("logit_positions is empty: give at least one position (or None for every position)".into()));
+            }
+            reshape.keep_positions = Some((self.unembed_input_site()?, positions));
+        }
         if let Some(e) = &extraction {
             if stop_early && (e.config.save_logits || e.config.keep_gradient) {
                 return Err(TorchError::Input(
@@ -144,7 +218,12 @@ impl HookedModule {
         for iv in interventions {
             hooks.push((iv.component(self)?, iv.hook(self, pads.clone())?));
         }
-        hooks.extend(self.row_hooks(row_interventions, &pads)?);
+        // the copies of a fork share its one example's padding
+        let row_pads = match &fork {
+            Some(f) => std::sync::Arc::new(vec![pads[0]; f.rows]),
+            None => pads.clone(),
+        };
+        hooks.extend(self.row_hooks(row_interventions, &row_pads)?);
         hooks.extend(scoped);
         let plan = match extraction {
             Some(e) => {
@@ -156,9 +235,9 @@ impl HookedModule {
         };
         let gradients = track_gradients || plan.as_ref().is_some_and(Plan::needs_gradients);
         let out = if gradients {
-            self.forward_checked(ids, mask, past, hooks, stop_early)?
+            self.forward_checked(ids, mask, past, hooks, stop_early, reshape)?
         } else {
-            tch::no_grad(|| self.forward_checked(ids, mask, past, hooks, stop_early))?
+            tch::no_grad(|| self.forward_checked(ids, mask, past, hooks, stop_early, reshape))?
         };
         let (logits, new_kv) = match out {
             Some((logits, kv)) => (Some(logits), kv),
@@ -171,6 +250,18 @@ impl HookedModule {
             }
             None => Ok((RunOutput { logits, cache: ActivationCache::new() }, new_kv)),
         }
+    }
+
+    /// The site of the unembedding's input: the module whose weight is the description's
+    /// `unembed_matrix`.
+    fn unembed_input_site(&self) -> Result<usize> {
+        let d = self.require_description()?;
+        let weight = d.component("unembed_matrix", 0)?;
+        let module = weight.strip_suffix(".weight").unwrap_or(&weight);
+        self.sites()
+            .iter()
+            .position(|s| s.module == module && s.kind == crate::SiteKind::Input)
+            .ok_or_else(|| TorchError::Description(format!("names the unembedding `{weight}`, and the model has no module `{module}` with an input site")))
     }
 
     /// One hook per component that `rows` (one list of interventions per example) touch: it
@@ -196,8 +287,11 @@ impl HookedModule {
                     let x = io.main_tensor()?;
                     let err = |e: tch::TchError| hook_core::CoreError::hook("", e);
                     let mut parts: Vec<Tensor> = (0..x.size()[0]).map(|i| x.f_narrow(0, i, 1)).collect::<std::result::Result<_, _>>().map_err(err)?;
+                    let n = parts.len();
                     for (row, hook) in row_hooks.iter_mut() {
-                        let part = parts.get(*row).ok_or_else(|| hook_core::CoreError::hook_message("", format!("row {row} is outside the batch")))?;
+                        let part = parts.get(*row).ok_or_else(|| {
+                            hook_core::CoreError::hook_message("", format!("row {row}'s intervention is outside the batch of {n} rows here (with a fork, row interventions go after the fork's site)"))
+                        })?;
                         if let Some(new) = hook.call(ctx, &HookIo::output_tensor(part.shallow_clone()))? {
                             parts[*row] = new;
                         }

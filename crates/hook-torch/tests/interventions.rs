@@ -113,3 +113,57 @@ fn each_row_of_a_batch_takes_its_own_interventions() {
     let e = m.run(&batch, &batch.ones_like(), hook_torch::RunSpec { row_interventions: &cells[..2], ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("one list per example"), "{e}");
 }
+
+/// A fork runs one example up to a layer's input and the rest of the model on one copy per
+/// row: on every family it equals the plain batch of copies with the same row interventions,
+/// and the kept logit positions equal those positions of the full logits.
+#[test]
+fn a_fork_equals_the_batch_of_copies_on_every_family() {
+    for family in common::FAMILIES {
+        let mut m = HookedModule::load(common::model(family), Device::Cpu).unwrap();
+        let d = m.description().unwrap().clone();
+        let (l, hidden) = (d.num_hidden_layers - 1, d.hidden_size as i64);
+        let ids = Tensor::from_slice(&[5i64, 9, 12, 40, 7, 3]).view([1, 6]);
+        let out = |p: &str| d.component(p, l).unwrap();
+        let cells: Vec<Vec<Intervention>> = vec![
+            vec![],
+            vec![Intervention::Resid { component: out("residual_stream_hook_name"), positions: vec![0], patch: PatchValue::Ablation }],
+            vec![Intervention::Resid { component: out("mlp_out_hook_name"), positions: vec![-1], patch: PatchValue::Values(Tensor::full([1, 1, hidden], 0.5, (Kind::Float, Device::Cpu))) }],
+            vec![Intervention::QueryKeyValue { component: out("attn_o_proj_input_hook_name"), positions: vec![0, 2], head: 1, patch: PatchValue::Ablation }],
+        ];
+        let batch = ids.repeat([4, 1]);
+        let plain = m.run(&batch, &batch.ones_like(), hook_torch::RunSpec { row_interventions: &cells, ..Default::default() }).unwrap().logits.unwrap();
+        let fork = Some(hook_torch::Fork { component: out("residual_stream_input_hook_name"), rows: 4 });
+        let spec = hook_torch::RunSpec { row_interventions: &cells, fork, logit_positions: Some(vec![0, -1]), ..Default::default() };
+        let forked = m.run(&ids, &ids.ones_like(), spec).unwrap().logits.unwrap();
+        assert_eq!(forked.size(), [4, 2, d.vocab_size as i64], "{family}");
+        let want = plain.index_select(1, &Tensor::from_slice(&[0i64, 5]));
+        let scale = want.abs().max().double_value(&[]);
+        let worst = (&forked - &want).abs().max().double_value(&[]);
+        assert!(worst <= 1e-5 * scale, "{family}: the fork differs from the plain batch by {worst:.2e} (logits up to {scale:.2})");
+        for i in 1..4 {
+            assert!(!forked.get(0).allclose(&forked.get(i), 1e-5, 1e-5, false), "{family}: row {i}'s intervention changed nothing");
+        }
+    }
+}
+
+#[test]
+fn a_fork_refuses_what_it_cannot_do() {
+    let mut m = HookedModule::load(common::model("llama"), Device::Cpu).unwrap();
+    let ids = Tensor::from_slice(&[5i64, 9, 12]).view([1, 3]);
+    let fork = |rows| Some(hook_torch::Fork { component: "model.layers[1].input".into(), rows });
+    let run = |m: &mut HookedModule, ids: &Tensor, spec: hook_torch::RunSpec<'_>| m.run(ids, &ids.ones_like(), spec).unwrap_err().to_string();
+    let two = ids.repeat([2, 1]);
+    assert!(run(&mut m, &two, hook_torch::RunSpec { fork: fork(2), ..Default::default() }).contains("input_ids [1, seq]"));
+    assert!(run(&mut m, &ids, hook_torch::RunSpec { fork: fork(0), ..Default::default() }).contains("at least one row"));
+    let early = vec![vec![], vec![Intervention::Resid { component: "model.layers[0].output".into(), positions: vec![0], patch: PatchValue::Ablation }]];
+    let e = run(&mut m, &ids, hook_torch::RunSpec { fork: fork(2), row_interventions: &early, ..Default::default() });
+    assert!(e.contains("after the fork's site"), "{e}");
+    assert!(run(&mut m, &ids, hook_torch::RunSpec { fork: fork(3), row_interventions: &early, ..Default::default() }).contains("one list per row"));
+    let e = run(&mut m, &ids, hook_torch::RunSpec { fork: Some(hook_torch::Fork { component: "model.layers[9].input".into(), rows: 2 }), ..Default::default() });
+    assert!(e.contains("model.layers[9].input"), "{e}");
+    let e = run(&mut m, &ids, hook_torch::RunSpec { logit_positions: Some(vec![3]), ..Default::default() });
+    assert!(e.contains("outside a sequence of 3"), "{e}");
+    // the module still runs plainly afterwards
+    assert_eq!(m.forward(&ids, &ids.ones_like()).unwrap().size()[..2], [1, 3]);
+}

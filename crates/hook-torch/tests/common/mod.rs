@@ -10,6 +10,9 @@ use tch::{Device, Kind, Tensor};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
+/// The model families hookrs supports, by their tiny random test models.
+pub const FAMILIES: [&str; 10] = ["llama", "gpt2", "gpt_neox", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "qwen3", "olmo2"];
+
 /// The workspace root (the folder holding `xtask/python/export.py`), from whichever crate
 /// includes this module.
 pub fn root() -> PathBuf {
