@@ -53,48 +53,73 @@ def heads(layers, saved, hd):
     return save, patch
 
 
-def main():
-    hf, clean, corrupted, answer, wrong = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
-    layers = model.model.layers
-    saved = {}
-    if sys.argv[6:] == ["heads"]:
-        n_cells = model.config.num_attention_heads
-        save, patch = heads(layers, saved, model.config.hidden_size // n_cells)
-    else:
-        n_cells = len(clean)
-        save, patch = resid_out(layers, saved)
-    clean_t, corrupt_t = torch.tensor([clean]), torch.tensor([corrupted])
-    n_layers = len(layers)
+def sites(model, heads_mode):
+    """(save, patch, cells per layer) of the sweep: heads of a layer, or positions."""
+    layers, saved = model.model.layers, {}
+    if heads_mode:
+        n = model.config.num_attention_heads
+        return (*heads(layers, saved, model.config.hidden_size // n), n)
+    return (*resid_out(layers, saved), None)
 
-    def metric(logits):
-        return (logits[:, -1, answer] - logits[:, -1, wrong]).double()
 
+def metric(logits, answer, wrong):
+    return (logits[:, -1, answer] - logits[:, -1, wrong]).double()
+
+
+def record_clean(model, save, clean_t):
+    handles = [save(l) for l in range(len(model.model.layers))]
+    model(clean_t)
+    for h in handles:
+        h.remove()
+
+
+def sweep_batched_by_layer(model, clean, corrupted, answer, wrong, heads_mode=False):
+    """The grid [layers, cells] with the cells of each layer as the rows of one batch (each row
+    patched at its own position or head): the fastest plain PyTorch a user writes by hand."""
+    save, patch, n_cells = sites(model, heads_mode)
+    n_cells = n_cells or len(clean)
+    n_layers = len(model.model.layers)
     with torch.no_grad():
-        handles = [save(l) for l in range(n_layers)]
-        model(clean_t)
-        for h in handles:
+        record_clean(model, save, torch.tensor([clean]))
+        grid = torch.zeros(n_layers, n_cells, dtype=torch.float64)
+        batch = torch.tensor([corrupted]).repeat(n_cells, 1)
+        for l in range(n_layers):
+            h = patch(l, [(c, c) for c in range(n_cells)])
+            grid[l] = metric(model(batch).logits, answer, wrong)
             h.remove()
+    return grid
 
-        t = time.perf_counter()
-        loop = torch.zeros(n_layers, n_cells, dtype=torch.float64)
+
+def sweep_hook_loop(model, clean, corrupted, answer, wrong, heads_mode=False):
+    """The grid [layers, cells], one forward per cell with a forward hook (what a
+    TransformerLens / nnsight user writes)."""
+    save, patch, n_cells = sites(model, heads_mode)
+    n_cells = n_cells or len(clean)
+    n_layers = len(model.model.layers)
+    corrupt_t = torch.tensor([corrupted])
+    with torch.no_grad():
+        record_clean(model, save, torch.tensor([clean]))
+        grid = torch.zeros(n_layers, n_cells, dtype=torch.float64)
         for l in range(n_layers):
             for c in range(n_cells):
                 h = patch(l, [(0, c)])
-                loop[l, c] = metric(model(corrupt_t).logits)[0]
+                grid[l, c] = metric(model(corrupt_t).logits, answer, wrong)[0]
                 h.remove()
-        loop_s = time.perf_counter() - t
+    return grid
 
-        t = time.perf_counter()
-        batched = torch.zeros(n_layers, n_cells, dtype=torch.float64)
-        batch = corrupt_t.repeat(n_cells, 1)
-        for l in range(n_layers):
-            h = patch(l, [(c, c) for c in range(n_cells)])
-            batched[l] = metric(model(batch).logits)
-            h.remove()
-        batched_s = time.perf_counter() - t
-    print(json.dumps({"hook_loop_s": loop_s, "batched_by_layer_s": batched_s, "cells": n_layers * n_cells,
+
+def main():
+    hf, clean, corrupted, answer, wrong = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    heads_mode = sys.argv[6:] == ["heads"]
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    t = time.perf_counter()
+    loop = sweep_hook_loop(model, clean, corrupted, answer, wrong, heads_mode)
+    loop_s = time.perf_counter() - t
+    t = time.perf_counter()
+    batched = sweep_batched_by_layer(model, clean, corrupted, answer, wrong, heads_mode)
+    batched_s = time.perf_counter() - t
+    print(json.dumps({"hook_loop_s": loop_s, "batched_by_layer_s": batched_s, "cells": loop.numel(),
                       "max_diff": float((loop - batched).abs().max()), "metric_range": float(loop.max() - loop.min()),
                       "grid": loop.tolist()}))
 

@@ -11,6 +11,10 @@ Checks (each printed with its numbers; the last line counts them):
               1e-5 of HF's softmax, at every position
   attribute   `hookrs attribute`: the model's logit difference equals HF's within 1e-5 of the
               largest logit, and the parts sum to it within 1e-4 of it
+  patch       `hookrs patch` (cells batched, each layer's forked from one corrupted run) of
+              resid_out (layers x positions) and heads (layers x heads) on an IOI pair: every
+              cell's logit difference equals plain PyTorch hooks on the eager model within 1e-5
+              of the largest logit
 """
 import json
 import subprocess
@@ -130,6 +134,23 @@ sum_err = abs(attr["sum"] - attr["model_logit_diff"]) / scale
 check("attribute", model_err < 1e-5 and sum_err < 1e-4,
       f"logit({answer}) - logit({wrong}) = {attr['model_logit_diff']:.4f} (HF {hf_diff:.4f}; {model_err:.1e} of the largest logit); "
       f"{len(attr['parts'])} parts sum to {attr['sum']:.4f} ({sum_err:.1e})")
+
+# --- activation patching against plain PyTorch hooks -------------------------------------------
+import bench_patch  # beside this script: the PyTorch side of `cargo xtask bench patch`
+
+clean, corrupted = "When Mary and John went to the store, John gave a drink to", "When Mary and John went to the store, Mary gave a drink to"
+c_ids, x_ids = tok(clean).input_ids, tok(corrupted).input_ids
+a, w = tok(" Mary", add_special_tokens=False).input_ids[0], tok(" John", add_special_tokens=False).input_ids[0]
+with torch.no_grad():
+    scale = max(model(torch.tensor([x_ids])).logits[0, -1].abs().max().item(), 1.0)
+for component in ["resid_out", "heads"]:
+    cli("patch", "--model", pt, "--clean-ids", json.dumps(c_ids), "--corrupted-ids", json.dumps(x_ids), "--answer", " Mary", "--wrong", " John",
+        "--component", component, "--positions", "all", "--out", str(work / f"patch-{component}"))
+    ours = torch.tensor(json.loads((work / f"patch-{component}.json").read_text())["metric_means"], dtype=torch.float64)
+    theirs = bench_patch.sweep_batched_by_layer(model, c_ids, x_ids, a, w, component == "heads")
+    err = (ours - theirs).abs().max().item() / scale if ours.shape == theirs.shape else float("inf")
+    check("patch", err < 1e-5, f"{component}: {tuple(ours.shape)} cells (hookrs {tuple(ours.shape)}, PyTorch {tuple(theirs.shape)}) within {err:.1e} "
+          f"of the largest logit ({scale:.1f}) of plain PyTorch hooks batched by layer")
 
 print(f"real checks: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -92,10 +92,13 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect();
     let mode = if a.mode == "mean" { Ablation::Mean } else { Ablation::Zero };
+    let started = std::time::Instant::now();
     let grid = ablate_sweep(&mut m, &prompts, &parts, mode, &positions, hook_analysis::patching::Batching { max_tokens: a.max_batch_tokens, share_prefix: !a.no_shared_prefix })?;
+    let sweep_seconds = started.elapsed().as_secs_f64();
     let one_token = prompts.iter().all(|p| p.answer.len() == 1 && p.wrong.len() == 1);
     let values = grid.score();
     let json = serde_json::json!({
+        "sweep_seconds": sweep_seconds,
         "component": a.component, "mode": a.mode, "positions": a.positions,
         "rows": "layer", "cols": "ablated part",
         "row_labels": grid.rows, "col_labels": grid.cols, "values": values, "metric_means": grid.values,

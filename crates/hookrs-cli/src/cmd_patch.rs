@@ -129,7 +129,9 @@ pub fn run(a: Args) -> Result<()> {
         _ => (Part::Resid, true),
     };
     let pairs: Vec<PatchPair> = read.iter().map(|r| r.pair.clone()).collect();
+    let started = std::time::Instant::now();
     let grid = patch_sweep(&mut m, &pairs, part, &positions, each_position, hook_analysis::patching::Batching { max_tokens: a.max_batch_tokens, share_prefix: !a.no_shared_prefix })?;
+    let sweep_seconds = started.elapsed().as_secs_f64();
     let one_token = pairs.iter().all(|p| p.answer.len() == 1 && p.wrong.len() == 1);
     let values = grid.score();
     // token labels when there is one pair
@@ -142,6 +144,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let corrupted = grid.corrupted.unwrap_or(f64::NAN);
     let json = serde_json::json!({
+        "sweep_seconds": sweep_seconds,
         "component": a.component, "positions": a.positions,
         "rows": if part == Part::Heads && each_position { "layer.head" } else { "layer" },
         "cols": if part == Part::Heads && !each_position { "head" } else { "position" },
