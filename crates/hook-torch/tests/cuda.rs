@@ -103,3 +103,27 @@ fn a_cached_step_on_cuda_keeps_its_cache_on_the_device_and_gives_the_cpu_logits(
     }
     assert!(logits[0].allclose(&logits[1], 1e-3, 1e-3, false), "cuda step logits differ from the cpu's");
 }
+
+#[test]
+fn a_fork_on_cuda_gives_the_cpu_logits() {
+    use hook_torch::{Fork, Intervention, PatchValue, RunSpec};
+    use tch::Tensor;
+    assert!(tch::Cuda::is_available(), "the cuda-tests feature needs a CUDA device");
+    let ids = Tensor::from_slice(&[5i64, 9, 12, 40, 7]).view([1, 5]);
+    let cells: Vec<Vec<Intervention>> =
+        (0..3).map(|q| vec![Intervention::Resid { component: "model.layers[1].output".into(), positions: vec![q], patch: PatchValue::Ablation }]).collect();
+    let mut logits = Vec::new();
+    for device in [Device::Cpu, Device::Cuda(0)] {
+        let mut m = HookedModule::load(common::model("llama"), device).unwrap();
+        let spec = RunSpec {
+            fork: Some(Fork { component: "model.layers[1].input".into(), rows: 3 }),
+            row_interventions: &cells,
+            logit_positions: Some(vec![-1]),
+            ..RunSpec::default()
+        };
+        let out = m.run(&ids, &ids.ones_like(), spec).unwrap().logits.unwrap();
+        assert_eq!((out.device(), out.size()[..2].to_vec()), (device, vec![3, 1]));
+        logits.push(out.to_device(Device::Cpu));
+    }
+    assert!(logits[0].allclose(&logits[1], 1e-3, 1e-3, false), "cuda fork logits differ from the cpu's");
+}
