@@ -148,7 +148,7 @@ fn soak(args: &[String]) -> Result<()> {
     if !model.exists() {
         run(Command::new(&python).arg(root.join("xtask/python/export.py")).args(["--random", "llama", "--seed", "0", "--out"]).arg(&model))?;
     }
-    let out = cargo().args(["run", "--quiet", "-p", "hook-torch", "--example", "soak", "--"]).arg(&model).args(args).output()?;
+    let out = Command::new(workspace_binaries()?.join("examples/soak")).arg(&model).args(args).output()?;
     if !out.status.success() {
         bail!("the soak run failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -644,6 +644,16 @@ pub fn usage_error(msg: &str) -> ! {
 /// The workspace root (xtask's parent).
 pub fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Builds every binary and example of the workspace (but the Python extension) and returns
+/// `target/debug`, where they are. One build with the features `cargo test --workspace`
+/// unifies, so it reuses the test build's libraries: `cargo run -p X` resolves X's features
+/// alone and compiled libtorch's bindings and the C++ shim again for each of the soak, the
+/// parity runners and the CLI (about 9 of a fresh clone's 49 CI minutes).
+pub fn workspace_binaries() -> Result<PathBuf> {
+    run(cargo().args(["build", "--quiet", "--workspace", "--bins", "--examples", "--exclude", "hookrs-py"]))?;
+    Ok(project_root().join("target/debug"))
 }
 
 pub fn cargo() -> Command {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, project_root, run};
+use crate::{project_root, run};
 
 /// One parity suite: `xtask/python/parity_<suite>.py` writes the cases, the runner
 /// `parity_<suite>` of the hook-parity crate checks them and writes its section of
@@ -17,8 +17,7 @@ pub fn suite(python: &Path, suite: &str) -> Result<()> {
     let dir = root.join("target/parity").join(suite);
     run(Command::new(python).arg(root.join(format!("xtask/python/parity_{suite}.py"))).arg(&dir))
         .with_context(|| format!("generating the easyroutine cases of parity {suite} failed"))?;
-    run(cargo()
-        .args(["run", "--quiet", "-p", "hook-parity", "--bin", &format!("parity_{suite}"), "--"])
+    run(Command::new(crate::workspace_binaries()?.join(format!("parity_{suite}")))
         .arg(&dir)
         .arg("--write")
         .arg(root.join("docs/parity.md")))

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, fetch, project_root, run, setup};
+use crate::{fetch, project_root, run, setup};
 
 pub const USAGE: &str = "usage: cargo xtask real\n\n\
 hookrs on the real SmolLM2-135M-Instruct (fetched once with `cargo xtask fetch smollm2`, float32 and bfloat16): the \
@@ -34,14 +34,13 @@ pub fn real(args: &[String]) -> Result<()> {
     let dir = root.join("target/parity/real");
     run(Command::new(&python).arg(root.join("xtask/python/parity_models.py")).arg(&dir).arg("--real").arg(&hf).arg(&f32).arg(&bf16))
         .context("generating easyroutine's cases on the real model failed")?;
-    run(cargo()
-        .args(["run", "--quiet", "-p", "hook-parity", "--bin", "parity_models", "--"])
+    let bin = crate::workspace_binaries()?;
+    run(Command::new(bin.join("parity_models"))
         .arg(&dir)
         .args(["--section", "real", "--write"])
         .arg(root.join("docs/parity.md")))
     .context("parity on the real model failed: a row differs from easyroutine (see the table above)")?;
-    run(cargo().args(["build", "--quiet", "-p", "hookrs-cli"]))?;
-    checks(&python, &root.join("target/debug/hookrs"), &hf, &f32, &root.join("target/real"))
+    checks(&python, &bin.join("hookrs"), &hf, &f32, &root.join("target/real"))
 }
 
 fn checks(python: &Path, hookrs: &Path, hf: &Path, model: &Path, work: &Path) -> Result<()> {
