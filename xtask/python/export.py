@@ -160,7 +160,7 @@ def description(model, family, source, architecture):
             "stream between them (TransformerLens leaves hook_resid_mid out too); use resid_in, attn_out, mlp_out or resid_out")
     final_norm = model.get_submodule(lay["final_norm"])
     return {
-        "hookrs_description_version": 4,
+        "hookrs_description_version": 5,
         "architecture": architecture,
         "family": family,
         "source": source,
@@ -189,24 +189,29 @@ def description(model, family, source, architecture):
 
 
 def past_cache_class():
-    """A transformers `Cache` over plain tensors: the past keys and values of each layer come in
-    as tensors, `update` returns them with the step's own appended, and keeps the step's own
-    (what the step graph returns). Unlike `DynamicCache` it crosses `torch.jit.trace`: the
-    tracer sees tensors in and tensors out."""
+    """A transformers `Cache` over plain tensors, which crosses `torch.jit.trace` where
+    `DynamicCache` cannot (the tracer sees tensors in and tensors out). Each layer's keys and
+    values come in as one buffer `[batch, kv_heads, capacity, head_dim]` whose first `past`
+    tokens are filled: `update` writes the step's own after them, in place, and returns a view of
+    the filled part (no copy of the past: generation's cache is the only one there is)."""
     from transformers.cache_utils import Cache
 
     class PastCache(Cache):
-        def __init__(self, keys, values):
+        def __init__(self, keys, values, past):
             super().__init__()
-            self.past_k, self.past_v = list(keys), list(values)
+            self.keys, self.values, self.past = list(keys), list(values), past
             self.new_k, self.new_v = [None] * len(keys), [None] * len(keys)
 
         def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-            self.new_k[layer_idx], self.new_v[layer_idx] = key_states, value_states
-            return torch.cat([self.past_k[layer_idx], key_states], -2), torch.cat([self.past_v[layer_idx], value_states], -2)
+            s = key_states.shape[-2]
+            k, v = self.keys[layer_idx], self.values[layer_idx]
+            k.narrow(2, self.past, s).copy_(key_states)
+            v.narrow(2, self.past, s).copy_(value_states)
+            self.new_k[layer_idx], self.new_v[layer_idx] = k.narrow(2, self.past, s), v.narrow(2, self.past, s)
+            return k.narrow(2, 0, self.past + s), v.narrow(2, 0, self.past + s)
 
         def get_seq_length(self, layer_idx=0):
-            return self.past_k[layer_idx].shape[-2]
+            return self.past
 
         def get_max_cache_shape(self):
             return None
@@ -251,6 +256,53 @@ class WindowByMask:
         self.handles = []
 
 
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """transformers' eager attention (scores, soft cap, mask, float32 softmax, dropout), with
+    each key/value head attending for its group of query heads directly instead of after
+    `repeat_kv`: the queries `[batch, heads, S, head_dim]` are viewed as `[batch, kv_heads,
+    groups * S, head_dim]`, so no copy of the keys and values per query head is made (at 1,024
+    past tokens and 4 groups that copy is 4x the layer's whole cache). The pattern comes out
+    `[batch, heads, S, past + S]` as eager's, with the same softmax and cast, so its sites are
+    the same. Used by the cached step only (`check_step` holds it to the forward)."""
+    if scaling is None:
+        scaling = module.head_dim ** -0.5
+    b, heads, s = query.shape[0], query.shape[1], query.shape[2]
+    kv_heads, t = key.shape[1], key.shape[2]
+    scores = torch.matmul(query.reshape(b, kv_heads, -1, query.shape[3]), key.transpose(2, 3)).reshape(b, heads, s, t) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, :t]
+    weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights.reshape(b, kv_heads, -1, t), value).reshape(b, heads, s, -1)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+class GroupedHeads:
+    """While the step is traced, the attention of every module that repeats its key/value heads
+    (`num_key_value_groups`, the modeling file's `eager_attention_forward` with `repeat_kv`)
+    runs `grouped_attention` instead. Modules without the attribute (GPT-2, NeoX: one key/value
+    head per query head) keep their own."""
+
+    def __init__(self, model):
+        import sys
+        self.files = {sys.modules[type(m).__module__] for m in model.modules()
+                      if hasattr(m, "num_key_value_groups") and hasattr(sys.modules[type(m).__module__], "eager_attention_forward")}
+        self.saved = {}
+
+    def __enter__(self):
+        for f in self.files:
+            self.saved[f] = f.eager_attention_forward
+            f.eager_attention_forward = grouped_attention
+        return self
+
+    def __exit__(self, *exc):
+        for f, fn in self.saved.items():
+            f.eager_attention_forward = fn
+        self.saved = {}
+
+
 def last_position(module, args):
     """A forward pre-hook: the module (the unembedding) gets the last position of its input only."""
     return (args[0][:, -1:], *args[1:])
@@ -264,9 +316,11 @@ def with_mask_positions(model):
 
     It also gets `step(input_ids, attention_mask, k_0..k_{L-1}, v_0..v_{L-1})`: the forward of
     `S` new tokens after `P` cached ones. `attention_mask` covers all `P + S` tokens; `k_l`, `v_l`
-    are layer `l`'s past keys and values `[batch, kv_heads, P, head_dim]` (as the attention
-    stores them: after rotary, after q/k norms); it returns `(logits [batch, 1, vocab] of the
-    last token, new k_0.., new v_0..)`, each new one `[batch, kv_heads, S, head_dim]`. With
+    are layer `l`'s key and value buffers `[batch, kv_heads, capacity, head_dim]`, capacity at
+    least `P + S`, the first `P` tokens filled (as the attention stores them: after rotary,
+    after q/k norms). The step writes the new tokens' keys and values into positions `P..P+S`
+    in place and returns `(logits [batch, 1, vocab] of the last token, new k_0.., new v_0..)`,
+    each new one a view `[batch, kv_heads, S, head_dim]` of its buffer. With
     `P = 0` it is the prefill; a long prompt can also be fed in pieces (`S > 1` after `P > 0`).
     Only the last position reaches the unembedding (a pre-hook on it, as transformers'
     `logits_to_keep=1`, here for every family): a prefill of 8 x 1,024 tokens would otherwise
@@ -292,21 +346,25 @@ def with_mask_positions(model):
             keys, values = past[:n_layers], past[n_layers:]
             kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
             if cache_objects:
-                cache = kw["past_key_values"] = PastCache(keys, values)
+                cache = kw["past_key_values"] = PastCache(keys, values, p)
                 if takes_cache_position:
                     kw["cache_position"] = torch.arange(s, device=input_ids.device) + p
             else:  # GPT-2: a tuple of (keys, values) per layer in, the whole ones out
-                kw["past_key_values"] = tuple(zip(keys, values))
+                kw["past_key_values"] = tuple((k.narrow(2, 0, p), v.narrow(2, 0, p)) for k, v in zip(keys, values))
             last = self.get_submodule(layout["unembed"]).register_forward_pre_hook(last_position)
             try:
-                with WindowByMask(self, layers):
+                with WindowByMask(self, layers), GroupedHeads(self):
                     out = base.forward(self, **kw)
             finally:
                 last.remove()
             if cache_objects:
                 return (out[0], *cache.new_k, *cache.new_v)
-            presents = out[1]
-            return (out[0], *[k.narrow(2, p, s) for k, _ in presents], *[v.narrow(2, p, s) for _, v in presents])
+            new = []
+            for buffers, which in ((keys, 0), (values, 1)):
+                for buf, present in zip(buffers, out[1]):
+                    buf.narrow(2, p, s).copy_(present[which].narrow(2, p, s))
+                    new.append(buf.narrow(2, p, s))
+            return (out[0], *new)
 
     WithMaskPositions.__name__ = WithMaskPositions.__qualname__ = base.__name__
     model.__class__ = WithMaskPositions
@@ -314,18 +372,23 @@ def with_mask_positions(model):
 
 
 def cache_shapes(model, device):
-    """Each layer's [kv_heads, head_dim] in the step's cache, read off one step on two tokens."""
-    dtype = next(model.parameters()).dtype
-    n = model.config.num_hidden_layers
-    c = model.config
-    heads = c.num_attention_heads
-    kvh = getattr(c, "num_key_value_heads", heads) or heads
-    hd = getattr(c, "head_dim", None) or c.hidden_size // heads
+    """Each layer's [kv_heads, head_dim] in the step's cache, read off the cache transformers'
+    own forward fills on two tokens (its `DynamicCache`, or GPT-2's tuples)."""
     ids = torch.full((1, 2), 3, device=device)
-    empty = [torch.zeros(1, kvh, 0, hd, dtype=dtype, device=device) for _ in range(2 * n)]
     with torch.no_grad():
-        out = model.step(ids, torch.ones_like(ids), *empty)
-    return [[int(k.shape[1]), int(k.shape[3])] for k in out[1:1 + n]]
+        past = type(model).__mro__[1].forward(model, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)[1]
+    keys = list(past.key_cache) if hasattr(past, "key_cache") else [k for k, _ in past]
+    return [[int(k.shape[1]), int(k.shape[3])] for k in keys]
+
+
+def cache_buffers(shapes, batch, capacity, dtype, device, filled=0):
+    """The step's key and value buffers (every layer's keys, then every layer's values) with
+    room for `capacity` tokens, the first `filled` random (the graph must not care what they
+    hold), the rest NaN: a step that reads past what is filled shows in its logits."""
+    out = [torch.full((batch, kvh, capacity, hd), float("nan"), dtype=dtype, device=device) for kvh, hd in shapes * 2]
+    for t in out:
+        t[:, :, :filled] = torch.randn(batch, t.shape[1], filled, t.shape[3], dtype=dtype, device=device)
+    return out
 
 
 def word_tokenizer(path):
@@ -358,7 +421,8 @@ def relative_diff(want, got, mask=None):
     want, got = want.float(), got.float()
     if mask is not None:
         want, got = want[mask], got[mask]
-    return (want - got).abs().max().item() / max(want.abs().max().item(), 1.0)
+    worst = (want - got).abs().max().item() / max(want.abs().max().item(), 1.0)
+    return worst if worst == worst else float("inf")  # NaN (a value read from nowhere) fails every bound
 
 
 def where(model, filename, lineno):
@@ -456,12 +520,6 @@ class KeepInputsOutside:
             h.remove()
 
 
-def step_example(model, batch, past, device):
-    """Past keys and values of `past` tokens for every layer (random: the graph must not care)."""
-    dtype = next(model.parameters()).dtype
-    return [torch.randn(batch, kvh, past, hd, dtype=dtype, device=device) for kvh, hd in cache_shapes(model, device) * 2]
-
-
 def check_step(model, traced, vocab, device, tol):
     """The step graph, run as generation runs it, gives the last logits of the full forward over
     the text so far at every step: a left-padded batch is prefilled in two pieces (4 tokens with
@@ -469,25 +527,23 @@ def check_step(model, traced, vocab, device, tol):
     of several tokens after a past), and then generates one token at a time with the keys and
     values it returned. 12 steps after 9 tokens pass every sliding window of the tiny models."""
     dtype = next(model.parameters()).dtype
-    shapes = cache_shapes(model, device)
     ids = torch.randint(3, vocab, (3, 9)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     mask[2, :1] = 0
-    past = [torch.zeros(3, kvh, 0, hd, dtype=dtype, device=device) for kvh, hd in shapes * 2]
+    # room for 9 + 12 tokens and 3 more, never filled: NaN there shows in the logits if read
+    cache = cache_buffers(cache_shapes(model, device), 3, 24, dtype, device)
     worst = 0.0
     try:
         for lo, hi in ((0, 4), (4, 9)):
-            out = traced.step(ids[:, lo:hi], mask[:, :hi], *past)
-            past = [torch.cat([old, new], 2) for old, new in zip(past, out[1:])]
+            out = traced.step(ids[:, lo:hi], mask[:, :hi], *cache)
             real = mask[:, hi - 1].bool()  # the first piece's last column is padding in row 0
             worst = max(worst, relative_diff(model(ids[:, :hi], attention_mask=mask[:, :hi])[0][real, -1:], out[0][real]))
         for _ in range(12):
             nxt = out[0][:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            out = traced.step(nxt, mask, *past)
-            past = [torch.cat([old, new], 2) for old, new in zip(past, out[1:])]
+            out = traced.step(nxt, mask, *cache)
             worst = max(worst, relative_diff(model(ids, attention_mask=mask)[0][:, -1:], out[0]))
     except Exception as e:  # noqa: BLE001 - any failure of the graph on a new input
         raise SystemExit(f"export: the cached step graph fails on a prefill or a later step ({str(e).splitlines()[0]})")
@@ -508,7 +564,7 @@ def trace(model, vocab, device="cpu"):
     step_mask = torch.ones(2, 6, dtype=torch.long, device=device)
     step_mask[1, :2] = 0
     with torch.no_grad():
-        step_past = step_example(model, 2, 5, device)
+        step_past = cache_buffers(cache_shapes(model, device), 2, 8, dtype, device, filled=5)
         with warnings.catch_warnings(record=True) as recorded:
             warnings.simplefilter("always", torch.jit.TracerWarning)
             with KeepInputsOutside(model):
@@ -634,7 +690,7 @@ def main():
     traced = trace(model, model.config.vocab_size, device)
     desc = description(model, family, source, architecture)
     desc["dtype"] = a.dtype
-    desc["step"] = {"method": "step", "cache": cache_shapes(model, device), "logits": "last"}
+    desc["step"] = {"method": "step", "cache": cache_shapes(model, device), "logits": "last", "writes_cache": True}
     tmp = out.with_suffix(".pt.tmp")
     torch.jit.save(traced, str(tmp), _extra_files={"hookrs.json": json.dumps(desc)})
     tmp.replace(out)

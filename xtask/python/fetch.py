@@ -102,7 +102,7 @@ def dequantize(gguf, hf):
 
 def export(source, pt, dtype):
     done = pt.with_name(pt.name + ".complete")
-    stamp = f"exported from {source.name} by export.py (description version 4: the cached step, last-position logits)"
+    stamp = f"exported from {source.name} by export.py (description version 5: the cached step writes the KV cache in place)"
     if pt.exists() and done.exists() and done.read_text() == stamp:
         return
     say(f"exporting {source.name} as {dtype} TorchScript -> {pt.name}")

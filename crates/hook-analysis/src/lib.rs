@@ -21,6 +21,6 @@ pub mod patching;
 
 pub use attribution::Decomposition;
 pub use error::{AnalysisError, Result};
-pub use generate::{generate, Apply, Edits, GenerateOptions, Generation, Steering};
+pub use generate::{generate, Apply, Edits, GenerateOptions, Generation, Steering, DEFAULT_MAX_PREFILL_TOKENS};
 pub use lens::{Direction, LogitLens, Metric};
 pub use norm::{FinalNorm, NormKind, NormStats};

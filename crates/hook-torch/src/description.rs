@@ -80,6 +80,11 @@ pub struct StepDescription {
     pub method: String,
     /// `[kv_heads, head_dim]` of each layer's keys and values.
     pub cache: Vec<[usize; 2]>,
+    /// The step takes each layer's whole buffers `[batch, kv_heads, capacity, head_dim]` and
+    /// writes the new tokens' keys and values into them in place (description version 5 on;
+    /// [`KvCache`](crate::KvCache) refuses older steps, which returned them to be copied in).
+    #[serde(default)]
+    pub writes_cache: bool,
 }
 
 fn eps() -> f64 {

@@ -2,10 +2,11 @@
 //! the next tokens run without recomputing the text ([`HookedModule::step`]).
 //!
 //! Each layer has one buffer of keys and one of values, `[batch, kv_heads, capacity,
-//! head_dim]`, on the model's device in its dtype. A step hands the graph views of the filled
-//! part (no copy) and writes the new tokens' keys and values after them. The buffers are
-//! allocated uninitialised, so memory is only touched as tokens fill them; past the capacity
-//! they grow (doubling, one copy).
+//! head_dim]`, on the model's device in its dtype. A step hands the graph the whole buffers
+//! (grown first when the new tokens would not fit: doubling, one copy), and the graph writes the
+//! new tokens' keys and values after the filled part, in place, attending over a view of it: the
+//! past exists once, here (export.py's `PastCache`). The buffers are allocated uninitialised, so
+//! memory is only touched as tokens fill them.
 
 use tch::Tensor;
 
@@ -45,6 +46,12 @@ impl KvCache {
                 m.path().display()
             ))
         })?;
+        if !step.writes_cache {
+            return Err(TorchError::Input(format!(
+                "{} was exported by an older export.py, whose cached step returns the keys and values for the caller to copy in: export it again with `cargo xtask export` (its step writes them into the cache in place)",
+                m.path().display()
+            )));
+        }
         if batch == 0 {
             return Err(TorchError::Input("a KV cache needs a batch of at least one row".into()));
         }
@@ -96,13 +103,17 @@ impl KvCache {
         self.values.get(layer).map(|v| v.narrow(2, 0, self.len))
     }
 
-    /// The step's past inputs: every layer's keys, then every layer's values (views).
-    pub(crate) fn past(&self) -> Vec<Tensor> {
-        self.keys.iter().chain(&self.values).map(|t| t.narrow(2, 0, self.len)).collect()
+    /// The step's past inputs for `new` tokens, every layer's keys then every layer's values:
+    /// the whole buffers, grown first to hold `new` more tokens (the graph writes into them).
+    pub(crate) fn past(&mut self, new: i64) -> Result<Vec<Tensor>> {
+        if self.len + new > self.capacity {
+            self.grow((self.len + new).max(2 * self.capacity))?;
+        }
+        Ok(self.keys.iter().chain(&self.values).map(Tensor::shallow_clone).collect())
     }
 
-    /// Writes a step's new keys and values (in the order of [`KvCache::past`]) after the
-    /// cached ones.
+    /// Counts a step's new tokens as cached, once their keys and values (views of the buffers
+    /// the step wrote, in the order of [`KvCache::past`]) have the shape they must.
     pub(crate) fn append(&mut self, new: &[Tensor]) -> Result<()> {
         let layers = self.keys.len();
         if new.len() != 2 * layers {
@@ -110,15 +121,16 @@ impl KvCache {
         }
         let s = new[0].size().get(2).copied().unwrap_or(0);
         if self.len + s > self.capacity {
-            self.grow((self.len + s).max(2 * self.capacity))?;
+            return Err(TorchError::Input(format!(
+                "the cached step returned {s} new tokens' keys and values, more than the {} its cache had room for",
+                self.capacity - self.len
+            )));
         }
-        let (keys, values) = new.split_at(layers);
-        for (buf, t) in self.keys.iter_mut().chain(self.values.iter_mut()).zip(keys.iter().chain(values)) {
+        for (buf, t) in self.keys.iter().chain(&self.values).zip(new) {
             let want = [self.batch, buf.size()[1], s, buf.size()[3]];
             if t.size() != want {
                 return Err(TorchError::Input(format!("the cached step returned keys/values of shape {:?}, expected {want:?}", t.size())));
             }
-            buf.narrow(2, self.len, s).f_copy_(t)?;
         }
         self.len += s;
         Ok(())

@@ -126,11 +126,10 @@ impl HookedModule {
     /// The forward of the next tokens of a text whose earlier tokens are in `cache` (generation
     /// without recomputing the text): `input_ids` `[batch, new]`, `attention_mask` `[batch,
     /// cached + new]` (the whole text's: left padding stays masked), the batch of the cache.
-    /// The new tokens' keys and values are appended to `cache`. The logits are the last new
-    /// token's, `[batch, 1, vocab]` (what generation reads: a prefill of a long prompt does not
-    /// make logits for every position; archives exported before description version 4 return
-    /// every new token's). With an empty cache it is the prefill; a long prompt can also be fed
-    /// in pieces, each step after the ones before it.
+    /// The step's graph writes the new tokens' keys and values into `cache` in place. The
+    /// logits are the last new token's, `[batch, 1, vocab]` (what generation reads: a prefill
+    /// of a long prompt does not make logits for every position). With an empty cache it is
+    /// the prefill; a long prompt can also be fed in pieces, each step after the ones before it.
     ///
     /// Hooks, interventions and extractions see the new tokens only (as hooks on a
     /// transformers model see each forward of its `generate`): a site's activation is `[batch,
@@ -163,7 +162,7 @@ impl HookedModule {
         let ids = self.check_ids(input_ids)?;
         let mask = self.check_mask(attention_mask)?;
         let new_mask = mask.narrow(1, cache.len() as i64, s);
-        let past = cache.past();
+        let past = cache.past(s)?;
         let out = self.run_checked(ids, mask, Some((&past, new_mask)), spec)?;
         drop(past);
         cache.append(&out.1)?;

@@ -49,7 +49,7 @@ pub struct Args {
     pub batch_size: usize,
     /// At most this many tokens (rows x columns) per forward of the prefill: a long prompt is
     /// fed in pieces, so its activations stay small beside the KV cache (0: all at once).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = hook_analysis::generate::DEFAULT_MAX_PREFILL_TOKENS)]
     pub max_prefill_tokens: usize,
     /// How many tokens to add.
     #[arg(long, default_value_t = 20)]

@@ -660,7 +660,7 @@ impl HookedModule {
     /// last position, then each fed-back token). `max_prefill_tokens` (rows x columns per
     /// forward) feeds a long prompt in pieces, so its activations stay small (0: at once).
     #[pyo3(signature = (prompts, max_new_tokens=16, temperature=0.0, top_k=None, top_p=None, seed=0, eos=None, pad=0, batch_size=8,
-                        max_prefill_tokens=256, steering=None, interventions=None, interventions_at="all", extraction_config=None))]
+                        max_prefill_tokens=hook_analysis::generate::DEFAULT_MAX_PREFILL_TOKENS, steering=None, interventions=None, interventions_at="all", extraction_config=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &mut self,
