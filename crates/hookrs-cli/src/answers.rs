@@ -45,6 +45,20 @@ pub fn tokens_of(tok: Option<&Tokenizer>, v: &Value, special: bool, what: &str) 
     }
 }
 
+/// An answer's token ids: `obj` (the line's own `"answer"`/`"wrong"` in a JSONL file) or else
+/// `given` (the `flag` on the command line). Missing from both, it is an error naming where it
+/// belongs (`at` prefixes the file and line): a usage error when no file was read
+/// (`from_file` false), since the flag is then the only place it can come from.
+pub fn answer_ids(tok: Option<&Tokenizer>, obj: Option<&Value>, given: &Option<String>, flag: &str, at: &str, from_file: bool, command: &str) -> Result<Vec<i64>> {
+    let v = match (obj, given) {
+        (Some(v), _) => v.clone(),
+        (None, Some(s)) => Value::String(s.clone()),
+        (None, None) if from_file => bail!("{at}no \"{}\": put it in each line or give {flag}", flag.trim_start_matches('-')),
+        (None, None) => return Err(crate::usage!("{command} needs {flag} (text: one or more tokens)")),
+    };
+    Ok(tokens_of(tok, &v, false, &format!("{at}{flag}"))?.ids)
+}
+
 fn ids_to_tokens(tok: &Tokenizer, ids: &[i64]) -> Vec<String> {
     ids.iter().map(|&i| u32::try_from(i).ok().and_then(|i| tok.id_to_token(i)).unwrap_or_else(|| i.to_string())).collect()
 }

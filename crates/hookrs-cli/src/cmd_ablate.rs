@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use hook_analysis::patching::{ablate_sweep, Ablation, Part, Prompt};
 use serde_json::Value;
 
-use crate::inputs::positive;
 use crate::{answers, inputs};
 
 #[derive(clap::Args, Debug)]
@@ -36,30 +35,15 @@ pub struct Args {
     /// Which positions are ablated (all at once): all, last, or a list such as 0,3,-1.
     #[arg(long, default_value = "all")]
     pub positions: String,
-    /// The cells of the sweep run as the rows of batched forwards of at most this many tokens
-    /// (at least one row each): results equal one forward per cell up to float rounding.
-    #[arg(long, default_value_t = hook_analysis::patching::DEFAULT_BATCH_TOKENS, value_parser = positive)]
-    pub max_batch_tokens: usize,
-    /// Run every cell through the whole model. By default the cells that edit layer l share
-    /// one run of the prompt up to layer l, and only the positions the metric reads are
-    /// unembedded (the same numbers up to float rounding; 1.7x to 1.9x faster on SmolLM2).
-    #[arg(long)]
-    pub no_shared_prefix: bool,
+    #[command(flatten)]
+    pub sweep: inputs::SweepArgs,
     #[command(flatten)]
     pub figure: inputs::FigureArgs,
 }
 
 fn read_prompts(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Prompt>> {
     let special = !a.model.no_special_tokens;
-    let answer = |obj: Option<&Value>, flag: &str, given: &Option<String>, at: &str| -> Result<Vec<i64>> {
-        let v = match (obj, given) {
-            (Some(v), _) => v.clone(),
-            (None, Some(s)) => Value::String(s.clone()),
-            (None, None) if a.prompts.is_some() => anyhow::bail!("{at}no \"{}\": put it in each line or give {flag}", &flag[2..]),
-            (None, None) => return Err(crate::usage!("ablate needs {flag} (text: one or more tokens)")),
-        };
-        Ok(answers::tokens_of(tok, &v, false, &format!("{at}{flag}"))?.ids)
-    };
+    let answer = |obj: Option<&Value>, flag: &str, given: &Option<String>, at: &str| answers::answer_ids(tok, obj, given, flag, at, a.prompts.is_some(), "ablate");
     if let Some(path) = &a.prompts {
         return answers::jsonl(path)?
             .into_iter()
@@ -93,7 +77,7 @@ pub fn run(a: Args) -> Result<()> {
         .collect();
     let mode = if a.mode == "mean" { Ablation::Mean } else { Ablation::Zero };
     let started = std::time::Instant::now();
-    let grid = ablate_sweep(&mut m, &prompts, &parts, mode, &positions, hook_analysis::patching::Batching { max_tokens: a.max_batch_tokens, share_prefix: !a.no_shared_prefix })?;
+    let grid = ablate_sweep(&mut m, &prompts, &parts, mode, &positions, a.sweep.batching())?;
     let sweep_seconds = started.elapsed().as_secs_f64();
     let one_token = prompts.iter().all(|p| p.answer.len() == 1 && p.wrong.len() == 1);
     let values = grid.score();
@@ -107,9 +91,7 @@ pub fn run(a: Args) -> Result<()> {
         "metric": answers::METRIC,
         "mean": "mode mean: each activation's mean over every token of the prompts (per layer; per head for heads)",
     });
-    let base = a.figure.prefix();
-    let json_path = base.with_extension("json");
-    let png_path = base.with_extension(if a.figure.svg { "svg" } else { "png" });
+    let (json_path, png_path) = a.figure.paths();
     let over = if prompts.len() > 1 { format!(", mean of {} prompts", prompts.len()) } else { String::new() };
     let name = answers::metric_name(one_token);
     let title = format!("{} ablation: change of the {name} (clean {:.3}){over}", a.mode, grid.clean);

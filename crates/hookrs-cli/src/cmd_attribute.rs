@@ -77,8 +77,7 @@ pub fn run(a: Args) -> Result<()> {
         "rows": "layer", "row_labels": row_labels, "col_labels": cols, "values": values,
         "semantics": "each part's direct contribution to logit(answer) - logit(wrong) through the final norm with its scale frozen (TransformerLens logit_attrs); parts sum to the logit difference before any soft-capping",
     });
-    let base = a.figure.prefix();
-    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.figure.svg { "svg" } else { "png" }));
+    let (json_path, png_path) = a.figure.paths();
     let title = format!("direct logit attribution to logit({}) - logit({}) (embedding {:+.3})", a.answer, a.wrong, get("embed"));
     let labels = crate::heatmap::Labels { title: &title, x: "component", y: "layer", value: "logit difference", cells: None };
     crate::heatmap::draw(&values, &row_labels, &cols, labels, &png_path)?;

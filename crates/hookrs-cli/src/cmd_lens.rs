@@ -76,8 +76,7 @@ pub fn run(a: Args) -> Result<()> {
         "values": values, "top_tokens": top, "top_token_ids": top_ids, "answer": a.answer, "wrong": a.wrong,
         "semantics": "easyroutine LogitLens.compute: the final norm applied with the final residual's cached statistics (frozen), then the unembedding",
     });
-    let base = a.figure.prefix();
-    let (json_path, png_path) = (base.with_extension("json"), base.with_extension(if a.figure.svg { "svg" } else { "png" }));
+    let (json_path, png_path) = a.figure.paths();
     let value = if metric == "logit_diff" { "logit difference" } else { "probability" };
     let labels = crate::heatmap::Labels { title: &title, x: "position (token)", y: "layer (resid_out)", value, cells: top.as_deref() };
     crate::heatmap::draw(&values, &row_labels, &col_labels, labels, &png_path)?;

@@ -13,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use hook_analysis::patching::{patch_sweep, Part, PatchPair};
 use serde_json::Value;
 
-use crate::inputs::positive;
 use crate::{answers, inputs};
 
 #[derive(clap::Args, Debug)]
@@ -51,15 +50,8 @@ pub struct Args {
     /// Which positions: all, last, or a list such as 0,3,-1 (negative from the end).
     #[arg(long, default_value = "all")]
     pub positions: String,
-    /// The cells of the sweep run as the rows of batched forwards of at most this many tokens
-    /// (at least one row each): results equal one forward per cell up to float rounding.
-    #[arg(long, default_value_t = hook_analysis::patching::DEFAULT_BATCH_TOKENS, value_parser = positive)]
-    pub max_batch_tokens: usize,
-    /// Run every cell through the whole model. By default the cells that edit layer l share
-    /// one run of the prompt up to layer l, and only the positions the metric reads are
-    /// unembedded (the same numbers up to float rounding; 1.7x to 1.9x faster on SmolLM2).
-    #[arg(long)]
-    pub no_shared_prefix: bool,
+    #[command(flatten)]
+    pub sweep: inputs::SweepArgs,
     #[command(flatten)]
     pub figure: inputs::FigureArgs,
 }
@@ -73,15 +65,7 @@ struct ReadPair {
 
 fn read_pairs(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<ReadPair>> {
     let special = !a.model.no_special_tokens;
-    let answer = |obj: Option<&Value>, flag: &str, given: &Option<String>, at: &str| -> Result<Vec<i64>> {
-        let v = match (obj, given) {
-            (Some(v), _) => v.clone(),
-            (None, Some(s)) => Value::String(s.clone()),
-            (None, None) if a.pairs.is_some() => bail!("{at}no \"{}\": put it in each line or give {flag}", &flag[2..]),
-            (None, None) => return Err(crate::usage!("patch needs {flag} (text: one or more tokens)")),
-        };
-        Ok(answers::tokens_of(tok, &v, false, &format!("{at}{flag}"))?.ids)
-    };
+    let answer = |obj: Option<&Value>, flag: &str, given: &Option<String>, at: &str| answers::answer_ids(tok, obj, given, flag, at, a.pairs.is_some(), "patch");
     let one = |clean: &Value, corrupted: &Value, ans: Option<&Value>, wrong: Option<&Value>, at: &str| -> Result<ReadPair> {
         let c = answers::tokens_of(tok, clean, special, &format!("{at}clean"))?;
         let x = answers::tokens_of(tok, corrupted, special, &format!("{at}corrupted"))?;
@@ -130,7 +114,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let pairs: Vec<PatchPair> = read.iter().map(|r| r.pair.clone()).collect();
     let started = std::time::Instant::now();
-    let grid = patch_sweep(&mut m, &pairs, part, &positions, each_position, hook_analysis::patching::Batching { max_tokens: a.max_batch_tokens, share_prefix: !a.no_shared_prefix })?;
+    let grid = patch_sweep(&mut m, &pairs, part, &positions, each_position, a.sweep.batching())?;
     let sweep_seconds = started.elapsed().as_secs_f64();
     let one_token = pairs.iter().all(|p| p.answer.len() == 1 && p.wrong.len() == 1);
     let values = grid.score();
@@ -154,9 +138,7 @@ pub fn run(a: Args) -> Result<()> {
         "metric": answers::METRIC,
         "answer": a.answer, "wrong": a.wrong, "clean": a.clean, "corrupted": a.corrupted,
     });
-    let base = a.figure.prefix();
-    let json_path = base.with_extension("json");
-    let png_path = base.with_extension(if a.figure.svg { "svg" } else { "png" });
+    let (json_path, png_path) = a.figure.paths();
     let over = if pairs.len() > 1 { format!(", mean of {} pairs", pairs.len()) } else { String::new() };
     let title = format!("activation patching of {}: share of the {} restored{over}", a.component, answers::metric_name(one_token));
     let x = if part == Part::Heads && !each_position { "head" } else if read.len() == 1 { "position (clean/corrupted token)" } else { "position" };
