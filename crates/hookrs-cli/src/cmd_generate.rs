@@ -147,7 +147,7 @@ pub fn run(a: Args) -> Result<()> {
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
         let tokens: usize = made.tokens.iter().map(Vec::len).sum();
-        println!("{} prompts, {tokens} new tokens in {seconds:.2} s ({:.1} tokens/s) -> {}", prompts.len(), tokens as f64 / seconds.max(1e-9), out.display());
+        println!("{} prompts, {tokens} new tokens in {seconds:.3} s ({:.1} tokens/s) -> {}", prompts.len(), tokens as f64 / seconds.max(1e-9), out.display());
         return Ok(());
     }
     let (prompt, new) = (&prompts[0], &made.tokens[0]);
