@@ -160,7 +160,7 @@ def main():
         for extra in ((), steer) if i % 2 == 0 else (steer, ()):
             s = hookrs(a, work, rows, 32, extra)[0]
             plain, steered = (min(plain, s), steered) if not extra else (plain, min(steered, s))
-    print(f"| steering vector at every forward / no hooks, batch 8 | | {steered:.2f} s / {plain:.2f} s | {steered / plain:.3f}x |")
+    print(f"| steering vector at every forward / no hooks, batch 8 | | {steered:.3f} s / {plain:.3f} s | {steered / plain:.3f}x |")
     print(f"\ngreedy tokens equal to transformers' generate at batch 1 and 8: {'yes' if same else 'NO'}\n")
     if not same:
         sys.exit(1)

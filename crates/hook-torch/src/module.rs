@@ -581,9 +581,10 @@ impl HookedModule {
                 }
             }
             if let Some((_, positions)) = reshape.keep_positions.as_ref().filter(|(s, _)| *s == i) {
-                match reshape::keep_positions(&current, positions) {
+                match hook_ops::select::flatten_resolved(&current, 1, positions) {
                     Ok(t) => (current, changed) = (t, true),
-                    Err(message) => {
+                    Err(e) => {
+                        let message = format!("keeping the logit positions {:?}: {e}", positions.flatten());
                         error = Some(TorchError::Hook { component: info.component.clone(), message, source: None });
                         return Err(());
                     }

@@ -69,7 +69,9 @@ pub struct RunSpec<'a> {
     /// sequence as given, padding included): the logits are `[batch, positions, vocab]`, and
     /// the unembedding costs that many positions instead of the whole sequence. `None`: every
     /// position. The positions are taken at the unembedding's input (the module of the
-    /// description's `unembed_matrix`), after the hooks there.
+    /// description's `unembed_matrix`), after the hooks there. A position outside the
+    /// sequence is refused before the forward runs; a cached step refuses them all (it
+    /// unembeds its last position only).
     pub logit_positions: Option<Vec<i64>>,
 }
 
@@ -201,7 +203,14 @@ impl HookedModule {
             if positions.is_empty() {
                 return Err(TorchError::Input("logit_positions is empty: give at least one position (or None for every position)".into()));
             }
-            reshape.keep_positions = Some((self.unembed_input_site()?, positions));
+            if past.is_some() {
+                return Err(TorchError::Input("logit_positions applies to a forward: a cached step unembeds its last position only".into()));
+            }
+            let seq = ids.size().get(1).copied().unwrap_or(0) as usize;
+            let resolved = hook_core::TokenGroups::singletons(positions)
+                .and_then(|g| g.resolve(seq))
+                .map_err(|e| TorchError::Input(format!("logit_positions: {e}")))?;
+            reshape.keep_positions = Some((self.unembed_input_site()?, resolved));
         }
         if let Some(e) = &extraction {
             if stop_early && (e.config.save_logits || e.config.keep_gradient) {
