@@ -155,11 +155,11 @@ def main():
     save_file({"v": torch.randn(c.hidden_size)}, str(work / "v.safetensors"))
     rows = prompts(vocab, 8, 23, 8)
     steer = ["--steer", str(work / "v.safetensors"), "--layer", str(layers // 2), "--steer-at", "all"]
-    plain, steered = 1e9, 1e9
+    times = {False: [], True: []}  # by whether the run steers
     for i in range(STEER_REPS):  # a 5 % difference wants more runs than the others; who goes first alternates
-        for extra in ((), steer) if i % 2 == 0 else (steer, ()):
-            s = hookrs(a, work, rows, 32, extra)[0]
-            plain, steered = (min(plain, s), steered) if not extra else (plain, min(steered, s))
+        for steering in (False, True) if i % 2 == 0 else (True, False):
+            times[steering].append(hookrs(a, work, rows, 32, steer if steering else ())[0])
+    plain, steered = min(times[False]), min(times[True])
     print(f"| steering vector at every forward / no hooks, batch 8 | | {steered:.3f} s / {plain:.3f} s | {steered / plain:.3f}x |")
     print(f"\ngreedy tokens equal to transformers' generate at batch 1 and 8: {'yes' if same else 'NO'}\n")
     if not same:
